@@ -1,0 +1,28 @@
+# One-command set-up and runs. `make demo` is the main job, `make test` the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.l1fx-installed
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m l1fx.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) bench/bench_ops.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info out

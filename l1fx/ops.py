@@ -1,0 +1,146 @@
+"""The l1 operators as ``torch.library`` custom ops.
+
+Registering them as custom ops (rather than autograd.Functions) makes each
+one a single opaque node under torch.fx, torch.compile and torch.export,
+which is what the passes, the ONNX exporter and the reports key on:
+
+* ``torch.ops.l1fx.linear(x, weight, bias, mix)``
+* ``torch.ops.l1fx.conv(x, weight, bias, stride, padding, dilation, groups, mix)``
+
+Padding here is explicit and symmetric; the functional wrappers resolve
+``'same'``/``'valid'`` and padding modes first. ``mix`` only affects the
+backward pass (the Mixed Gradient Strategy, see docs/l1_ops.md).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from l1fx.kernels import conv as _conv
+from l1fx.kernels import get_backend
+
+LINEAR = "l1fx::linear"
+CONV = "l1fx::conv"
+
+
+def _empty_like_none(t: Tensor) -> Tensor:
+    # Custom ops must return tensors; an empty tensor stands for "no gradient".
+    return t.new_empty((0,))
+
+
+# ---------------------------------------------------------------- linear
+@torch.library.custom_op(LINEAR, mutates_args=())
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], mix: float) -> Tensor:
+    k, m = weight.shape[1], weight.shape[0]
+    x2 = x.reshape(-1, k).contiguous()
+    y = get_backend(x).linear_forward(x2, weight.contiguous(), None if bias is None else bias.contiguous())
+    return y.reshape(*x.shape[:-1], m)
+
+
+@linear.register_fake
+def _(x, weight, bias, mix):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("l1fx::linear_backward", mutates_args=())
+def linear_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, mix: float, need_x: bool, need_w: bool
+) -> tuple[Tensor, Tensor]:
+    k, m = weight.shape[1], weight.shape[0]
+    gx, gw = get_backend(x).linear_backward(
+        grad.reshape(-1, m).contiguous(), x.reshape(-1, k).contiguous(), weight.contiguous(), mix, need_x, need_w
+    )
+    return (
+        gx.reshape(x.shape) if gx is not None else _empty_like_none(x),
+        gw if gw is not None else _empty_like_none(weight),
+    )
+
+
+@linear_backward.register_fake
+def _(grad, x, weight, mix, need_x, need_w):
+    return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, mix = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.mix = mix
+    ctx.has_bias = bias is not None
+
+
+def _linear_bwd(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    gx = gw = gb = None
+    if need_x or need_w:
+        gx, gw = linear_backward(grad, x, weight, ctx.mix, need_x, need_w)
+        gx = gx if need_x else None
+        gw = gw if need_w else None
+    if ctx.has_bias and need_b:
+        gb = grad.reshape(-1, weight.shape[0]).sum(0)
+    return gx, gw, gb, None
+
+
+linear.register_autograd(_linear_bwd, setup_context=_linear_setup)
+
+
+# ---------------------------------------------------------------- conv
+
+@torch.library.custom_op(CONV, mutates_args=())
+def conv(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
+    dilation: list[int], groups: int, mix: float,
+) -> Tensor:
+    backend = get_backend(x)
+    fwd = backend.conv_forward or (lambda *a: _conv.conv_forward(backend, *a))
+    return fwd(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+               stride, padding, dilation, groups)
+
+
+@conv.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, mix):
+    out = _conv.out_shape(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    return x.new_empty((x.shape[0], weight.shape[0], *out))
+
+
+@torch.library.custom_op("l1fx::conv_backward", mutates_args=())
+def conv_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+    groups: int, mix: float, need_x: bool, need_w: bool,
+) -> tuple[Tensor, Tensor]:
+    backend = get_backend(x)
+    bwd = backend.conv_backward or (lambda *a: _conv.conv_backward(backend, *a))
+    gx, gw = bwd(grad.contiguous(), x.contiguous(), weight.contiguous(), stride, padding, dilation, groups,
+                 mix, need_x, need_w)
+    return (gx if gx is not None else _empty_like_none(x), gw if gw is not None else _empty_like_none(weight))
+
+
+@conv_backward.register_fake
+def _(grad, x, weight, stride, padding, dilation, groups, mix, need_x, need_w):
+    return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)))
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, mix = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args = (list(stride), list(padding), list(dilation), groups, mix)
+    ctx.has_bias = bias is not None
+
+
+def _conv_bwd(ctx, grad):
+    x, weight = ctx.saved_tensors
+    stride, padding, dilation, groups, mix = ctx.args
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx = gw = gb = None
+    if need_x or need_w:
+        gx, gw = conv_backward(grad, x, weight, stride, padding, dilation, groups, mix, need_x, need_w)
+        gx = gx if need_x else None
+        gw = gw if need_w else None
+    if ctx.has_bias and need_b:
+        gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
+    return gx, gw, gb, None, None, None, None, None
+
+
+conv.register_autograd(_conv_bwd, setup_context=_conv_setup)
