@@ -3,5 +3,21 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import functional, kernels, nn, ops  # noqa: F401,E402
+from . import functional, kernels, nn, ops, passes  # noqa: F401,E402
+from .convert import ConvertConfig, convert, summary  # noqa: F401,E402
 from .nn import L1Conv1d, L1Conv2d, L1Conv3d, L1Linear  # noqa: F401,E402
+
+# Submodules that are also `python -m` entry points are imported lazily:
+# importing them here would make runpy warn that the module is already loaded.
+_LAZY = {
+    "energy_report": "report",
+    "compare": "report",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'l1fx' has no attribute {name!r}")

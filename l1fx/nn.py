@@ -154,3 +154,84 @@ def _copy_params(src: nn.Module, dst: nn.Module) -> None:
 
 L1_MODULES = (L1Linear, L1Conv1d, L1Conv2d, L1Conv3d)
 DENSE_TO_L1 = {nn.Linear: L1Linear, nn.Conv1d: L1Conv1d, nn.Conv2d: L1Conv2d, nn.Conv3d: L1Conv3d}
+
+
+# ---------------------------------------------------------------- added by l1fx.convert
+from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
+
+__all__ += ["L1OutputNorm", "L1FunctionalCall", "l1_output_norm_hook"]
+
+
+class L1OutputNorm(_BatchNorm):
+    """Learnable output normalisation inserted after l1 layers by ``l1fx.convert(normalize="auto")``.
+
+    l1 outputs are large negative numbers (``-sum |x - w|`` grows with the fan-in);
+    AdderNet follows every adder layer with batch normalisation, so this is
+    BatchNorm over every dimension except ``channel_dim`` (1 for convolutions,
+    -1 for linear layers, whose features are last). Running statistics make
+    evaluation deterministic, and it exports to ONNX as Transpose +
+    BatchNormalization. See docs/convert.md.
+    """
+
+    def __init__(self, num_features: int, channel_dim: int = 1, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine=True, track_running_stats=True, device=device, dtype=dtype)
+        self.channel_dim = channel_dim
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"L1OutputNorm: expected at least 2-D input (got {input.dim()}-D)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        dim = self.channel_dim % input.dim()
+        if dim == 1:
+            return super().forward(input)
+        return super().forward(input.movedim(dim, 1)).movedim(1, dim)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, channel_dim={self.channel_dim}"
+
+
+def l1_output_norm_hook(module: nn.Module, args, output: Tensor) -> Tensor:
+    """Forward hook applying ``module.l1fx_norm``: used where convert could not edit a graph."""
+    return module.l1fx_norm(output)
+
+
+class L1FunctionalCall(L1Module, nn.Module):
+    """An ``F.linear`` / ``F.conv1d/2d/3d`` call on a model parameter, made l1.
+
+    ``l1fx.convert`` replaces such a call node with a call of this module,
+    passing the same arguments (the weight stays where the model keeps it, so
+    no state_dict key changes). It registers no parameters; ``weight`` is a
+    plain reference to the model's parameter named ``weight_name`` (so code
+    that walks :class:`L1Module` instances and reads ``m.weight`` works), kept
+    up to date from the argument of each call. Being an :class:`L1Module`, it
+    carries ``mgs_mix`` for the training controller like the l1 layers do.
+    """
+
+    FUNCTIONS = {"linear": L1F.l1_linear, "conv1d": L1F.l1_conv1d, "conv2d": L1F.l1_conv2d,
+                 "conv3d": L1F.l1_conv3d}
+
+    def __init__(self, op: str, weight_name: str, weight: Optional[Tensor] = None) -> None:
+        nn.Module.__init__(self)
+        if op not in self.FUNCTIONS:
+            raise ValueError(f"L1FunctionalCall: op must be one of {sorted(self.FUNCTIONS)}, got {op!r}")
+        self.op = op
+        self.weight_name = weight_name
+        self.l1fx_name = weight_name
+        # Stored outside _parameters on purpose: registering it would add a state_dict key.
+        self.__dict__["_l1fx_weight"] = weight
+        self._init_l1()
+
+    @property
+    def weight(self) -> Optional[Tensor]:
+        return self.__dict__.get("_l1fx_weight")
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if isinstance(weight, nn.Parameter):
+            self.__dict__["_l1fx_weight"] = weight
+        return self.FUNCTIONS[self.op](*args, **kwargs, mix=self.mgs_mix, name=self._error_name())
+
+    def extra_repr(self) -> str:
+        return f"op=l1_{self.op}, weight={self.weight_name}"

@@ -1,1 +1,66 @@
-"""torch.fx passes of l1fx (installed as ``l1fx.passes``)."""
+"""torch.fx passes of l1fx (installed as ``l1fx.passes``).
+
+``l1fx.convert`` runs :data:`DEFAULT_PIPELINE`, five functions
+``ConversionState -> ConversionState``:
+
+    trace -> analyse -> select -> rewrite -> verify
+
+Build your own pipeline by running some of them, replacing one, or adding
+your own pass between them, e.g.::
+
+    from l1fx import passes
+    from l1fx.convert import ConvertConfig
+
+    def keep_first_layer_dense(state):
+        first = min(state.units, key=lambda u: u.order)
+        for c in first.members:
+            c.selected = False
+        return state
+
+    pipeline = (passes.trace, passes.analyse, passes.select, keep_first_layer_dense,
+                passes.rewrite, passes.verify)
+    state = passes.run_pipeline(model, ConvertConfig(ratio=1.0), pipeline)
+    l1_model = state.result
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+from torch import nn
+
+from .analyse import analyse, build_nx_graph, find_candidates, group_units, measure
+from .rewrite import rewrite, swap_module
+from .select import Matcher, nearest_count, select
+from .state import Candidate, ConversionState, Summary, TraceReport, Unit
+from .trace import L1Tracer, OpaqueFunction, trace, trace_model
+from .verify import verify
+
+__all__ = [
+    "trace", "analyse", "select", "rewrite", "verify", "DEFAULT_PIPELINE", "run_pipeline",
+    "ConversionState", "Candidate", "Unit", "TraceReport", "Summary",
+    "L1Tracer", "OpaqueFunction", "trace_model", "build_nx_graph", "find_candidates", "group_units",
+    "measure", "Matcher", "nearest_count", "swap_module",
+]
+
+Pass = Callable[[ConversionState], ConversionState]
+
+DEFAULT_PIPELINE: tuple[Pass, ...] = (trace, analyse, select, rewrite, verify)
+
+
+def run_pipeline(model: nn.Module, config, pipeline: Sequence[Pass] = DEFAULT_PIPELINE) -> ConversionState:
+    """Run ``pipeline`` on ``model`` (deep-copied first unless ``config.inplace``)."""
+    if hasattr(config, "validate"):
+        config = config.validate()
+    if getattr(config, "inplace", False):
+        working = model
+    else:
+        try:
+            working = copy.deepcopy(model)
+        except Exception as e:
+            raise TypeError(f"l1fx.convert: cannot copy {type(model).__name__} to leave it untouched "
+                            f"({type(e).__name__}: {e}); pass inplace=True to convert it in place") from e
+    state = ConversionState(model=working, config=config)
+    for p in pipeline:
+        state = p(state)
+    return state

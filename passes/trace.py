@@ -1,0 +1,363 @@
+"""Trace pass: torch.fx symbolic tracing that narrows failures down instead of giving up.
+
+Most public point-network code does not trace as written (control flow on
+shapes, ``torch.zeros(B, npoint)``, loops over the batch, ``.item()``, numpy).
+On each failure we look at the traceback for the innermost *user* frame and
+make the smallest change that removes it, then trace again:
+
+1. a plain helper function (``farthest_point_sample``) becomes one opaque
+   graph node, a call of an :class:`OpaqueFunction` module (no parameters, so
+   nothing to convert is hidden and state_dict keys are unchanged);
+2. otherwise the submodule whose method failed becomes a leaf; its layers
+   are converted later by module swap;
+3. if the root module itself fails, no graph is kept and the whole model is
+   converted by module swap.
+
+Every step is recorded in the :class:`TraceReport` (and leaves/whole-model
+fallbacks are warned about, naming the module and the original error).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import sysconfig
+import traceback
+import types
+import warnings
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from l1fx.nn import L1Module
+
+from .state import ConversionState, TraceReport
+
+__all__ = ["L1Tracer", "OpaqueFunction", "trace", "trace_model", "HELPERS"]
+
+HELPERS = "l1fx_helpers"  # root attribute holding the OpaqueFunction modules
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _qualname(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+class OpaqueFunction(nn.Module):
+    """A helper function that cannot be traced, called as one graph node.
+
+    A module (rather than an fx-wrapped function) so that the node survives
+    ``copy.deepcopy`` and ``torch.save``/``torch.load`` of the graph module,
+    which re-trace the generated code with every module as a leaf.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return _qualname(self.fn)
+
+
+def _leaf_types() -> tuple:
+    from l1fx import nn as l1nn
+
+    extra = tuple(getattr(l1nn, n) for n in ("L1OutputNorm", "L1FunctionalCall") if hasattr(l1nn, n))
+    return (L1Module, OpaqueFunction) + extra
+
+
+class L1Tracer(fx.Tracer):
+    """fx tracer with extra leaves (by module identity) and opaque helper functions.
+
+    Default-constructible, because loading a pickled GraphModule re-creates
+    its tracer class without arguments.
+    """
+
+    def __init__(self, leaves: Iterable[nn.Module] = (), opaque: Optional[dict] = None) -> None:
+        super().__init__()
+        self.leaf_ids = {id(m) for m in leaves}
+        # fn -> (target name, [(globals dict, name bound to fn), ...])
+        self.opaque = dict(opaque or {})
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _leaf_types()) or id(m) in self.leaf_ids:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root, concrete_args=None):
+        with self._patched_helpers():
+            return super().trace(root, concrete_args)
+
+    @contextlib.contextmanager
+    def _patched_helpers(self):
+        saved = []
+        try:
+            for fn, (target, bindings) in self.opaque.items():
+                wrapper = self._opaque_call(fn, target)
+                for scope, name in bindings:
+                    saved.append((scope, name, scope[name]))
+                    scope[name] = wrapper
+            yield
+        finally:
+            for scope, name, value in reversed(saved):
+                scope[name] = value
+
+    def _opaque_call(self, fn: Callable, target: str) -> Callable:
+        tracer = self
+
+        def call(*args, **kwargs):
+            found = []
+            fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+            if not found:  # called on constants: just run it
+                return fn(*args, **kwargs)
+            return tracer.create_proxy("call_module", target, args, kwargs)
+
+        call.__wrapped__ = fn
+        return call
+
+
+# ------------------------------------------------------------------ culprit search
+def _library_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    import numpy
+
+    import l1fx
+    import l1fx.kernels
+    import l1fx.passes
+
+    packages = tuple(os.path.realpath(os.path.dirname(m.__file__)) + os.sep
+                     for m in (torch, numpy, l1fx, l1fx.passes, l1fx.kernels))
+    stdlib = tuple(os.path.realpath(p) + os.sep for p in {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib")} if p)
+    return packages, stdlib
+
+
+_LIB_DIRS: Optional[tuple] = None
+
+
+def _is_user_frame(frame: types.FrameType) -> bool:
+    """Frames of the user's model code: not torch, numpy, l1fx, the standard library or generated code."""
+    global _LIB_DIRS
+    if _LIB_DIRS is None:
+        _LIB_DIRS = _library_dirs()
+    packages, stdlib = _LIB_DIRS
+    filename = frame.f_code.co_filename
+    if filename.startswith("<"):  # fx-generated code, exec'd strings; old IPython cells are user code
+        return filename.startswith("<ipython-input")
+    path = os.path.realpath(filename)
+    if any(path.startswith(d) for d in packages):
+        return False
+    installed = "site-packages" in path or "dist-packages" in path  # user code may be pip-installed
+    return installed or not any(path.startswith(d) for d in stdlib)
+
+
+def _global_function(frame: types.FrameType) -> Optional[Callable]:
+    """The module-level function running in ``frame``, if it is one."""
+    fn = frame.f_globals.get(frame.f_code.co_name)
+    if isinstance(fn, types.FunctionType) and fn.__code__ is frame.f_code:
+        return fn
+    return None
+
+
+def _culprits(exc: BaseException, module_ids: dict[int, str]):
+    """Yield what could be made opaque, innermost first: ("function", fn, caller globals) or ("module", m)."""
+    frames = [f for f, _ in traceback.walk_tb(exc.__traceback__)]
+    user = [f for f in frames if _is_user_frame(f)]
+    for frame in reversed(user):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in module_ids:
+            yield ("module", owner)
+            continue
+        fn = _global_function(frame)
+        if fn is not None:
+            caller = frame.f_back
+            yield ("function", fn, caller.f_globals if caller is not None else {})
+
+
+def _next_step(exc: BaseException, names: dict, model: nn.Module, leaves: dict, tried_functions: set):
+    """The smallest change that may get past ``exc``: an untried helper, else a new leaf; None: give up."""
+    for kind, obj, *rest in _culprits(exc, names):
+        if kind == "function":
+            if obj not in tried_functions:
+                return (kind, obj, *rest)
+        elif obj is model:
+            return None
+        elif id(obj) not in leaves:
+            return (kind, obj)
+    return None
+
+
+def _bindings(fn: Callable, caller_globals: dict) -> list[tuple[dict, str]]:
+    out = []
+    for scope in (fn.__globals__, caller_globals):
+        for name, value in list(scope.items()):
+            if value is fn and not any(s is scope and n == name for s, n in out):
+                out.append((scope, name))
+    return out
+
+
+def _concrete_args(model: nn.Module, example_inputs) -> Optional[dict]:
+    """Non-tensor example values (None flags, ints) and unfilled defaults are fixed while tracing."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    concrete = {}
+    given = list(example_inputs) if example_inputs is not None else []
+    for i, p in enumerate(params):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            return concrete or None
+        if i < len(given):
+            v = given[i]
+            if v is None or isinstance(v, (bool, int, float, str)):
+                concrete[p.name] = v
+        elif p.default is not inspect.Parameter.empty:
+            concrete[p.name] = p.default
+    return concrete or None
+
+
+# ------------------------------------------------------------------ graph module
+def _build_graph_module(model: nn.Module, graph: fx.Graph, helpers: dict[str, nn.Module],
+                        class_name: str) -> fx.GraphModule:
+    """A GraphModule whose module hierarchy is the model's own (so every state_dict key survives)."""
+    targets = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            if node.target in helpers:
+                targets[node.target] = helpers[node.target]
+            else:
+                targets[node.target] = _resolve(model, node.target)
+    gm = fx.GraphModule(targets, graph, class_name=class_name)
+    # fx installs placeholder containers holding only what the graph touches; put back the
+    # real children (the same objects) so unused layers, ModuleList types and keys stay.
+    gm._modules.clear()
+    for name, child in model.named_children():
+        gm.add_module(name, child)
+    for name, p in model.named_parameters(recurse=False):
+        gm.__dict__.pop(name, None)
+        gm.register_parameter(name, p)
+    for name, b in model.named_buffers(recurse=False):
+        gm.__dict__.pop(name, None)
+        gm.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+    if helpers:
+        holder = gm._modules.get(HELPERS) or nn.Module()
+        for target, m in helpers.items():
+            holder.add_module(target.split(".", 1)[1], m)
+        gm.add_module(HELPERS, holder)
+    # plain attributes users read (num_classes, k, ...)
+    for name, value in vars(model).items():
+        if not name.startswith("_") and name != "training" and not hasattr(gm, name):
+            try:
+                setattr(gm, name, value)
+            except Exception:  # properties etc.: not worth failing over
+                pass
+    gm.training = model.training
+    keep_class_name(gm, class_name)
+    gm.recompile()
+    return gm
+
+
+class _RestoreClassName:
+    """GraphModule deepcopy hook: fx's ``__deepcopy__`` renames the copy to 'GraphModule'."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, gm: fx.GraphModule) -> None:
+        type(gm).__name__ = self.name
+
+
+def keep_class_name(gm: fx.GraphModule, name: str) -> None:
+    """Keep the user's class name on ``gm`` through deepcopy and pickling (for reprs and summaries)."""
+    gm._graphmodule_cls_name = name  # read by fx when unpickling
+    hooks = getattr(gm, "_deepcopy_hooks", None)
+    if isinstance(hooks, list) and not any(isinstance(h, _RestoreClassName) for h in hooks):
+        hooks.append(_RestoreClassName(name))
+
+
+def _resolve(root: nn.Module, target: str) -> Any:
+    obj = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def trace_model(model: nn.Module, example_inputs=None, max_attempts: Optional[int] = None) -> TraceReport:
+    """Trace ``model`` with torch.fx, narrowing failures to opaque helpers and leaf modules."""
+    report = TraceReport()
+    names = {}
+    for name, m in model.named_modules():
+        names.setdefault(id(m), name)
+    leaves: dict[int, nn.Module] = {}
+    opaque: dict[Callable, tuple[str, list]] = {}
+    helpers: dict[str, nn.Module] = {}
+    tried_functions: set = set()
+    concrete = _concrete_args(model, example_inputs)
+    limit = max_attempts or (len(names) + 64)
+    while report.attempts < limit:
+        report.attempts += 1
+        tracer = L1Tracer(leaves.values(), opaque)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete)
+            report.graph_module = _build_graph_module(model, graph, helpers, type(model).__name__)
+            return report
+        except Exception as e:  # noqa: BLE001 - any tracing failure is narrowed, not raised
+            why = first_line(e)
+            step = _next_step(e, names, model, leaves, tried_functions)
+            if step is None:
+                return _whole_model(report, model, why)
+            if step[0] == "function":
+                fn, caller_globals = step[1], step[2]
+                tried_functions.add(fn)
+                target = f"{HELPERS}.{_unique(fn.__name__, helpers, model)}"
+                helpers[target] = OpaqueFunction(fn)
+                opaque[fn] = (target, _bindings(fn, caller_globals))
+                report.opaque_functions[_qualname(fn)] = why
+            else:
+                m = step[1]
+                leaves[id(m)] = m
+                name = names[id(m)]
+                report.leaves[name] = why
+                warnings.warn(
+                    f"l1fx.convert: torch.fx cannot trace module '{name}' ({type(m).__name__}): {why}. "
+                    f"It is kept as one graph node and its layers are converted by module swap.",
+                    stacklevel=5,  # the caller of l1fx.convert
+                )
+    return _whole_model(report, model, f"gave up after {report.attempts} tracing attempts")
+
+
+def _unique(base: str, taken: dict, model: nn.Module) -> str:
+    existing = getattr(model, HELPERS, None)
+    existing = set(existing._modules) if isinstance(existing, nn.Module) else set()
+    base = base.strip("_") or "fn"
+    name, i = base, 1
+    while f"{HELPERS}.{name}" in taken or name in existing:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _whole_model(report: TraceReport, model: nn.Module, why: str) -> TraceReport:
+    report.graph_module = None
+    report.leaves.clear()
+    report.opaque_functions.clear()
+    report.whole_model_error = why
+    warnings.warn(
+        f"l1fx.convert: torch.fx cannot trace {type(model).__name__}.forward ({why}). "
+        f"No graph is kept: the whole model is converted by module swap (functional "
+        f"F.linear/F.conv calls are left dense and the order of layers is their registration order).",
+        stacklevel=6,  # the caller of l1fx.convert
+    )
+    return report
+
+
+def trace(state: ConversionState) -> ConversionState:
+    """Pass 1: trace ``state.model``; fills ``state.trace``."""
+    state.trace = trace_model(state.model, getattr(state.config, "example_inputs", None))
+    return state
