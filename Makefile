@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.l1fx-installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench test-gpu bench-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,15 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider tests
 
 bench: $(STAMP)
-	$(PY) bench/bench_ops.py
+	$(PY) bench/bench_ops.py --backward
+	$(PY) bench/bench_cpu.py
+
+# On a CUDA machine (with a CUDA build of torch in the venv).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_triton.py
+
+bench-gpu: $(STAMP)
+	$(PY) bench/bench_gpu.py --backward --markdown bench/RESULTS-gpu.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info out

@@ -1,0 +1,212 @@
+"""CPU backend benchmark: l1 layer vs the inner-product layer it replaces.
+
+For PointNet++ / 3D-CNN layer shapes, side by side in one run (round-robin,
+so machine noise hits every column alike), medians of --reps runs:
+
+* forward: F.linear / F.conv3d, l1fx (cpu backend), the naive broadcast
+  AdderNet-style ``-(x[:, None] - w[None]).abs().sum(-1)``, ``torch.cdist(p=1)``;
+* forward + backward: the inner-product layer vs l1fx (MGS, mix=1 default);
+* peak extra memory of one forward call over the output size: the growth of
+  the peak RSS (VmHWM, reset just before the call) in a fresh child process,
+  output included, so it counts torch and C++ buffers alike (Linux only).
+
+The naive broadcast needs an N*M*K temporary (GBs for the larger shapes): it is
+timed on a slice of the rows and scaled linearly (its cost is linear in N);
+such cells are marked with '*'.
+
+    .venv/bin/python bench/bench_cpu.py [--reps 9] [--threads 2] [--no-memory]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+os.environ["L1FX_BACKEND"] = "cpu"  # fail loudly rather than benchmark the reference
+
+from l1fx import functional as L  # noqa: E402
+from l1fx.kernels import cpu  # noqa: E402
+
+NAIVE_BYTES = 512 << 20  # largest N*M*K temporary the naive baseline may allocate
+
+LINEAR_SHAPES = [(32768, 9, 64), (32768, 64, 128), (8192, 256, 512)]
+CONV = dict(batch=2, cin=32, cout=32, grid=16, kernel=3)  # 3x3x3 Conv3d, padding 1, on a 16^3 grid
+
+
+def cases():
+    for n, k, m in LINEAR_SHAPES:
+        yield f"linear N={n} K={k} M={m}", ("linear", n, k, m)
+    c = CONV
+    yield (f"conv3d {c['cin']}->{c['cout']} k{c['kernel']} {c['grid']}^3 x{c['batch']}",
+           ("conv", c["batch"], c["cin"], c["cout"], c["grid"], c["kernel"]))
+
+
+def make(spec, requires_grad=False):
+    torch.manual_seed(0)
+    if spec[0] == "linear":
+        _, n, k, m = spec
+        t = [torch.randn(n, k), torch.randn(m, k), torch.randn(m)]
+    else:
+        _, b, ci, co, g, ks = spec
+        t = [torch.randn(b, ci, g, g, g), torch.randn(co, ci, ks, ks, ks), torch.randn(co)]
+    return [x.requires_grad_(requires_grad) for x in t]
+
+
+def rows_matrix(spec, x, w):
+    """The 2-D operands of the l1 core: (rows [N, K], filters [M, K])."""
+    if spec[0] == "linear":
+        return x, w
+    ks = spec[5]
+    xp = F.pad(x, [ks // 2] * 6)
+    cols = xp.unfold(2, ks, 1).unfold(3, ks, 1).unfold(4, ks, 1)  # [B, C, D, H, W, k, k, k]
+    cols = cols.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, w[0].numel())
+    return cols, w.reshape(w.shape[0], -1)
+
+
+def impls(spec):
+    """name -> (forward fn, forward+backward fn or None) on inputs from make()."""
+    is_lin = spec[0] == "linear"
+    dense = (lambda x, w, b: F.linear(x, w, b)) if is_lin else (lambda x, w, b: F.conv3d(x, w, b, padding=spec[5] // 2))
+    l1 = (lambda x, w, b: L.l1_linear(x, w, b)) if is_lin else (lambda x, w, b: L.l1_conv3d(x, w, b, padding=spec[5] // 2))
+
+    def naive(x, w, b):
+        xr, wr = rows_matrix(spec, x, w)
+        per_row = wr.shape[0] * wr.shape[1] * 4
+        rows = max(1, min(xr.shape[0], NAIVE_BYTES // per_row))
+        y = -(xr[:rows].unsqueeze(1) - wr.unsqueeze(0)).abs().sum(-1) + b
+        return y, xr.shape[0] / rows
+
+    def cdist(x, w, b):
+        xr, wr = rows_matrix(spec, x, w)
+        return -torch.cdist(xr, wr, p=1) + b
+
+    return {"dense": dense, "l1fx": l1, "naive": naive, "cdist": cdist}
+
+
+def fwd_bwd(fn):
+    def run(x, w, b):
+        y = fn(x, w, b)
+        y.backward(torch.ones_like(y))
+        x.grad = w.grad = b.grad = None
+    return run
+
+
+def time_round_robin(fns: dict, reps: int) -> dict:
+    """Median seconds of each fn, called in turn so noise hits all alike."""
+    times = {k: [] for k in fns}
+    scale = {k: 1.0 for k in fns}
+    for fn in fns.values():
+        fn()  # warm up (and build the cpu kernels once)
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            out = fn()
+            times[k].append(time.perf_counter() - t0)
+            if isinstance(out, tuple):
+                scale[k] = out[1]
+    return {k: (statistics.median(v) * scale[k], min(v) * scale[k], max(v) * scale[k], scale[k] != 1.0)
+            for k, v in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Reset the peak-RSS mark to the current RSS (Linux) and return it in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def memory_child(spec_json: str, impl: str) -> None:
+    spec = tuple(json.loads(spec_json))
+    fn = impls(spec)[impl]
+    with torch.no_grad():
+        # Warm up on a tiny problem of the same kind: the first call loads code
+        # (torch.library dispatch, the C++ library) that is not the op's memory.
+        tiny = (spec[0], 8, 3, 4) if spec[0] == "linear" else (spec[0], 1, 2, 2, 4, spec[5])
+        fn(*make(tiny))
+    x, w, b = make(spec)
+    with torch.no_grad():
+        before = reset_peak_rss()
+        out = fn(x, w, b)
+        after = peak_rss_bytes()
+    y = out[0] if isinstance(out, tuple) else out
+    print(json.dumps({"extra": after - before, "out_bytes": y.numel() * y.element_size()}))
+
+
+def measure_memory(spec, impl: str) -> dict:
+    res = subprocess.run(
+        [sys.executable, __file__, "--memory-child", json.dumps(spec), impl],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+
+    t0 = time.perf_counter()
+    ok, why = cpu.available()
+    if not ok:
+        sys.exit(f"cpu backend unavailable: {why}")
+    print(f"machine: {machine()}")
+    print(f"cpu kernels: {cpu.build_info()} (first use in this process, {time.perf_counter() - t0:.2f} s)")
+    print(f"medians of {args.reps} round-robin runs; ms; '*' = timed on a row slice and scaled\n")
+    head = (f"{'layer':34} {'dense':>8} {'l1fx':>8} {'l1/dense':>8} {'naive':>9} {'naive/l1':>8} {'cdist':>8} "
+            f"{'cdist/l1':>8} | {'dense f+b':>9} {'l1 f+b':>8} {'ratio':>6} | {'l1 peak/out':>11} {'dense':>6}")
+    print(head)
+    print("-" * len(head))
+    for label, spec in cases():
+        fns = impls(spec)
+        x, w, b = make(spec)
+        with torch.no_grad():
+            fwd = time_round_robin({k: (lambda f=f: f(x, w, b)) for k, f in fns.items()}, args.reps)
+        xg, wg, bg = make(spec, requires_grad=True)
+        fb = time_round_robin({k: (lambda f=fwd_bwd(fns[k]): f(xg, wg, bg)) for k in ("dense", "l1fx")}, args.reps)
+        ms = {k: v[0] * 1e3 for k, v in fwd.items()}
+        mem = "" if args.no_memory else "{:11.2f} {:6.2f}".format(
+            *[(lambda r: r["extra"] / r["out_bytes"])(measure_memory(spec, k)) for k in ("l1fx", "dense")])
+        star = "*" if fwd["naive"][3] else " "
+        print(f"{label:34} {ms['dense']:8.2f} {ms['l1fx']:8.2f} {ms['l1fx'] / ms['dense']:8.2f} "
+              f"{ms['naive']:8.1f}{star} {ms['naive'] / ms['l1fx']:8.1f} {ms['cdist']:8.2f} {ms['cdist'] / ms['l1fx']:8.2f} | "
+              f"{fb['dense'][0] * 1e3:9.2f} {fb['l1fx'][0] * 1e3:8.2f} {fb['l1fx'][0] / fb['dense'][0]:6.2f} | {mem}")
+        spread = {k: f"{v[1] * 1e3:.1f}-{v[2] * 1e3:.1f}" for k, v in fwd.items() if k in ("dense", "l1fx")}
+        print(f"{'':34} (forward min-max ms: dense {spread['dense']}, l1fx {spread['l1fx']})")
+
+
+if __name__ == "__main__":
+    main()

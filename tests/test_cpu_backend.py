@@ -1,0 +1,180 @@
+"""The C++ ``cpu`` backend against the reference kernel (the oracle)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from l1fx import functional as L
+from l1fx.kernels import BackendUnavailable, cpu, cpu_build, get_backend, reference
+
+if not cpu.available()[0]:  # pragma: no cover - only on machines without a C++ compiler
+    pytest.skip(f"cpu backend unavailable here: {cpu.available()[1].splitlines()[0]}", allow_module_level=True)
+
+# Shapes: odd sizes around the register tiles (8 rows, 32 filters, 16/32 k),
+# K = 1, M = 1, N = 0 and one multi-block case.
+SHAPES = [(1, 1, 1), (7, 3, 5), (37, 9, 64), (65, 33, 70), (300, 1, 17), (0, 4, 3), (19, 64, 1), (1030, 20, 33)]
+MIXES = [0.0, 0.5, 1.0]
+
+
+def _tol(dtype, k):
+    # float32: a few ulps of a K-term sum; bfloat16: its own rounding of the result.
+    return dict(atol=1e-5 * max(k, 1), rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2 * max(k, 1), rtol=1e-2)
+
+
+def _data(n, k, m, dtype):
+    return torch.randn(n, k).to(dtype), torch.randn(m, k).to(dtype), torch.randn(m).to(dtype), torch.randn(n, m).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,m", SHAPES)
+def test_forward_matches_reference(n, k, m, dtype):
+    x, w, b, _ = _data(n, k, m, dtype)
+    for bias in (b, None):
+        y = cpu.linear_forward(x, w, bias)
+        assert y.dtype == dtype and y.shape == (n, m)
+        torch.testing.assert_close(y.float(), reference.linear_forward(x, w, bias).float(), **_tol(dtype, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("n,k,m", SHAPES)
+def test_backward_matches_reference(n, k, m, mix, dtype):
+    x, w, _, g = _data(n, k, m, dtype)
+    gx, gw = cpu.linear_backward(g, x, w, mix, True, True)
+    rgx, rgw = reference.linear_backward(g, x, w, mix, True, True)
+    assert gx.dtype == dtype and gw.dtype == dtype
+    torch.testing.assert_close(gx.float(), rgx.float(), **_tol(dtype, m))
+    torch.testing.assert_close(gw.float(), rgw.float(), **_tol(dtype, n))
+    only_x = cpu.linear_backward(g, x, w, mix, True, False)
+    only_w = cpu.linear_backward(g, x, w, mix, False, True)
+    assert only_x[1] is None and only_w[0] is None
+    torch.testing.assert_close(only_x[0], gx)
+    torch.testing.assert_close(only_w[1], gw)
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_ties_follow_torch_sign(mix):
+    # Small integers: x == w happens often, so the sign(0) == 0 convention
+    # must match the reference; sign sums of integers are exact.
+    x = torch.randint(-3, 4, (50, 7)).float()
+    w = torch.randint(-3, 4, (40, 7)).float()
+    g = torch.randint(-2, 3, (50, 40)).float()
+    assert (x[:, None] == w[None]).any()
+    torch.testing.assert_close(cpu.linear_forward(x, w, None), reference.linear_forward(x, w, None))
+    got = cpu.linear_backward(g, x, w, mix, True, True)
+    want = reference.linear_backward(g, x, w, mix, True, True)
+    for a, b in zip(got, want):
+        if mix == 0.0:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b)
+
+
+def test_data_far_from_zero_stays_accurate():
+    # Shifting x and w by the same centre must not cost float32 accuracy
+    # (the forward uses |x - w| = x + w - 2 min(x, w) internally).
+    x, w = 1000 + torch.randn(200, 48), 1000 + torch.randn(24, 48)
+    g = torch.randn(200, 24)
+    exact = reference.linear_forward(x.double(), w.double(), None)
+    torch.testing.assert_close(cpu.linear_forward(x, w, None).double(), exact, atol=2e-3, rtol=1e-5)
+    gx = cpu.linear_backward(g, x, w, 1.0, True, False)[0]
+    torch.testing.assert_close(gx.double(), reference.linear_backward(g.double(), x.double(), w.double(), 1.0, True, False)[0],
+                               atol=1e-3, rtol=1e-5)
+
+
+def test_thread_count_does_not_change_results():
+    x, w, b, g = _data(777, 21, 45, torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = (cpu.linear_forward(x, w, b), *cpu.linear_backward(g, x, w, 0.5, True, True))
+        torch.set_num_threads(2)
+        two = (cpu.linear_forward(x, w, b), *cpu.linear_backward(g, x, w, 0.5, True, True))
+    finally:
+        torch.set_num_threads(before)
+    for a, b_ in zip(one, two):
+        torch.testing.assert_close(a, b_)
+
+
+# ------------------------------------------------------------ the registry
+def test_backend_env_selects(monkeypatch):
+    x32, x64 = torch.randn(3, 2), torch.randn(3, 2, dtype=torch.float64)
+    monkeypatch.setenv("L1FX_BACKEND", "auto")
+    assert get_backend(x32).name == "cpu"
+    assert get_backend(x32.bfloat16()).name == "cpu"
+    assert get_backend(x64).name == "reference"  # float64 stays on the oracle
+    monkeypatch.setenv("L1FX_BACKEND", "reference")
+    assert get_backend(x32).name == "reference"
+    monkeypatch.setenv("L1FX_BACKEND", "cpu")
+    assert get_backend(x32).name == "cpu"
+    with pytest.raises(BackendUnavailable, match="cpu"):
+        get_backend(x64)
+
+
+@pytest.mark.parametrize("mix", [0.0, 1.0])
+def test_ops_and_conv_through_cpu_backend(monkeypatch, mix):
+    def run(backend, fn, *tensors):
+        monkeypatch.setenv("L1FX_BACKEND", backend)
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        y = fn(*leaves)
+        y.backward(torch.ones_like(y) * 0.1 + torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    lin = lambda x, w, b: L.l1_linear(x, w, b, mix=mix)  # noqa: E731
+    lin_args = (torch.randn(2, 5, 11), torch.randn(13, 11), torch.randn(13))
+    conv = lambda x, w, b: L.l1_conv3d(x, w, b, stride=(1, 2, 1), padding=1, groups=2, mix=mix)  # noqa: E731
+    conv_args = (torch.randn(2, 4, 5, 6, 4), torch.randn(6, 2, 3, 2, 3), torch.randn(6))
+    for fn, args in ((lin, lin_args), (conv, conv_args)):
+        for got, want in zip(run("cpu", fn, *args), run("reference", fn, *args)):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+# ------------------------------------------------------------ build, cache, fallback
+@pytest.fixture
+def fresh_cpu_state():
+    cpu.reset()
+    yield
+    cpu.reset()  # the next test reloads the real (cached) library
+
+
+def test_missing_compiler_falls_back_with_one_warning(monkeypatch, tmp_path, fresh_cpu_state):
+    monkeypatch.setenv("L1FX_CACHE_DIR", str(tmp_path))  # nothing cached there
+    monkeypatch.setenv("CXX", "no-such-compiler-l1fx")
+    monkeypatch.setenv("L1FX_BACKEND", "auto")
+    x = torch.randn(4, 3)
+    with pytest.warns(RuntimeWarning) as record:
+        assert get_backend(x).name == "reference"
+        assert get_backend(x).name == "reference"  # warned once, not per call
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "\n" not in message and "no C++ compiler" in message and "reference" in message
+    # The op still works (on the reference kernel).
+    w = torch.randn(2, 3)
+    torch.testing.assert_close(L.l1_linear(x, w), reference.linear_forward(x, w, None))
+    # Asked for by name, it raises instead of falling back.
+    monkeypatch.setenv("L1FX_BACKEND", "cpu")
+    with pytest.raises(BackendUnavailable, match="no C\\+\\+ compiler"):
+        get_backend(x)
+    with pytest.raises(BackendUnavailable):
+        cpu.linear_forward(x, w, None)
+
+
+def test_build_is_cached_by_source_hash(monkeypatch, tmp_path):
+    # A tiny source keeps this fast; the real kernels use the same path.
+    monkeypatch.setenv("L1FX_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "answer.cpp"
+    src.write_text('extern "C" int answer() { return 42; }\n')
+    first = cpu_build.build(src, "answer")
+    mtime = first.stat().st_mtime_ns
+    assert cpu_build.build(src, "answer") == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert cpu_build.load(src, "answer").answer() == 42
+    src.write_text('extern "C" int answer() { return 43; }\n')
+    second = cpu_build.build(src, "answer")
+    assert second != first and cpu_build.load(src, "answer").answer() == 43
+    # A source that does not compile reports the compiler's error on the first line.
+    src.write_text("this is not C++\n")
+    with pytest.raises(cpu_build.BuildError, match="could not build answer.cpp") as err:
+        cpu_build.build(src, "answer")
+    assert "error" in str(err.value).splitlines()[0]
