@@ -1,0 +1,368 @@
+"""Training ℓ1 networks: Mixed Gradient Strategy schedule, Dynamic Learning-rate Controller.
+
+``TrainingWrapper`` is the one object a training loop touches::
+
+    model = l1fx.convert(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    wrapper = l1fx.train.TrainingWrapper(model, opt, total_steps=len(loader) * epochs)
+    for x, y in loader:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        wrapper.step()              # instead of opt.step()
+
+Each ``step()`` (1) rescales the gradient of every ℓ1 weight (DLC, AdderNet's
+adaptive learning-rate scaling), (2) steps the optimizer and (3) advances the
+two schedules: the MGS blend ``mgs_mix`` of every ℓ1 layer and the global
+learning-rate factor. The ℓ1 layers are found as :class:`l1fx.nn.L1Module`
+instances, also through ``DistributedDataParallel`` and ``torch.compile``
+wrappers (both register the user's model as a submodule).
+
+The scaling happens in ``step()``, after ``backward()``: under DDP the
+gradients have been all-reduced by then, so every rank scales the same
+gradient by the same factor and the replicas stay identical.
+
+See docs/training.md for the formulas, the sources and the choices made
+where the sources are silent.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .nn import L1Module
+
+__all__ = ["MGS", "DLC", "TrainingWrapper", "find_l1_modules"]
+
+Schedule = Union[str, Callable[[float], float]]
+
+
+def _check_unit(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _cosine(p: float) -> float:
+    """0 at p=0 rising to 1 at p=1 along half a cosine."""
+    return 0.5 * (1.0 - math.cos(math.pi * p))
+
+
+@dataclass(frozen=True)
+class MGS:
+    """Mixed Gradient Strategy schedule of the ℓ1 layers' ``mgs_mix``.
+
+    ``mgs_mix`` goes from ``start`` (1 = AdderNet's full-precision, ℓ2-like
+    gradient) to ``end`` (0 = the exact ℓ1 gradient, a sign). It is held at
+    ``start`` for ``warmup_steps`` steps, then follows ``schedule`` over the
+    remaining steps: ``"cosine"``, ``"linear"`` or a callable mapping the
+    progress ``p`` in [0, 1] to the fraction of the way from ``start`` to
+    ``end`` (0 → ``start``, 1 → ``end``; ``"linear"`` is ``lambda p: p``).
+    """
+
+    start: float = 1.0
+    end: float = 0.0
+    schedule: Schedule = "cosine"
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "start", _check_unit(self.start, "MGS start"))
+        object.__setattr__(self, "end", _check_unit(self.end, "MGS end"))
+        if isinstance(self.schedule, str):
+            if self.schedule not in ("cosine", "linear"):
+                raise ValueError(f"MGS schedule must be 'cosine', 'linear' or a callable, got {self.schedule!r}")
+        elif not callable(self.schedule):
+            raise ValueError(f"MGS schedule must be 'cosine', 'linear' or a callable, got {self.schedule!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, numbers.Integral) \
+                or self.warmup_steps < 0:
+            raise ValueError(f"MGS warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
+
+    @classmethod
+    def constant(cls, mix: float) -> "MGS":
+        """A fixed blend, e.g. ``MGS.constant(0.0)`` for plain ℓ1 ("vanilla") training."""
+        return cls(start=mix, end=mix, schedule="linear")
+
+    def value(self, step: int, total_steps: int) -> float:
+        """``mgs_mix`` for 0-based ``step`` of ``total_steps``."""
+        span = total_steps - self.warmup_steps
+        if step < self.warmup_steps or span <= 0:
+            p = 0.0 if step < self.warmup_steps else 1.0
+        else:
+            p = min(1.0, (step - self.warmup_steps) / span)
+        if self.schedule == "cosine":
+            frac = _cosine(p)
+        elif self.schedule == "linear":
+            frac = p
+        else:
+            frac = float(self.schedule(p))
+            if not 0.0 <= frac <= 1.0 or math.isnan(frac):
+                raise ValueError(f"MGS schedule callable returned {frac} at progress {p:.4f}; it must return "
+                                 "the fraction of the way from start to end, in [0, 1]")
+        mix = self.start + (self.end - self.start) * frac
+        return min(1.0, max(0.0, mix))  # guard rounding so the op's [0, 1] check never trips
+
+
+@dataclass(frozen=True)
+class DLC:
+    """Dynamic Learning-rate Controller.
+
+    Two parts, each can be switched off:
+
+    * ``scale_gradients``: every ℓ1 weight gradient ``g`` becomes
+      ``eta * sqrt(g.numel()) * g / ||g||_2`` (AdderNet's adaptive learning-rate
+      scaling, one factor per layer). ``eta=0.2`` is the value of AdderNet's
+      released code (``/5``). Biases and non-ℓ1 parameters are untouched.
+    * ``lr_schedule``: a global factor on each parameter group's base learning
+      rate (the ``lr`` it had when the wrapper was built). ``"default"`` is the
+      shape of the paper's released training code: constant for the first
+      ``hold`` fraction of training, then cosine decay from 1 to ``min_factor``,
+      multiplied by the factor of the last ``drops`` milestone passed
+      (default ÷10 from 75%, ÷100 from 94%). A callable maps progress in
+      [0, 1] to the factor; ``None`` leaves the learning rates alone (use your
+      own scheduler then).
+
+    ``groups`` says which parameter groups the global schedule drives:
+    ``"all"`` (default; the whole network is trained with one schedule, as in the
+    released code, and a single-group optimizer, the common case, could not be
+    split anyway) or ``"l1"`` (only groups that contain an ℓ1 weight; the other
+    groups keep exactly the optimizer's own learning rate).
+    """
+
+    eta: float = 0.2
+    scale_gradients: bool = True
+    lr_schedule: Union[str, Callable[[float], float], None] = "default"
+    hold: float = 0.025
+    drops: Sequence[tuple[float, float]] = ((0.75, 0.1), (0.94, 0.01))
+    min_factor: float = 0.0
+    groups: str = "all"
+    eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.eta, numbers.Real) or not self.eta > 0:
+            raise ValueError(f"DLC eta must be a positive number, got {self.eta!r}")
+        if not (self.lr_schedule is None or self.lr_schedule == "default" or callable(self.lr_schedule)):
+            raise ValueError(f"DLC lr_schedule must be 'default', None or a callable, got {self.lr_schedule!r}")
+        object.__setattr__(self, "hold", _check_unit(self.hold, "DLC hold"))
+        if self.hold >= 1.0:
+            raise ValueError("DLC hold must be below 1 (it is the fraction of training kept at the full rate)")
+        object.__setattr__(self, "min_factor", _check_unit(self.min_factor, "DLC min_factor"))
+        drops = []
+        for item in self.drops:
+            try:
+                at, factor = item
+            except (TypeError, ValueError):
+                raise ValueError(f"DLC drops must be (fraction, factor) pairs, got {item!r}") from None
+            drops.append((_check_unit(at, "DLC drop fraction"), float(factor)))
+            if not factor > 0:
+                raise ValueError(f"DLC drop factor must be positive, got {factor!r}")
+        object.__setattr__(self, "drops", tuple(sorted(drops)))
+        if self.groups not in ("all", "l1"):
+            raise ValueError(f"DLC groups must be 'all' or 'l1', got {self.groups!r}")
+
+    def lr_factor(self, progress: float) -> float:
+        """Global learning-rate factor at ``progress`` in [0, 1]."""
+        p = min(1.0, max(0.0, progress))
+        if self.lr_schedule is None:
+            return 1.0
+        if callable(self.lr_schedule):
+            return float(self.lr_schedule(p))
+        if p < self.hold:
+            factor = 1.0
+        else:
+            factor = self.min_factor + (1.0 - self.min_factor) * (1.0 - _cosine((p - self.hold) / (1.0 - self.hold)))
+        # Milestone drops replace each other (the last one passed counts), they do not compound.
+        passed = [drop for at, drop in self.drops if p >= at]
+        return factor * (passed[-1] if passed else 1.0)
+
+    @torch.no_grad()
+    def scale_(self, weights: Sequence[torch.Tensor]) -> None:
+        """Rescale, in place, the gradient of each ℓ1 weight to ``eta * sqrt(numel)`` norm."""
+        for w in weights:
+            g = w.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise ValueError("DLC cannot scale sparse gradients of ℓ1 weights")
+            # The norm in float32 at least, so bfloat16 gradients do not overflow or lose the scale.
+            norm = torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))
+            g.mul_((self.eta * math.sqrt(g.numel()) / norm.clamp_min(self.eps)).to(g.dtype))
+
+
+def find_l1_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every ℓ1 layer in ``model``, each once.
+
+    ``DistributedDataParallel`` (``.module``) and ``torch.compile``
+    (``._orig_mod``) register the wrapped model as a submodule, so
+    ``named_modules`` reaches through them.
+    """
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, L1Module)]
+
+
+def _set_lr(group: dict, value: float) -> None:
+    if isinstance(group["lr"], torch.Tensor):  # e.g. Adam(capturable=True) or a tensor lr
+        group["lr"].fill_(value)
+    else:
+        group["lr"] = value
+
+
+class TrainingWrapper:
+    """Drives MGS and DLC around an optimizer; call ``step()`` instead of ``optimizer.step()``.
+
+    ``total_steps`` is the number of ``step()`` calls the schedules span
+    (stepping past it holds the final values, with a warning). ``mgs=None``
+    leaves every layer's ``mgs_mix`` as it is; ``dlc=None`` steps the optimizer
+    unchanged. The schedules for the coming step are applied at construction
+    and after every step, so the forward pass always sees the current blend.
+
+    ``state_dict()`` holds the schedule position and the base learning rates;
+    with the model's and the optimizer's state it resumes training exactly.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int,
+                 mgs: Optional[MGS] = MGS(), dlc: Optional[DLC] = DLC()) -> None:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
+            raise ValueError(f"TrainingWrapper total_steps must be a positive int, got {total_steps!r}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"TrainingWrapper expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if mgs is not None and not isinstance(mgs, MGS):
+            raise TypeError(f"mgs must be an l1fx.train.MGS or None, got {type(mgs).__name__}")
+        if dlc is not None and not isinstance(dlc, DLC):
+            raise TypeError(f"dlc must be an l1fx.train.DLC or None, got {type(dlc).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.total_steps = int(total_steps)
+        self.mgs = mgs
+        self.dlc = dlc
+        self.step_count = 0
+        self.l1_modules = find_l1_modules(model)
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self._check_l1_layers()
+        self._warned_past_end = False
+        self._apply_schedules()
+
+    # ------------------------------------------------------------ set-up checks
+    def _check_l1_layers(self) -> None:
+        if not self.l1_modules:
+            if self.mgs is not None or (self.dlc is not None and self.dlc.scale_gradients):
+                warnings.warn(
+                    "TrainingWrapper found no l1fx ℓ1 layers in the model, so MGS and the DLC gradient "
+                    "scaling do nothing; convert the model first (l1fx.convert), or pass mgs=None and "
+                    "DLC(scale_gradients=False) to use only the learning-rate schedule", stacklevel=3)
+            return
+        in_optimizer = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        missing = [name for name, m in self.l1_modules
+                   if m.weight is not None and m.weight.requires_grad and id(m.weight) not in in_optimizer]
+        if missing:
+            warnings.warn(f"ℓ1 weights not in the optimizer (they will not be trained): "
+                          f"{', '.join(n + '.weight' for n in missing)}", stacklevel=3)
+
+    @property
+    def l1_weights(self) -> list[torch.Tensor]:
+        """The ℓ1 weights, each once (a weight shared by two layers is scaled once).
+
+        Looked up at every step: an ``L1FunctionalCall`` made by convert learns
+        its weight tensor on its first call.
+        """
+        seen, out = set(), []
+        for _, m in self.l1_modules:
+            w = m.weight
+            if w is not None and id(w) not in seen:
+                seen.add(id(w))
+                out.append(w)
+        return out
+
+    # ------------------------------------------------------------ schedules
+    @property
+    def progress(self) -> float:
+        """Fraction of ``total_steps`` done, in [0, 1]."""
+        return min(1.0, self.step_count / self.total_steps)
+
+    @property
+    def mix(self) -> Optional[float]:
+        """The MGS blend the ℓ1 layers use now (``None`` without MGS)."""
+        return None if self.mgs is None else self.mgs.value(self.step_count, self.total_steps)
+
+    @property
+    def lr_factor(self) -> float:
+        """The global learning-rate factor applied now (1 without a DLC schedule)."""
+        return 1.0 if self.dlc is None else self.dlc.lr_factor(self.progress)
+
+    def _scheduled_groups(self) -> list[int]:
+        if self.dlc is None or self.dlc.lr_schedule is None:
+            return []
+        groups = self.optimizer.param_groups
+        if self.dlc.groups == "all":
+            return list(range(len(groups)))
+        l1_ids = {id(w) for w in self.l1_weights}
+        return [i for i, g in enumerate(groups) if any(id(p) in l1_ids for p in g["params"])]
+
+    def _apply_schedules(self) -> None:
+        if self.mgs is not None:
+            mix = self.mix
+            for _, m in self.l1_modules:
+                m.mgs_mix = mix
+        factor = self.lr_factor
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.base_lrs):
+            raise RuntimeError(
+                f"the optimizer has {len(groups)} parameter groups but had {len(self.base_lrs)} when the "
+                "TrainingWrapper was built; build the wrapper after adding parameter groups")
+        for i in self._scheduled_groups():
+            _set_lr(groups[i], self.base_lrs[i] * factor)
+
+    # ------------------------------------------------------------ the training step
+    def step(self, scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+        """DLC gradient scaling, ``optimizer.step()``, then advance both schedules.
+
+        Call it after ``backward()`` (and, under DDP, after the gradients are
+        all-reduced, which ``backward()`` does). With a ``GradScaler`` pass it
+        here instead of calling ``scaler.step``: the gradients are unscaled
+        before DLC measures them, then ``scaler.step`` and ``scaler.update`` run.
+        """
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        if self.dlc is not None and self.dlc.scale_gradients:
+            self.dlc.scale_(self.l1_weights)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.step_count += 1
+        if self.step_count > self.total_steps and not self._warned_past_end:
+            self._warned_past_end = True
+            warnings.warn(f"TrainingWrapper stepped past total_steps={self.total_steps}; "
+                          "the schedules hold their final values", stacklevel=2)
+        self._apply_schedules()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "total_steps": self.total_steps, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the schedule position; re-applies ``mgs_mix`` and the learning rates."""
+        missing = {"step", "total_steps", "base_lrs"} - set(state)
+        if missing:
+            raise ValueError(f"not a TrainingWrapper state dict: missing {sorted(missing)}")
+        if int(state["total_steps"]) != self.total_steps:
+            raise ValueError(
+                f"checkpoint was saved with total_steps={state['total_steps']} but this wrapper has "
+                f"total_steps={self.total_steps}; build the wrapper with the same total_steps to resume")
+        if len(state["base_lrs"]) != len(self.optimizer.param_groups):
+            raise ValueError(f"checkpoint has {len(state['base_lrs'])} parameter groups, the optimizer "
+                             f"{len(self.optimizer.param_groups)}")
+        self.step_count = int(state["step"])
+        self.base_lrs = [float(v) for v in state["base_lrs"]]
+        self._apply_schedules()
+
+    def __repr__(self) -> str:
+        return (f"TrainingWrapper(step={self.step_count}/{self.total_steps}, l1_layers={len(self.l1_modules)}, "
+                f"mix={self.mix}, lr_factor={self.lr_factor:.4g}, mgs={self.mgs}, dlc={self.dlc})")
