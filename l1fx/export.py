@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
+import logging
 import math
 import os
 import re
@@ -36,6 +36,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ._cli import CLIError, build_model, json_object, parse_shape
 
 __all__ = ["export_onnx", "ExportResult", "OnnxExportError", "OnnxVerificationError", "main"]
 
@@ -197,11 +199,18 @@ def _torch_export(model, inputs, dynamic_batch, opset, table):
                   optimize=True, verbose=False, external_data=False)
     if opset is not None:
         kwargs["opset_version"] = int(opset)
-    # The exporter prints progress lines, graphs and warnings; its errors carry what matters.
+    # The exporter prints progress lines, graphs and warnings (through print, warnings and
+    # logging, e.g. "torchvision is not installed"); its errors carry what matters.
     log = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, inputs, **kwargs)
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, inputs, **kwargs)
+    finally:
+        onnx_logger.setLevel(level)
     return program.model_proto
 
 
@@ -438,54 +447,6 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamic_batch: bool =
 
 
 # ---------------------------------------------------------------- command line
-class _CliError(Exception):
-    pass
-
-
-def _load_object(spec: str):
-    """``path/to/file.py:Name`` or ``package.module:Name`` -> the object."""
-    import importlib
-    import importlib.util
-
-    if ":" not in spec:
-        raise _CliError(f"model {spec!r} must be MODULE:NAME, e.g. models/pointnet.py:PointNetCls "
-                        f"or mypkg.models:build_model")
-    where, name = spec.rsplit(":", 1)
-    if where.endswith(".py") or os.sep in where:
-        file = Path(where)
-        if not file.is_file():
-            raise _CliError(f"model file {file} does not exist")
-        # Let the file import its siblings, as when run from its own directory.
-        sys.path.insert(0, str(file.resolve().parent))
-        mod_spec = importlib.util.spec_from_file_location(f"_l1fx_user_{file.stem}", file)
-        module = importlib.util.module_from_spec(mod_spec)
-        try:
-            mod_spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001
-            raise _CliError(f"importing {file} failed: {type(e).__name__}: {e}") from e
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as e:
-            raise _CliError(f"cannot import module {where!r}: {e}") from e
-    obj = module
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise _CliError(f"{where} has no attribute {name!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: expected integers like 2,3,1024") from None
-    if not shape or any(d < 0 for d in shape):
-        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: expected positive integers like 2,3,1024")
-    return shape
-
-
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m l1fx.export",
@@ -497,7 +458,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                   "returns the nn.Module (called with --model-kwargs)")
     ap.add_argument("-o", "--output", required=True, help="ONNX file to write (its directory must exist)")
     inputs = ap.add_mutually_exclusive_group(required=True)
-    inputs.add_argument("--input-shape", action="append", type=_parse_shape, metavar="B,C,...",
+    inputs.add_argument("--input-shape", action="append", type=str, metavar="B,C,...",
                         help="shape of one forward input (random normal float32); repeat for several inputs")
     inputs.add_argument("--inputs", metavar="FILE.pt", help="torch.save'd tensor or tuple of tensors to use as "
                                                            "example inputs")
@@ -521,34 +482,20 @@ def _cli_inputs(args) -> tuple[Tensor, ...]:
         try:
             loaded = torch.load(args.inputs, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise _CliError(f"cannot load --inputs {args.inputs}: {e}") from e
+            raise CLIError(f"cannot load --inputs {args.inputs}: {e}") from e
         return _as_input_tuple(loaded)
-    return tuple(torch.randn(shape) for shape in args.input_shape)
+    return tuple(torch.randn(parse_shape(s)) for s in args.input_shape)
 
 
 def _cli_model(args) -> nn.Module:
-    factory = _load_object(args.model)
-    try:
-        kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as e:
-        raise _CliError(f"--model-kwargs is not valid JSON: {e}") from e
-    if not isinstance(kwargs, dict):
-        raise _CliError("--model-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
-    if not callable(factory):
-        raise _CliError(f"{args.model} is not a class or function")
-    try:
-        model = factory(**kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise _CliError(f"building {args.model}(**{kwargs}) failed: {type(e).__name__}: {e}") from e
-    if not isinstance(model, nn.Module):
-        raise _CliError(f"{args.model}(**{kwargs}) returned {type(model).__name__}, not an nn.Module")
+    model = build_model(args.model, json_object(args.model_kwargs, "--model-kwargs"))
     if args.checkpoint:
         try:
             state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             model.load_state_dict(state)
         except Exception as e:  # noqa: BLE001
-            raise _CliError(f"loading --checkpoint {args.checkpoint} failed: {e}") from e
+            raise CLIError(f"loading --checkpoint {args.checkpoint} failed: {e}") from e
     return model
 
 
@@ -565,7 +512,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model = convert(model, args.ratio, example_inputs=inputs)
         result = export_onnx(model, inputs, args.output, dynamic_batch=not args.static_batch, opset=args.opset,
                              custom_op=not args.standard_ops, verify=not args.no_verify, rtol=args.rtol)
-    except (_CliError, RuntimeError, TypeError, ValueError) as e:  # clear messages from l1fx; no traceback
+    except (CLIError, RuntimeError, TypeError, ValueError) as e:  # clear messages from l1fx; no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(result.summary())

@@ -22,13 +22,10 @@ FLOP count (2K per output element) is all additions. See docs/energy.md.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -37,6 +34,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.l1fx.*)
+from ._cli import CLIError, build_model, json_object, parse_shape
 
 __all__ = [
     "energy_report", "compare", "EnergyReport", "Comparison", "LayerRow",
@@ -411,66 +409,6 @@ class DemoPointNet(nn.Module):
 
 
 # ---------------------------------------------------------------- command line
-class _CLIError(Exception):
-    pass
-
-
-def _load_model(spec: str, kwargs: dict) -> nn.Module:
-    """``path/to/file.py:Name`` or ``package.module:Name``; Name is a class, a factory or a module."""
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise _CLIError(f"model must be 'file.py:ClassName' or 'package.module:ClassName', got {spec!r}")
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        path = Path(target)
-        if not path.is_file():
-            raise _CLIError(f"model file {target!r} not found")
-        mod_name = f"_l1fx_report_user_{abs(hash(str(path.resolve())))}"
-        spec_ = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(spec_)
-        sys.path.insert(0, str(path.resolve().parent))  # let the file import its siblings
-        try:
-            sys.modules[mod_name] = module
-            spec_.loader.exec_module(module)
-        except Exception as e:
-            sys.modules.pop(mod_name, None)
-            raise _CLIError(f"importing {target!r} failed: {type(e).__name__}: {e}") from e
-        finally:
-            sys.path.remove(str(path.resolve().parent))
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise _CLIError(f"cannot import module {target!r}: {e}") from e
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise _CLIError(f"{target!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if isinstance(obj, nn.Module):
-        if kwargs:
-            raise _CLIError(f"{spec!r} is a module instance; --kwargs only applies to classes and factories")
-        return obj
-    if not callable(obj):
-        raise _CLIError(f"{spec!r} is neither an nn.Module class, a factory nor a module instance")
-    try:
-        model = obj(**kwargs)
-    except Exception as e:
-        raise _CLIError(f"constructing {spec}(**{kwargs}) failed: {type(e).__name__}: {e}") from e
-    if not isinstance(model, nn.Module):
-        raise _CLIError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        raise _CLIError(f"--input-shape must be comma-separated integers like 2,3,1024, got {text!r}") from None
-    if not shape or any(s < 0 for s in shape):
-        raise _CLIError(f"--input-shape must be non-empty non-negative integers, got {text!r}")
-    return shape
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m l1fx.report",
@@ -495,48 +433,39 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _json_arg(text: str, what: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _CLIError(f"{what} is not valid JSON ({e}): {text!r}") from None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except _CLIError as e:
+    except CLIError as e:
         print(f"l1fx.report: error: {e}", file=sys.stderr)
         return 2
 
 
 def _run(args) -> int:
     if args.demo == bool(args.model):
-        raise _CLIError("give a model (file.py:ClassName) or --demo, not both and not neither")
+        raise CLIError("give a model (file.py:ClassName) or --demo, not both and not neither")
     torch.manual_seed(args.seed)
     if args.demo:
-        model, shapes = DemoPointNet(), [_parse_shape(s) for s in args.input_shape] or [(2, 3, 1024)]
+        model, shapes = DemoPointNet(), [parse_shape(s) for s in args.input_shape] or [(2, 3, 1024)]
     else:
-        kwargs = _json_arg(args.kwargs, "--kwargs")
-        if not isinstance(kwargs, dict):
-            raise _CLIError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+        kwargs = json_object(args.kwargs, "--kwargs")
         if not args.input_shape:
-            raise _CLIError("--input-shape is required with a model (e.g. --input-shape 2,3,1024)")
-        model, shapes = _load_model(args.model, kwargs), [_parse_shape(s) for s in args.input_shape]
-    table = _json_arg(args.table, "--table") if args.table else None
+            raise CLIError("--input-shape is required with a model (e.g. --input-shape 2,3,1024)")
+        model, shapes = build_model(args.model, kwargs), [parse_shape(s) for s in args.input_shape]
+    table = json_object(args.table, "--table") if args.table else None
     inputs = tuple(torch.randn(s) for s in shapes)
     # Validate the precision/table before the (slower) conversion.
     try:
         _costs(table, args.precision, HOROWITZ_45NM_PJ, "energy table")
     except (TypeError, ValueError) as e:
-        raise _CLIError(str(e)) from None
+        raise CLIError(str(e)) from None
     if not 0.0 <= args.ratio <= 1.0:
-        raise _CLIError(f"--ratio must be in [0, 1], got {args.ratio}")
+        raise CLIError(f"--ratio must be in [0, 1], got {args.ratio}")
     try:
         from l1fx.convert import convert
     except ImportError as e:
-        raise _CLIError(f"l1fx.convert is not available ({e})") from e
+        raise CLIError(f"l1fx.convert is not available ({e})") from e
     converted = convert(model, args.ratio, example_inputs=inputs)
     result = compare(model, converted, inputs, precision=args.precision, table=table)
     if args.json:
