@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from l1fx.data import make_part_segmentation, part_segmentation_metrics
 from l1fx.models import build_model
+from l1fx.nn import L1Module
 from l1fx.train import DLC, MGS, TrainingWrapper
 
 try:  # the product's converter; a module swap stands in while it is not installed
@@ -54,7 +55,7 @@ PRESETS = {
                           fp_mlps=((64,), (64,), (32, 32)), head=32),
         "voxelcnn": dict(resolution=8, widths=(8, 16), head=32),
     }),
-    "full": dict(train=192, test=96, points=256, batch=16, epochs=8, models={
+    "full": dict(train=192, test=96, points=256, batch=16, epochs=24, models={
         "pointnet": dict(),
         "pointnet2": dict(npoint=(64, 16), nsample=(12, 12)),
         "voxelcnn": dict(resolution=8),
@@ -76,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="batch size")
     p.add_argument("--lr", type=float, default=0.05, help="base learning rate (SGD, momentum 0.9)")
     p.add_argument("--eta", type=float, default=0.2, help="DLC eta")
+    p.add_argument("--l1-weight-scale", type=float, default=1.0,
+                   help="multiply the converted ℓ1 weights by this after l1fx.convert (1 = convert's weights, "
+                        "i.e. the dense init); see examples/RESULTS.md for why 10 trains deep ℓ1 stacks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="out/part_segmentation", help="directory for results and plots")
@@ -114,11 +118,29 @@ def to_l1(model: nn.Module, ratio: float) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def scale_l1_weights_(model: nn.Module, factor: float) -> None:
+    """Multiply every ℓ1 weight by ``factor``, in place.
+
+    The ℓ1 layers inherit the dense layers' init (about ±1/sqrt(fan_in)), an
+    order of magnitude below the BatchNorm + ReLU activations they are compared
+    with; then every output channel is about ``-||x||_1`` and the following
+    normalisation removes that common part, so gradients shrink by ~100x per
+    layer. Templates at the activations' scale avoid it (RESULTS.md).
+    """
+    weights = {id(m.weight): m.weight for m in model.modules()
+               if isinstance(m, L1Module) and isinstance(getattr(m, "weight", None), nn.Parameter)}
+    for w in weights.values():  # a shared weight once
+        w.mul_(factor)
+
+
 def build_run(args, model_name: str, variant: str, ratio: float, data, total_steps: int):
     torch.manual_seed(args.seed)  # identical initial weights for every variant of a model
     model = build_model(model_name, data.num_parts, data.num_categories, **args.model_kwargs[model_name])
     if variant != "baseline":
         model = to_l1(model, ratio)
+        if args.l1_weight_scale != 1.0:
+            scale_l1_weights_(model, args.l1_weight_scale)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     plain_cosine = DLC(scale_gradients=False, hold=0.0, drops=())
     if variant == "baseline":

@@ -74,3 +74,17 @@ def test_part_segmentation_example_end_to_end(tmp_path, monkeypatch):
     for name in MODELS:
         png = tmp_path / f"curves_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_l1_weight_scale_multiplies_only_l1_weights_once():
+    example = load_example()
+    torch.manual_seed(0)
+    model = example.to_l1(build_model("pointnet", num_parts=5, num_categories=2, **TINY["pointnet"]), 1.0)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    l1_weights = {id(m.weight) for m in model.modules() if isinstance(m, L1Module)}
+    example.scale_l1_weights_(model, 10.0)
+    for name, p in model.named_parameters():
+        expected = before[name] * 10 if id(p) in l1_weights else before[name]
+        torch.testing.assert_close(p, expected, msg=name)
+    assert len(l1_weights) > 0
+    assert example.parse_args(["--quick", "--l1-weight-scale", "10"]).l1_weight_scale == 10.0

@@ -85,7 +85,7 @@ def test_dlc_default_lr_shape():
 
 
 @pytest.mark.parametrize("kwargs", [dict(eta=0), dict(hold=1.0), dict(drops=((0.5,),)), dict(drops=((0.5, -1),)),
-                                    dict(groups="dense"), dict(lr_schedule="step")])
+                                    dict(groups="dense"), dict(lr_schedule="step"), dict(eps=-1.0)])
 def test_dlc_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="DLC"):
         DLC(**kwargs)
@@ -108,6 +108,22 @@ def test_dlc_scales_only_l1_weight_gradients():
             assert p.grad.norm().item() == pytest.approx(0.3 * math.sqrt(g.numel()), rel=1e-5)
         else:  # biases, BN and the dense head keep the optimizer's own gradient
             assert torch.equal(p.grad, g), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dlc_normalises_vanishing_gradients_and_keeps_zero_ones(dtype):
+    # Deep ℓ1 stacks have weight gradients of 1e-20 and below in their first layers (the squares
+    # underflow float32); the scaling exists to give those layers a full step, so it must not clamp.
+    tiny = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    tiny = tiny * (1e-20 if dtype == torch.float32 else 1e-6)  # float16 cannot hold 1e-20
+    weights = [nn.Parameter(torch.zeros(8, 16, dtype=dtype)) for _ in range(2)]
+    weights[0].grad, weights[1].grad = tiny.to(dtype), torch.zeros(8, 16, dtype=dtype)
+    expected = tiny.to(dtype).float() / tiny.to(dtype).float().norm() * 0.2 * math.sqrt(tiny.numel())
+    DLC(eta=0.2).scale_(weights)
+    assert weights[0].grad.dtype == dtype
+    torch.testing.assert_close(weights[0].grad.float(), expected, rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                               atol=0)
+    assert torch.equal(weights[1].grad, torch.zeros(8, 16, dtype=dtype))  # nothing to normalise: no NaN
 
 
 def test_mgs_drives_every_l1_layer_and_lr_follows_dlc():
