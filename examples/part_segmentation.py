@@ -11,6 +11,11 @@ needs no download (:func:`l1fx.data.make_part_segmentation`):
 * the replacement-ratio ablation for PointNet++ (1/3, 2/3 and 1 of the layers
   converted, earliest first, trained with MGS + DLC).
 
+The ℓ1 variants convert with ``l1fx.convert(model, ratio, init=--init)``;
+the default ``--init data`` sets the ℓ1 templates from the statistics of each
+layer's inputs on the first training batch (docs/convert.md), ``--init dense``
+keeps the dense init, a number multiplies it.
+
 All variants share the data, the initial weights (``seed``), the optimizer
 (SGD, momentum 0.9) and the base learning rate; the baseline and vanilla use a
 plain cosine schedule, MGS + DLC uses the DLC schedule. Prints tables of
@@ -18,7 +23,7 @@ instance mIoU, class mIoU and point accuracy, writes ``results.json``,
 ``results.md`` and training-curve PNGs to ``--out``.
 
     python examples/part_segmentation.py --quick        # smoke run, < 2 min on 2 cores
-    python examples/part_segmentation.py                # the run of examples/RESULTS.md
+    python examples/part_segmentation.py                # the full preset; examples/RESULTS.md has the runs
 """
 from __future__ import annotations
 
@@ -36,7 +41,6 @@ from torch.utils.data import DataLoader
 
 from l1fx.data import make_part_segmentation, part_segmentation_metrics
 from l1fx.models import build_model
-from l1fx.nn import L1Module
 from l1fx.train import DLC, MGS, TrainingWrapper
 
 try:  # the product's converter; a module swap stands in while it is not installed
@@ -63,6 +67,19 @@ PRESETS = {
 }
 
 
+def parse_init(text: str):
+    """``--init`` value: 'dense', 'data' or a positive number."""
+    if text in ("dense", "data"):
+        return text
+    try:
+        factor = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'dense', 'data' or a number, got {text!r}") from None
+    if not factor > 0:
+        raise argparse.ArgumentTypeError(f"the factor must be positive, got {text!r}")
+    return factor
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run (< 2 min on 2 CPU cores)")
@@ -77,9 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="batch size")
     p.add_argument("--lr", type=float, default=0.05, help="base learning rate (SGD, momentum 0.9)")
     p.add_argument("--eta", type=float, default=0.2, help="DLC eta")
-    p.add_argument("--l1-weight-scale", type=float, default=1.0,
-                   help="multiply the converted ℓ1 weights by this after l1fx.convert (1 = convert's weights, "
-                        "i.e. the dense init); see examples/RESULTS.md for why 10 trains deep ℓ1 stacks")
+    p.add_argument("--init", default="data", type=parse_init,
+                   help="initial ℓ1 weights, l1fx.convert(init=...): 'data' (templates at the scale of each "
+                        "layer's inputs on the first training batch; default), 'dense' (keep the dense init) or "
+                        "a factor multiplying the dense init (e.g. 10); see examples/RESULTS.md")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="out/part_segmentation", help="directory for results and plots")
@@ -103,10 +121,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def to_l1(model: nn.Module, ratio: float) -> nn.Module:
-    """``l1fx.convert(model, ratio)``; without it, a module swap of the first ``ratio`` of the layers."""
+def to_l1(model: nn.Module, ratio: float, init="dense", example_inputs=None) -> nn.Module:
+    """``l1fx.convert(model, ratio, init=init)``; without it, a module swap of the first ``ratio`` of the layers."""
     if _convert is not None:
-        return _convert(model, ratio=ratio)
+        return _convert(model, ratio=ratio, init=init, example_inputs=example_inputs if init == "data" else None)
+    if init != "dense":
+        raise RuntimeError(f"--init {init} needs l1fx.convert, which is not installed")
     from l1fx.nn import DENSE_TO_L1
 
     model = copy.deepcopy(model)
@@ -118,29 +138,17 @@ def to_l1(model: nn.Module, ratio: float) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def scale_l1_weights_(model: nn.Module, factor: float) -> None:
-    """Multiply every ℓ1 weight by ``factor``, in place.
-
-    The ℓ1 layers inherit the dense layers' init (about ±1/sqrt(fan_in)), an
-    order of magnitude below the BatchNorm + ReLU activations they are compared
-    with; then every output channel is about ``-||x||_1`` and the following
-    normalisation removes that common part, so gradients shrink by ~100x per
-    layer. Templates at the activations' scale avoid it (RESULTS.md).
-    """
-    weights = {id(m.weight): m.weight for m in model.modules()
-               if isinstance(m, L1Module) and isinstance(getattr(m, "weight", None), nn.Parameter)}
-    for w in weights.values():  # a shared weight once
-        w.mul_(factor)
+def init_batch(data, batch: int) -> tuple:
+    """The forward() arguments of the first ``batch`` training shapes (for ``init="data"``)."""
+    pts, cat, _ = next(iter(DataLoader(data, batch_size=batch)))
+    return pts.transpose(1, 2), cat
 
 
 def build_run(args, model_name: str, variant: str, ratio: float, data, total_steps: int):
     torch.manual_seed(args.seed)  # identical initial weights for every variant of a model
     model = build_model(model_name, data.num_parts, data.num_categories, **args.model_kwargs[model_name])
     if variant != "baseline":
-        model = to_l1(model, ratio)
-        if args.l1_weight_scale != 1.0:
-            scale_l1_weights_(model, args.l1_weight_scale)
+        model = to_l1(model, ratio, args.init, init_batch(data, args.batch) if args.init == "data" else None)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     plain_cosine = DLC(scale_gradients=False, hold=0.0, drops=())
     if variant == "baseline":
@@ -202,7 +210,8 @@ def train_one(args, model_name, variant, ratio, train_set, test_set, progress) -
     seconds = time.perf_counter() - t0
     print(f"{label:<28} mIoU {final['instance_miou']:6.2f}  acc {final['accuracy']:6.2f}  "
           f"({seconds:.0f} s, {total} steps)", flush=True)
-    return {"model": model_name, "variant": variant, "ratio": ratio, "final": final, "history": history,
+    return {"model": model_name, "variant": variant, "ratio": ratio,
+            "init": "-" if variant == "baseline" else str(args.init), "final": final, "history": history,
             "seconds": seconds, "steps": total,
             "l1_layers": len(wrapper.l1_modules), "finite": all(math.isfinite(v) for v in history["train_loss"])}
 
@@ -271,7 +280,8 @@ def main(argv=None) -> list[dict]:
     train_set, test_set = make_part_segmentation(args.train, args.test, args.points, seed=args.seed)
     print(f"data: {len(train_set)} train / {len(test_set)} test shapes, {args.points} points, "
           f"{train_set.num_categories} categories, {train_set.num_parts} parts; {args.epochs} epochs, "
-          f"batch {args.batch}; converter: {'l1fx.convert' if _convert else 'module swap (l1fx.convert missing)'}",
+          f"batch {args.batch}; converter: {'l1fx.convert' if _convert else 'module swap (l1fx.convert missing)'}"
+          f", ℓ1 init: {args.init}",
           flush=True)
     runs = [(m, v, 1.0) for m in args.models for v in args.variants]
     if "pointnet2" in args.models and "l1-mgs-dlc" in args.variants:

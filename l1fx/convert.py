@@ -4,10 +4,11 @@
     print(l1fx.summary(l1_model))
 
 Runs the passes of :mod:`l1fx.passes` (trace -> analyse -> select ->
-rewrite -> verify) on a copy of ``model``; see docs/convert.md.
+rewrite [-> init_l1_weights] -> verify) on a copy of ``model``; see docs/convert.md.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class ConvertConfig:
     normalize: Optional[str] = "auto"
     example_inputs: Optional[tuple] = None
     inplace: bool = False
+    init: Union[str, float] = "dense"
 
     def validate(self) -> "ConvertConfig":
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0.0 <= self.ratio <= 1.0:
@@ -58,6 +60,13 @@ class ConvertConfig:
             else:
                 raise TypeError(f"l1fx.convert: example_inputs must be a tuple of forward() arguments, "
                                 f"got {type(self.example_inputs).__name__}")
+        if isinstance(self.init, bool) or not (self.init in passes.INIT_CHOICES or (
+                isinstance(self.init, numbers.Real) and math.isfinite(self.init) and self.init > 0)):
+            raise ValueError(f"l1fx.convert: init must be 'dense' (keep the dense weights), 'data' (set the l1 "
+                             f"weights from input statistics) or a positive factor, got {self.init!r}")
+        if self.init == "data" and self.example_inputs is None:
+            raise ValueError("l1fx.convert: init='data' sets the l1 weights from the statistics of their inputs, "
+                             "which needs example_inputs=(a batch of inputs,)")
         if self.strategy == "energy" and self.example_inputs is None:
             raise ValueError("l1fx.convert: strategy='energy' ranks layers by multiply-accumulates, which "
                              "needs example_inputs=(a batch of inputs,)")
@@ -72,7 +81,7 @@ class ConvertConfig:
 
 def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exclude: Filter = None,
             strategy: str = "depth", normalize: Optional[str] = "auto", example_inputs: Optional[tuple] = None,
-            inplace: bool = False) -> nn.Module:
+            inplace: bool = False, init: Union[str, float] = "dense") -> nn.Module:
     """Return ``model`` with inner-product layers replaced by l1 layers.
 
     Args:
@@ -89,13 +98,19 @@ def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exc
         example_inputs: a tuple of forward() arguments; enables MACs, the energy strategy and the
             output-shape check.
         inplace: convert ``model`` itself (its submodules are swapped in place); use the return value.
+        init: the converted l1 layers' weights. ``"dense"`` keeps the dense weights exactly (pretrained
+            checkpoints). ``"data"`` (needs ``example_inputs``, for training from scratch) sets each
+            layer's weights, as l1 templates, to ``mean_c + std_c * standardised dense weight`` per
+            input channel ``c``, from the layer's inputs on ``example_inputs``
+            (:func:`l1fx.passes.init_l1_weights`). A positive number multiplies them by that factor.
 
     Returns:
         A ``torch.fx.GraphModule`` when the model could be traced (possibly with untraced
         submodules kept as leaves), else the model itself with modules swapped. Its
         ``l1fx_summary`` attribute (also ``l1fx.summary(result)``) says what was done.
     """
-    config = ConvertConfig(ratio, include, exclude, strategy, normalize, example_inputs, inplace).validate()
+    config = ConvertConfig(ratio, include, exclude, strategy, normalize, example_inputs, inplace,
+                           init).validate()
     if not isinstance(model, nn.Module):
         raise TypeError(f"l1fx.convert expects an nn.Module, got {type(model).__name__}")
     state = passes.run_pipeline(model, config)

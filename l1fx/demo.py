@@ -53,8 +53,9 @@ def main(argv=None) -> None:
           f"{len(train)} training and {len(test)} test shapes of {train.points.shape[1]} points, "
           f"{train.num_categories} categories, {train.num_parts} parts")
 
-    print(f"\n== 2. l1fx.convert(model, ratio={args.ratio})")
-    converted = l1fx.convert(model, ratio=args.ratio, example_inputs=example)
+    print(f"\n== 2. l1fx.convert(model, ratio={args.ratio}, init=\"data\")")
+    # init="data": we train from scratch, so start the l1 templates at the scale of their inputs.
+    converted = l1fx.convert(model, ratio=args.ratio, example_inputs=example, init="data")
     print(l1fx.summary(converted))
     print(f"l1 kernels: backend {get_backend(example[0]).name!r}")
 

@@ -5,6 +5,9 @@
 
     trace -> analyse -> select -> rewrite -> verify
 
+With ``init="data"`` (or a number) it runs :func:`pipeline_for` ``(config)``,
+which adds :func:`init_l1_weights` between rewrite and verify.
+
 Build your own pipeline by running some of them, replacing one, or adding
 your own pass between them, e.g.::
 
@@ -25,11 +28,12 @@ your own pass between them, e.g.::
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from torch import nn
 
 from .analyse import analyse, build_nx_graph, find_candidates, group_units, measure
+from .init import INIT_CHOICES, init_l1_weights, template_init
 from .rewrite import rewrite, swap_module
 from .select import Matcher, nearest_count, select
 from .state import Candidate, ConversionState, Summary, TraceReport, Unit
@@ -37,7 +41,8 @@ from .trace import L1Tracer, OpaqueFunction, trace, trace_model
 from .verify import verify
 
 __all__ = [
-    "trace", "analyse", "select", "rewrite", "verify", "DEFAULT_PIPELINE", "run_pipeline",
+    "trace", "analyse", "select", "rewrite", "init_l1_weights", "verify", "DEFAULT_PIPELINE", "pipeline_for",
+    "run_pipeline", "template_init", "INIT_CHOICES",
     "ConversionState", "Candidate", "Unit", "TraceReport", "Summary",
     "L1Tracer", "OpaqueFunction", "trace_model", "build_nx_graph", "find_candidates", "group_units",
     "measure", "Matcher", "nearest_count", "swap_module",
@@ -48,10 +53,20 @@ Pass = Callable[[ConversionState], ConversionState]
 DEFAULT_PIPELINE: tuple[Pass, ...] = (trace, analyse, select, rewrite, verify)
 
 
-def run_pipeline(model: nn.Module, config, pipeline: Sequence[Pass] = DEFAULT_PIPELINE) -> ConversionState:
-    """Run ``pipeline`` on ``model`` (deep-copied first unless ``config.inplace``)."""
+def pipeline_for(config) -> tuple[Pass, ...]:
+    """:data:`DEFAULT_PIPELINE`, plus :func:`init_l1_weights` before verify unless ``config.init == "dense"``."""
+    if getattr(config, "init", "dense") == "dense":
+        return DEFAULT_PIPELINE
+    i = DEFAULT_PIPELINE.index(verify)
+    return DEFAULT_PIPELINE[:i] + (init_l1_weights,) + DEFAULT_PIPELINE[i:]
+
+
+def run_pipeline(model: nn.Module, config, pipeline: Optional[Sequence[Pass]] = None) -> ConversionState:
+    """Run ``pipeline`` (default :func:`pipeline_for` ``(config)``) on ``model``, deep-copied unless ``config.inplace``."""
     if hasattr(config, "validate"):
         config = config.validate()
+    if pipeline is None:
+        pipeline = pipeline_for(config)
     if getattr(config, "inplace", False):
         working = model
     else:

@@ -404,3 +404,121 @@ def test_user_pipeline_with_an_extra_pass():
     state = passes.run_pipeline(model, ConvertConfig(ratio=1.0), pipeline)
     assert type(state.result.conv1[0]) is nn.Conv2d and isinstance(state.result.conv2[0], l1nn.L1Conv2d)
     assert all(state.graph.has_node(c.node) for c in state.candidates if c.traced and c.node)
+
+
+# ------------------------------------------------------------------ initial l1 weights (init=...)
+def _raw_l1_outputs(model, inputs):
+    """Raw l1 output (before any inserted normalisation) of every l1 layer reached, in train mode."""
+    calls = {}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, l1nn.L1Module)}
+    handles = [m.register_forward_pre_hook(lambda m, a, k: calls.setdefault(m, (a, k)), with_kwargs=True)
+               for m in layers.values()]
+    try:
+        with torch.no_grad():
+            _run(model, inputs, train=True)
+            return {n: (m, m.forward(*calls[m][0], **calls[m][1])) for n, m in layers.items() if m in calls}
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _channel_spread(model, inputs):
+    """Per l1 layer: std across output channels / mean |y|, averaged over positions."""
+    spread = {}
+    for n, (m, y) in _raw_l1_outputs(model, inputs).items():
+        linear = m.op == "linear" if isinstance(m, l1nn.L1FunctionalCall) else isinstance(m, l1nn.L1Linear)
+        y = y.movedim(-1 if linear else 1, -1)
+        spread[n] = (y.std(-1) / y.abs().mean(-1)).mean().item()
+    return spread
+
+
+def _l1_weight_ids(model):
+    return {id(p) for n, p in model.named_parameters() if n in summary(model).l1_weight_names}
+
+
+@pytest.mark.parametrize("name", ["pointnet2_ssg", "shape_dependent"])
+def test_default_init_keeps_the_dense_weights_exactly(name):
+    model, x = _make(name)
+    for converted in (_quiet_convert(model), _quiet_convert(model, init="dense", example_inputs=x)):
+        after = converted.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["pointnet", "pointnet2_ssg", "rawparam", "shape_dependent"])
+def test_data_init_changes_only_l1_weights_and_spreads_the_channels(name):
+    # pointnet: partly traced (T-Nets swapped); rawparam: functional calls; shape_dependent: whole-model swap
+    model, x = _make(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = _quiet_convert(model, example_inputs=x)
+    data = _quiet_convert(model, example_inputs=x, init="data")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input model untouched
+    assert not any(m._forward_pre_hooks for m in data.modules())  # the recording hooks are gone
+
+    # same keys and shapes; only l1 weights differ (buffers such as running statistics were restored)
+    sd_dense, sd_data = dense.state_dict(), data.state_dict()
+    assert {k: v.shape for k, v in sd_dense.items()} == {k: v.shape for k, v in sd_data.items()}
+    l1_keys = set(summary(data).l1_weight_names)
+    unreached = {"stem_xyzrgb.weight"} if name == "shape_dependent" else set()  # a 3-channel batch skips it
+    for k in sd_dense:
+        same = torch.equal(sd_dense[k], sd_data[k])
+        assert same == (k not in l1_keys or k in unreached), k
+    note = [n for n in summary(data).notes if n.startswith("init='data'")]
+    assert len(note) == 1 and f"{len(l1_keys) - len(unreached)} l1 weight(s)" in note[0]
+    assert ("stem_xyzrgb" in note[0]) == bool(unreached)
+
+    # the point of it: output channels no longer all equal -||x||_1 (measured: every layer's spread
+    # rises, the mean over layers by 1.65x (PointNet++) to 1.84x (rawparam) on these batches)
+    spread_dense, spread_data = _channel_spread(dense, x), _channel_spread(data, x)
+    assert spread_dense.keys() == spread_data.keys() and spread_dense
+    assert all(spread_data[n] > spread_dense[n] for n in spread_dense), (spread_dense, spread_data)
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    assert mean(spread_data) > 1.5 * mean(spread_dense)
+
+
+def test_data_init_lets_gradients_reach_the_first_layers():
+    model, x = _make("pointnet2_ssg")
+
+    def first_layer_grad(converted):
+        sum(t.sum() for t in _tensors(_run(converted, x, train=True))).backward()
+        return converted.sa1.mlp_convs[0].weight.grad.pow(2).mean().sqrt().item()
+
+    dense, data = (first_layer_grad(_quiet_convert(model, example_inputs=x, init=i)) for i in ("dense", "data"))
+    assert data > 1e6 * dense, (dense, data)  # measured: RMS 1.6e-17 (dense) vs 34 (data)
+
+
+def test_data_init_matches_input_statistics_per_channel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 64), nn.BatchNorm1d(64))
+    x = torch.randn(4096, 3) * torch.tensor([1.0, 5.0, 0.1]) + torch.tensor([0.0, 10.0, -2.0])
+    converted = convert(model, example_inputs=(x,), init="data")
+    w = converted.get_submodule("0").weight
+    torch.testing.assert_close(w.mean(0), x.mean(0), atol=0.5, rtol=0.1)  # 64 templates per channel
+    torch.testing.assert_close(w.std(0), x.std(0), atol=0.05, rtol=0.3)
+    torch.testing.assert_close(converted.get_submodule("1").running_mean, torch.zeros(64))  # restored
+
+
+def test_init_factor_scales_l1_weights_and_reinit_is_idempotent():
+    model, x = _make("rawparam")
+    dense = _quiet_convert(model)
+    scaled = _quiet_convert(model, init=10.0)
+    l1 = set(summary(scaled).l1_weight_names)
+    for k, v in dense.state_dict().items():
+        torch.testing.assert_close(scaled.state_dict()[k], v * 10 if k in l1 else v, msg=k)
+    assert any("multiplied by 10" in n for n in summary(scaled).notes)
+    again = _quiet_convert(scaled, example_inputs=x, init="data")  # layers already l1 keep their weights
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in scaled.state_dict().items())
+
+
+def test_init_options_are_checked():
+    model, x = _make("voxnet")
+    with pytest.raises(ValueError, match=r"init='data'.*needs example_inputs"):
+        convert(model, init="data")
+    for bad in ("kaiming", 0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="init must be 'dense'"):
+            convert(model, init=bad)
+    one = (torch.randn(1, 3),)  # BatchNorm on batch statistics needs 2 samples: say so
+    with pytest.raises(RuntimeError, match=r"init='data'.*batch of at least 2"):
+        convert(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), example_inputs=one, init="data")
+    state = passes.run_pipeline(model, ConvertConfig(example_inputs=x, init="data"))
+    assert passes.init_l1_weights in passes.pipeline_for(state.config)
+    assert passes.pipeline_for(ConvertConfig()) == passes.DEFAULT_PIPELINE

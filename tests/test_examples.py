@@ -76,15 +76,22 @@ def test_part_segmentation_example_end_to_end(tmp_path, monkeypatch):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_l1_weight_scale_multiplies_only_l1_weights_once():
+def test_init_option_reaches_convert():
     example = load_example()
+    assert example.parse_args(["--quick"]).init == "data"
+    assert example.parse_args(["--quick", "--init", "10"]).init == 10.0
+    assert example.parse_args(["--quick", "--init", "dense"]).init == "dense"
+    with pytest.raises(SystemExit):
+        example.parse_args(["--quick", "--init", "-1"])
     torch.manual_seed(0)
-    model = example.to_l1(build_model("pointnet", num_parts=5, num_categories=2, **TINY["pointnet"]), 1.0)
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    l1_weights = {id(m.weight) for m in model.modules() if isinstance(m, L1Module)}
-    example.scale_l1_weights_(model, 10.0)
-    for name, p in model.named_parameters():
-        expected = before[name] * 10 if id(p) in l1_weights else before[name]
-        torch.testing.assert_close(p, expected, msg=name)
-    assert len(l1_weights) > 0
-    assert example.parse_args(["--quick", "--l1-weight-scale", "10"]).l1_weight_scale == 10.0
+    model = build_model("pointnet", num_parts=5, num_categories=2, **TINY["pointnet"])
+    inputs = (torch.rand(4, 3, 32) * 2 - 1, torch.tensor([0, 1, 0, 1]))
+    dense = example.to_l1(model, 1.0)
+    l1_names = {n for n, m in dense.named_modules() if isinstance(m, L1Module)}
+    for init in ("data", 10.0):
+        other = example.to_l1(model, 1.0, init, inputs if init == "data" else None)
+        for key, value in dense.state_dict().items():
+            changed = not torch.equal(other.state_dict()[key], value)
+            assert changed == (key.rpartition(".")[0] in l1_names and key.endswith(".weight")), (init, key)
+    batch = example.init_batch(example.make_part_segmentation(8, 2, 16, seed=0)[0], 4)
+    assert batch[0].shape == (4, 3, 16) and batch[1].shape == (4,)
