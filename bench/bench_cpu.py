@@ -15,6 +15,7 @@ timed on a slice of the rows and scaled linearly (its cost is linear in N);
 such cells are marked with '*'.
 
     .venv/bin/python bench/bench_cpu.py [--reps 9] [--threads 2] [--no-memory]
+    .venv/bin/python bench/bench_cpu.py --loop-bound   # GEMM step vs l1 step, bare loop
 """
 from __future__ import annotations
 
@@ -158,6 +159,66 @@ def measure_memory(spec, impl: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+# The inner loop alone, one core, data in cache: what one reduction step costs
+# when it is a GEMM's FMA versus the l1 kernel's min + FMA, per register tile.
+LOOP_BOUND_SRC = r"""
+#include <chrono>
+#include <cstring>
+typedef float vf __attribute__((vector_size(64)));
+static volatile float kone = 1.0f;
+template <int R, int FV, bool L1>
+static double run(long K, long reps) {
+  static float xp[864 * 16], wp[864 * 64];
+  for (int i = 0; i < 864 * 16; ++i) xp[i] = float(i % 7);
+  for (int i = 0; i < 864 * 64; ++i) wp[i] = float(i % 5);
+  vf acc[R][FV] = {};
+  const vf one = kone - vf{};
+  auto t0 = std::chrono::steady_clock::now();
+  for (long rep = 0; rep < reps; ++rep)
+    for (long k = 0; k < K; ++k) {
+      vf w[FV];
+      for (int f = 0; f < FV; ++f) std::memcpy(&w[f], wp + k * FV * 16 + f * 16, 64);
+      for (int r = 0; r < R; ++r) {
+        const vf x = xp[k * R + r] - vf{};
+        for (int f = 0; f < FV; ++f) acc[r][f] += L1 ? (x < w[f] ? x : w[f]) * one : x * w[f];
+      }
+    }
+  double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  float s = 0;
+  for (int r = 0; r < R; ++r) for (int f = 0; f < FV; ++f) for (int i = 0; i < 16; ++i) s += acc[r][f][i];
+  kone = s == 12345.f ? 2.f : 1.f;  // keep the result alive
+  return double(K) * R * FV * 16 * reps / ns;  // (row, filter, k) pairs per ns
+}
+extern "C" double l1fx_loop_bound(int which) {
+  switch (which) {
+    case 0: return run<8, 2, false>(864, 3000);
+    case 1: return run<8, 2, true>(864, 3000);
+    case 2: return run<6, 4, false>(864, 2000);
+    default: return run<6, 4, true>(864, 2000);
+  }
+}
+"""
+
+
+def loop_bound() -> None:
+    """Print pairs/ns of the bare inner loops (needs AVX-512-width vectors to mean what it says)."""
+    import ctypes
+    import tempfile
+    from pathlib import Path
+
+    from l1fx.kernels import cpu_build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "loop_bound.cpp"
+        src.write_text(LOOP_BOUND_SRC)
+        lib = cpu_build.load(src, "l1fx_loop_bound")
+    lib.l1fx_loop_bound.restype = ctypes.c_double
+    names = ["FMA (GEMM step), 8x2 tile", "min+FMA (l1 step), 8x2 tile", "FMA, 6x4 tile", "min+FMA, 6x4 tile"]
+    for i, name in enumerate(names):
+        best = max(lib.l1fx_loop_bound(i) for _ in range(3))
+        print(f"{name:32} {best:6.1f} pairs/ns (one core, best of 3)")
+
+
 def machine() -> str:
     try:
         model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -171,12 +232,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--loop-bound", action="store_true", help="only time the bare inner loops (the bound in RESULTS.md)")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child)
+        return
+    if args.loop_bound:
+        loop_bound()
         return
 
     t0 = time.perf_counter()

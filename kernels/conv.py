@@ -9,6 +9,10 @@ the filters are permuted to the same order, which the l1 sum does not mind.
 Only one chunk of rows exists at a time, so the extra memory is bounded by
 the chunk budget whatever the grid size. The input gradient is folded back
 with one strided add per kernel offset (no col2im buffer).
+
+Backends may replace this lowering: the ``cpu`` backend runs the forward and
+the stride-1 input gradient as direct C++ kernels and comes back here only
+for the rest (see :mod:`l1fx.kernels.cpu`).
 """
 from __future__ import annotations
 

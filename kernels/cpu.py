@@ -2,7 +2,7 @@
 
 The kernels (``csrc/l1_cpu.cpp``) are built on first use by the system C++
 compiler and cached across runs (see :mod:`l1fx.kernels.cpu_build`): the first
-call in a fresh cache pays one compile of a few seconds (about 3 s with
+call in a fresh cache pays one compile of a few seconds (4–5 s with
 g++ 12 here), every later call and every shape reuses the library. float32
 and bfloat16 CPU tensors are handled (accumulating in float32); other dtypes
 stay on the reference kernel.
@@ -11,6 +11,16 @@ The weight gradient splits along the Mixed Gradient Strategy blend:
 ``gw = mix * (g^T x - w * colsum(g)) + (1 - mix) * sum_n g * sign(x - w)``.
 The first half is a matrix product and goes to BLAS (``torch.mm``); the sign
 half and the input gradient come from one C++ pass over the rows.
+
+Convolutions do not go through im2col on this backend where avoidable:
+the forward is a direct implicit-GEMM kernel (patches are packed per tile of
+output positions straight from the NC... input into per-thread buffers of
+~256 KiB, so the only sizeable allocation is the output); the input gradient
+for stride 1 is a direct kernel too (one thread per input line, no col2im);
+the weight gradient's ``mix`` half is the inner-product conv's weight gradient
+(ATen) minus ``w * sum(g)``. What remains on chunked im2col
+(:mod:`l1fx.kernels.conv`): the input gradient for stride > 1 and the sign
+half of the weight gradient (``mix < 1``).
 
 If no compiler is found or the build fails, ``available()`` says why: under
 ``L1FX_BACKEND=auto`` the ops fall back to the reference kernel with a
@@ -29,6 +39,7 @@ import torch
 from torch import Tensor
 
 from . import Backend, BackendUnavailable, requested_backend
+from . import conv as _conv
 from . import reference
 from .cpu_build import BuildError, load
 
@@ -56,7 +67,11 @@ def _library() -> Optional[ctypes.CDLL]:
                 lib.l1fx_forward.argtypes = [ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
                 lib.l1fx_backward.argtypes = [ctypes.c_int, vp, vp, vp, vp, vp, ctypes.c_float, i64, i64, i64,
                                               ctypes.c_int]
-                lib.l1fx_forward.restype = lib.l1fx_backward.restype = ctypes.c_int
+                lib.l1fx_conv_forward.argtypes = [ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, i64, vp, ctypes.c_int]
+                lib.l1fx_conv_input_grad.argtypes = [ctypes.c_int, vp, vp, vp, vp, ctypes.c_float, i64, i64, i64, i64,
+                                                     vp, ctypes.c_int]
+                for fn in (lib.l1fx_forward, lib.l1fx_backward, lib.l1fx_conv_forward, lib.l1fx_conv_input_grad):
+                    fn.restype = ctypes.c_int
                 _state["lib"] = lib
             _state["build_seconds"] = time.perf_counter() - t0
         return _state.get("lib")
@@ -170,6 +185,80 @@ def linear_backward(
     return gx, gw
 
 
+def _geometry_3d(x: Tensor, w: Tensor, stride, padding, dilation) -> tuple[list[int], list[int]]:
+    """(geometry array for the C++ conv, output spatial shape): 1-D/2-D as 3-D with leading size-1 dims."""
+    nd = x.dim() - 2
+    out = _conv.out_shape(x.shape[2:], w.shape[2:], stride, padding, dilation)
+    lead = 3 - nd
+    geom = ([1] * lead + list(x.shape[2:]) + [1] * lead + list(w.shape[2:]) + [1] * lead + list(stride)
+            + [0] * lead + list(padding) + [1] * lead + list(dilation) + [1] * lead + out)
+    return geom, out
+
+
+def conv_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
+    """Direct l1 conv (implicit GEMM in C++): patches are packed per tile from x, never unfolded whole."""
+    if not _same_dtype(x, w, bias) or x.dim() > 5:
+        return _conv.conv_forward(BACKEND, x, w, bias, stride, padding, dilation, groups)
+    geom, out = _geometry_3d(x, w, stride, padding, dilation)
+    y = torch.empty((x.shape[0], w.shape[0], *out), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    x, w = x.contiguous(), w.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    g = (ctypes.c_int64 * 18)(*geom)
+    rc = _lib().l1fx_conv_forward(
+        DTYPE_CODES[x.dtype], _ptr(x), _ptr(w), _ptr(bias), _ptr(y), x.shape[0], x.shape[1], w.shape[0], groups,
+        ctypes.cast(g, ctypes.c_void_p), torch.get_num_threads(),
+    )
+    assert rc == 0, f"l1fx_conv_forward failed with code {rc}"
+    return y
+
+
+def conv_backward(
+    grad: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, groups: int, mix: float, need_x: bool,
+    need_w: bool,
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """MGS conv gradients without im2col where the math allows it.
+
+    * input gradient, stride 1: a direct C++ kernel (each thread owns input
+      lines; no patch matrix, no col2im). Other strides: chunked im2col.
+    * weight gradient: its ``mix`` half is ``sum_o g (x_pad - w)`` =
+      the inner-product conv's weight gradient minus ``w * sum_o g``, which
+      ATen computes; the ``1 - mix`` sign half goes through chunked im2col.
+    """
+    mix = float(mix)
+    if not _same_dtype(x, w, grad) or x.dim() > 5:
+        return _conv.conv_backward(BACKEND, grad, x, w, stride, padding, dilation, groups, mix, need_x, need_w)
+    direct_x = need_x and all(s == 1 for s in stride)
+    gx = gw = None
+    if need_x and not direct_x:
+        gx = _conv.conv_backward(BACKEND, grad, x, w, stride, padding, dilation, groups, mix, True, False)[0]
+    elif direct_x:
+        gx = torch.empty_like(x)
+        geom, _ = _geometry_3d(x, w, stride, padding, dilation)
+        g = (ctypes.c_int64 * 18)(*geom)
+        rc = _lib().l1fx_conv_input_grad(
+            DTYPE_CODES[x.dtype], _ptr(grad), _ptr(x), _ptr(w), _ptr(gx), mix, x.shape[0], x.shape[1], w.shape[0],
+            groups, ctypes.cast(g, ctypes.c_void_p), torch.get_num_threads(),
+        )
+        assert rc == 0, f"l1fx_conv_input_grad failed with code {rc}"
+    if need_w:
+        gw = torch.zeros(w.shape, dtype=torch.float32)
+        if mix > 0.0:
+            nd = x.dim() - 2
+            dense = torch.ops.aten.convolution_backward(
+                grad, x, w, None, list(stride), list(padding), list(dilation), False, [0] * nd, groups,
+                [False, True, False],
+            )[1]
+            gsum = grad.sum(dim=[0, *range(2, grad.dim())], dtype=torch.float32)
+            gw.add_(dense, alpha=mix).sub_(w.float() * gsum.view(-1, *[1] * (w.dim() - 1)), alpha=mix)
+        if mix < 1.0:
+            sign = _conv.conv_backward(BACKEND, grad, x, w, stride, padding, dilation, groups, 0.0, False, True)[1]
+            gw.add_(sign, alpha=1.0 - mix)
+        gw = gw.to(w.dtype)
+    return gx, gw
+
+
 BACKEND = Backend(
     name="cpu",
     linear_forward=linear_forward,
@@ -177,5 +266,7 @@ BACKEND = Backend(
     available=available,
     supports=supports,
     priority=10,
+    conv_forward=conv_forward,
+    conv_backward=conv_backward,
     extra={"build_info": build_info, "reset": reset},
 )

@@ -1,7 +1,6 @@
 """The C++ ``cpu`` backend against the reference kernel (the oracle)."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -178,3 +177,43 @@ def test_build_is_cached_by_source_hash(monkeypatch, tmp_path):
     with pytest.raises(cpu_build.BuildError, match="could not build answer.cpp") as err:
         cpu_build.build(src, "answer")
     assert "error" in str(err.value).splitlines()[0]
+
+
+# ------------------------------------------------------------ direct conv kernels
+# (x shape, w shape, stride, padding, dilation, groups): 1-D/2-D/3-D, lines
+# shorter and longer than a vector, padding wider than the kernel reach,
+# dilation, groups, stride > 1 (forward direct, input gradient via im2col).
+CONV_CASES = [
+    ((2, 4, 5, 6, 21), (6, 2, 3, 2, 3), [1, 1, 1], [1, 0, 2], [1, 2, 2], 2),
+    ((2, 4, 5, 6, 4), (6, 2, 3, 2, 3), [1, 2, 1], [1, 1, 1], [1, 1, 1], 2),
+    ((1, 3, 9, 7), (5, 3, 3, 2), [2, 1], [0, 1], [2, 1], 1),
+    ((1, 3, 6, 19), (9, 3, 3, 3), [1, 1], [3, 3], [1, 1], 1),
+    ((2, 4, 11), (8, 2, 3), [1], [2], [2], 2),
+    ((1, 11, 7, 19), (9, 11, 1, 1), [1, 1], [0, 0], [1, 1], 1),
+    ((1, 9, 4, 5, 18), (10, 9, 3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_direct_conv_matches_reference(case, dtype):
+    from l1fx.kernels import conv
+
+    xs, ws, stride, padding, dilation, groups = case
+    torch.manual_seed(1)
+    x, w, b = torch.randn(xs).to(dtype), torch.randn(ws).to(dtype), torch.randn(ws[0]).to(dtype)
+    args = (stride, padding, dilation, groups)
+    ref = reference.BACKEND
+    want = conv.conv_forward(ref, x, w, b, *args)
+    tol = _tol(dtype, w[0].numel())
+    torch.testing.assert_close(cpu.conv_forward(x, w, b, *args).float(), want.float(), **tol)
+    g = torch.randn(want.shape).to(dtype)
+    for mix in MIXES:
+        got = cpu.conv_backward(g, x, w, *args, mix, True, True)
+        exp = conv.conv_backward(ref, g, x, w, *args, mix, True, True)
+        for a, e, n in zip(got, exp, (ws[0] // groups * w[0, 0].numel(), g[:, 0].numel())):
+            assert a.dtype == dtype and a.shape == e.shape
+            torch.testing.assert_close(a.float(), e.float(), **_tol(dtype, n))
+        only_x, none_w = cpu.conv_backward(g, x, w, *args, mix, True, False)
+        assert none_w is None
+        torch.testing.assert_close(only_x, got[0])

@@ -6,7 +6,11 @@
 //             (the sign half of the weight gradient; the a*(x-w) half is a
 //             matmul, g^T x - w * colsum(g), which the Python side hands to BLAS)
 //
-// with a = mix, b = 1 - mix.
+// with a = mix, b = 1 - mix. Convolutions (N-d as 3-d) have two direct
+// kernels: the forward as an implicit GEMM (patch tiles packed from NC(D)HW
+// x into the same micro-panels the linear forward uses) and, for stride 1,
+// the input gradient (vectorised along input lines, reducing over filters
+// and kernel offsets).
 //
 // Written like a GEMM: weights are repacked once, a register tile of rows x
 // filters (or rows x k) is accumulated with the reduced dimension innermost,
@@ -44,12 +48,17 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX512VL__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 #if defined(__AVX512F__)
 constexpr int VW = 16;  // floats per vector register (32 registers)
-constexpr int FWD_R = 8, FWD_FV = 2;  // forward tile: 8 rows x 2 vectors of filters
+constexpr int FWD_R = 8, FWD_FV = 2;  // forward tile: 8 rows x 2 vectors of filters (M <= 32, conv)
+constexpr int WIDE_R = 6, WIDE_FV = 4;  // forward tile for M > 32: fewer broadcasts per min+FMA
+constexpr int CONV_MT = 6, CONV_PV = 4;  // conv forward tile: 6 filters x 4 vectors of positions
 constexpr int GX1_R = 4, GX1_KV = 2;  // input grad, mix 1: 4 rows x 2 vectors of k
 constexpr int GXS_R = 4, GXS_KV = 2;  // input grad, mix 0
 constexpr int GXB_R = 2, GXB_KV = 2;  // input grad, blended mix
@@ -57,12 +66,15 @@ constexpr int GW_KB = 4, GW_FV = 2;   // sign sum: 4 k x 2 vectors of filters
 #else
 constexpr int VW = 8;  // AVX2 / NEON-pairs: 16 registers
 constexpr int FWD_R = 4, FWD_FV = 2;
+constexpr int WIDE_R = 4, WIDE_FV = 2;
+constexpr int CONV_MT = 3, CONV_PV = 3;
 constexpr int GX1_R = 2, GX1_KV = 1;
 constexpr int GXS_R = 2, GXS_KV = 2;
 constexpr int GXB_R = 1, GXB_KV = 2;
 constexpr int GW_KB = 2, GW_FV = 1;
 #endif
 
+constexpr int CONV_PW = CONV_PV * VW;  // positions per conv panel
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
@@ -160,23 +172,83 @@ int threads_for(int64_t work_items, int nthreads) {
 }
 
 // ---------------------------------------------------------------- forward
+// y = 2 acc + (bias - sum_k wc) - sum_k xc, acc = sum_k min(xc, wc).
 // Weights as panels of F = FWD_FV*VW filters: panel p is [K, F] contiguous.
-template <typename T>
-void forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t K, int64_t M, int nthreads) {
-  constexpr int F = FWD_FV * VW;
-  const int64_t n_panels = (M + F - 1) / F;
-  const int64_t M_pad = n_panels * F;
-  const PackedW pw = pack_w(w, M, K, M_pad, K, /*centred=*/true, false, true);
-  std::vector<float> wp(size_t(n_panels * K * F));  // [K, M_pad] -> panels [p][K][F]
-  for (int64_t p = 0; p < n_panels; ++p)
-    for (int64_t k = 0; k < K; ++k)
-      std::memcpy(&wp[size_t((p * K + k) * F)], &pw.cols[size_t(k * M_pad + p * F)], F * sizeof(float));
-  // y = 2 acc + (bias - sum_k wc) - sum_k xc, acc = sum_k min(xc, wc).
-  std::vector<float> col_term(size_t(M_pad), 0.f);
-  for (int64_t m = 0; m < M; ++m) col_term[size_t(m)] = (bias ? to_f(bias[m]) : 0.f) - pw.sums[size_t(m)];
+// Rows are packed GEMM-style into micro-panels of FWD_R rows, [K][FWD_R]
+// contiguous, so the register tile streams both operands in memory order.
+struct FwdPanels {
+  int64_t n_panels = 0;
+  std::vector<float> wp, col_term, centre;
+};
 
+template <int FV, typename T>
+FwdPanels fwd_panels(const T* w, const T* bias, int64_t M, int64_t K) {
+  constexpr int F = FV * VW;
+  FwdPanels fp;
+  fp.n_panels = (M + F - 1) / F;
+  const int64_t M_pad = fp.n_panels * F;
+  PackedW pw = pack_w(w, M, K, M_pad, K, /*centred=*/true, false, true);
+  fp.wp.resize(size_t(fp.n_panels * K * F));  // [K, M_pad] -> panels [p][K][F]
+  for (int64_t p = 0; p < fp.n_panels; ++p)
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(&fp.wp[size_t((p * K + k) * F)], &pw.cols[size_t(k * M_pad + p * F)], F * sizeof(float));
+  fp.col_term.assign(size_t(M_pad), 0.f);
+  for (int64_t m = 0; m < M; ++m) fp.col_term[size_t(m)] = (bias ? to_f(bias[m]) : 0.f) - pw.sums[size_t(m)];
+  fp.centre = std::move(pw.centre);
+  return fp;
+}
+
+// One R x F register tile (F = FV*VW): xp is a micro-panel [K][R], wpp a
+// panel [K][F]; out[r][f] = y.
+template <int R, int FV>
+inline void fwd_micro(const float* xp, const float* wpp, const float* col_term, const float* row_term, int64_t K,
+                      float out[R][FV * VW]) {
+  constexpr int F = FV * VW;
+  const vf one = splat(kOpaqueOne), two = splat(2.0f);
+  vf acc[R][FV];
+  for (int r = 0; r < R; ++r)
+    for (int f = 0; f < FV; ++f) acc[r][f] = vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    vf wv[FV];
+    for (int f = 0; f < FV; ++f) wv[f] = load(wpp + k * F + f * VW);
+    for (int r = 0; r < R; ++r) {
+      const vf xv = splat(xp[k * R + r]);
+      for (int f = 0; f < FV; ++f) acc[r][f] = acc[r][f] + vmin(xv, wv[f]) * one;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int f = 0; f < FV; ++f)
+      store(out[r] + f * VW, two * acc[r][f] + (load(col_term + f * VW) - splat(row_term[r])));
+}
+
+// Rows [n0, n0+rows) of x [*, K], centred, into micro-panels of R rows
+// (zero padded to a multiple of R); xsum[r] = sum_k of the stored values.
+template <int R, typename T>
+void pack_row_panels(const T* x, int64_t K, int64_t n0, int64_t rows, const float* centre, float* dst, float* xsum) {
+  for (int64_t r0 = 0; r0 < rows; r0 += R) {
+    const T* src[R];
+    const int live = int(std::min<int64_t>(R, rows - r0));
+    for (int j = 0; j < R; ++j) src[j] = x + (n0 + r0 + std::min(j, live - 1)) * K;
+    float* d = dst + r0 * K;
+    float sum[R] = {};
+    for (int64_t k = 0; k < K; ++k) {  // one micro-panel row: R rows' k-th values
+      for (int j = 0; j < R; ++j) {
+        const float v = j < live ? to_f(src[j][k]) - centre[k] : 0.f;
+        d[k * R + j] = v;
+        sum[j] += v;
+      }
+    }
+    for (int j = 0; j < R; ++j) xsum[r0 + j] = sum[j];
+  }
+}
+
+template <int R, int FV, typename T>
+void forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t K, int64_t M, int nthreads) {
+  constexpr int F = FV * VW;
+  const FwdPanels fp = fwd_panels<FV>(w, bias, M, K);
+  const int64_t n_panels = fp.n_panels;
   // Row blocks small enough that a block of x stays in L2 next to a panel.
-  const int64_t NB = std::max<int64_t>(FWD_R, std::min<int64_t>(256, 16384 / std::max<int64_t>(K, 1)) / FWD_R * FWD_R);
+  const int64_t NB = std::max<int64_t>(R, std::min<int64_t>(256, 16384 / std::max<int64_t>(K, 1)) / R * R);
   const int64_t n_blocks = (N + NB - 1) / NB;
   // Split the panels too when there are few row blocks, to feed every thread.
   const int64_t groups = std::min<int64_t>(n_panels, std::max<int64_t>(1, (4 * nthreads + n_blocks - 1) / n_blocks));
@@ -186,45 +258,355 @@ void forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t K, 
 #pragma omp parallel num_threads(threads_for(items, nthreads))
   {
     std::vector<float> xb(static_cast<size_t>(NB * K)), xsum(static_cast<size_t>(NB));
-    const vf one = splat(kOpaqueOne), two = splat(2.0f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t blk = it / groups, grp = it % groups;
       const int64_t n0 = blk * NB, rows = std::min(NB, N - n0);
-      const int64_t rows_pad = round_up(rows, FWD_R);
-      pack_rows(x, K, n0, rows, rows_pad, K, pw.centre.data(), xb.data(), xsum.data());
+      pack_row_panels<R>(x, K, n0, rows, fp.centre.data(), xb.data(), xsum.data());
       const int64_t p1 = std::min(n_panels, (grp + 1) * per_group);
       for (int64_t p = grp * per_group; p < p1; ++p) {
-        const float* wpp = &wp[size_t(p * K * F)];
         const int64_t m0 = p * F, mcols = std::min<int64_t>(F, M - m0);
-        for (int64_t r0 = 0; r0 < rows_pad; r0 += FWD_R) {
-          vf acc[FWD_R][FWD_FV];
-          for (int r = 0; r < FWD_R; ++r)
-            for (int f = 0; f < FWD_FV; ++f) acc[r][f] = vf{};
-          const float* xr = &xb[size_t(r0 * K)];
-          for (int64_t k = 0; k < K; ++k) {
-            vf wv[FWD_FV];
-            for (int f = 0; f < FWD_FV; ++f) wv[f] = load(wpp + k * F + f * VW);
-            for (int r = 0; r < FWD_R; ++r) {
-              const vf xv = splat(xr[r * K + k]);
-              for (int f = 0; f < FWD_FV; ++f) acc[r][f] = acc[r][f] + vmin(xv, wv[f]) * one;
-            }
-          }
-          for (int r = 0; r < FWD_R && r0 + r < rows; ++r) {
+        for (int64_t r0 = 0; r0 < rows; r0 += R) {
+          float out[R][F];
+          fwd_micro<R, FV>(&xb[size_t(r0 * K)], &fp.wp[size_t(p * K * F)], &fp.col_term[size_t(m0)], &xsum[size_t(r0)], K,
+                    out);
+          for (int r = 0; r < R && r0 + r < rows; ++r) {
             T* yr = y + (n0 + r0 + r) * M + m0;
-            const vf row_term = splat(xsum[size_t(r0 + r)]);
-            float out[F];
-            for (int f = 0; f < FWD_FV; ++f)
-              store(out + f * VW, two * acc[r][f] + (load(&col_term[size_t(m0 + f * VW)]) - row_term));
             if (std::is_same<T, float>::value && mcols == F)
-              std::memcpy(yr, out, sizeof out);  // one vector store per register
+              std::memcpy(yr, out[r], sizeof out[r]);  // whole vectors
             else
-              for (int64_t c = 0; c < mcols; ++c) from_f(out[c], yr + c);
+              for (int64_t c = 0; c < mcols; ++c) from_f(out[r][c], yr + c);
           }
         }
       }
     }
   }
+}
+
+// Wider filter panels broadcast each x value to more filters (6x4 runs the
+// min+FMA loop ~20% faster than 8x2 on Zen 4) but waste lanes when M is small.
+template <typename T>
+void forward_dispatch(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t K, int64_t M, int nthreads) {
+  if (M > FWD_FV * VW)
+    forward<WIDE_R, WIDE_FV>(x, w, bias, y, N, K, M, nthreads);
+  else
+    forward<FWD_R, FWD_FV>(x, w, bias, y, N, K, M, nthreads);
+}
+
+// ---------------------------------------------------------------- direct conv forward
+// Implicit GEMM: the rows are output positions, packed per tile straight from
+// the NC(D)HW input into the micro-panel layout (no im2col tensor, no
+// channels-last copy); K = (channel, kd, kh, kw), the weight's own order.
+// 1-D and 2-D convs come in as 3-D with leading size-1 dims.
+struct ConvGeom {
+  int64_t B, C, M, G;
+  int64_t in[3], ker[3], st[3], pad[3], dil[3], out[3];
+  int64_t Cg() const { return C / G; }
+  int64_t Mg() const { return M / G; }
+  int64_t kvol() const { return ker[0] * ker[1] * ker[2]; }
+  int64_t Kg() const { return Cg() * kvol(); }
+  int64_t P() const { return out[0] * out[1] * out[2]; }
+  int64_t S() const { return in[0] * in[1] * in[2]; }
+};
+
+// v[j] = p[j] for j in [lo, hi), else 0; p[j] outside is never read.
+inline vf load_masked(const float* p, int64_t lo, int64_t hi) {
+#if defined(__AVX512F__)
+  if (VW == 16) {  // one masked load (no fault, no store-forwarding stall)
+    const __mmask16 mask = __mmask16(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+    const __m512 r = _mm512_maskz_loadu_ps(mask, p);
+    vf v;
+    std::memcpy(&v, &r, sizeof v);
+    return v;
+  }
+#endif
+  float t[VW] = {};
+  for (int64_t j = lo; j < hi; ++j) t[j] = p[j];
+  return load(t);
+}
+inline vf load_masked(const uint16_t* p, int64_t lo, int64_t hi) {
+  float t[VW] = {};
+  for (int64_t j = lo; j < hi; ++j) t[j] = to_f(p[j]);
+  return load(t);
+}
+inline vf load_full(const float* p) { return load(p); }
+inline vf load_full(const uint16_t* p) {
+  float t[VW];
+  for (int j = 0; j < VW; ++j) t[j] = to_f(p[j]);
+  return load(t);
+}
+
+// Output positions [pos0, pos0+rows) of sample b, group g -> panels
+// [K][CONV_PW] of the centred patches of CONV_PW consecutive positions
+// (padding reads as x = 0), zero rows up to a whole panel; xsum[r] = sum_k.
+template <typename T>
+void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int64_t pos0, int64_t rows,
+                      const float* centre, float* dst, float* xsum) {
+  const int64_t K = cg.Kg(), Cg = cg.Cg();
+  const int64_t rows_pad = round_up(rows, CONV_PW);
+  const T* xg = x + (b * cg.C + g * Cg) * cg.S();
+  auto at = [&](int64_t rr, int64_t k) -> float& { return dst[(rr / CONV_PW) * K * CONV_PW + k * CONV_PW + rr % CONV_PW]; };
+  int64_t r = 0;
+  while (r < rows) {
+    const int64_t pos = pos0 + r;
+    const int64_t ow0 = pos % cg.out[2], oh = (pos / cg.out[2]) % cg.out[1], od = pos / (cg.out[2] * cg.out[1]);
+    if (cg.st[2] == 1 && r % VW == 0 && r + VW <= rows && ow0 + VW <= cg.out[2]) {
+      // Fast path: VW positions on one line read VW consecutive inputs, one
+      // (masked at the borders) vector load per k.
+      float* d = &at(r, 0);
+      vf sum = vf{};
+      int64_t k = 0;
+      for (int64_t c = 0; c < Cg; ++c)
+        for (int64_t kd = 0; kd < cg.ker[0]; ++kd) {
+          const int64_t id = od * cg.st[0] - cg.pad[0] + kd * cg.dil[0];
+          for (int64_t kh = 0; kh < cg.ker[1]; ++kh) {
+            const int64_t ih = oh * cg.st[1] - cg.pad[1] + kh * cg.dil[1];
+            const bool line_ok = id >= 0 && id < cg.in[0] && ih >= 0 && ih < cg.in[1];
+            const T* line = xg + ((c * cg.in[0] + id) * cg.in[1] + ih) * cg.in[2];
+            for (int64_t kw = 0; kw < cg.ker[2]; ++kw, ++k) {
+              const int64_t base = ow0 - cg.pad[2] + kw * cg.dil[2];
+              vf v;
+              if (line_ok && base >= 0 && base + VW <= cg.in[2]) {
+                v = load_full(line + base);
+              } else {
+                const int64_t jlo = line_ok ? std::min<int64_t>(VW, std::max<int64_t>(0, -base)) : 0;
+                const int64_t jhi = line_ok ? std::max<int64_t>(jlo, std::min<int64_t>(VW, cg.in[2] - base)) : 0;
+                v = load_masked(line + base, jlo, jhi);
+              }
+              v -= splat(centre[k]);
+              store(d + k * CONV_PW, v);
+              sum += v;
+            }
+          }
+        }
+      store(xsum + r, sum);
+      r += VW;
+      continue;
+    }
+    // General: positions up to the line's end or the next vector boundary.
+    const int64_t seg = std::min({rows - r, cg.out[2] - ow0, VW - r % VW});
+    for (int64_t j = 0; j < seg; ++j) xsum[r + j] = 0.f;
+    for (int64_t c = 0; c < Cg; ++c)
+      for (int64_t kd = 0; kd < cg.ker[0]; ++kd) {
+        const int64_t id = od * cg.st[0] - cg.pad[0] + kd * cg.dil[0];
+        for (int64_t kh = 0; kh < cg.ker[1]; ++kh) {
+          const int64_t ih = oh * cg.st[1] - cg.pad[1] + kh * cg.dil[1];
+          const bool line_ok = id >= 0 && id < cg.in[0] && ih >= 0 && ih < cg.in[1];
+          const T* line = xg + ((c * cg.in[0] + id) * cg.in[1] + ih) * cg.in[2];
+          for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
+            const int64_t k = ((c * cg.ker[0] + kd) * cg.ker[1] + kh) * cg.ker[2] + kw;
+            const int64_t base = ow0 * cg.st[2] - cg.pad[2] + kw * cg.dil[2];  // iw of j = 0
+            for (int64_t j = 0; j < seg; ++j) {
+              const int64_t iw = base + j * cg.st[2];
+              const float v = (line_ok && iw >= 0 && iw < cg.in[2] ? to_f(line[iw]) : 0.f) - centre[k];
+              at(r + j, k) = v;
+              xsum[r + j] += v;
+            }
+          }
+        }
+      }
+    r += seg;
+  }
+  for (int64_t rr = rows; rr < rows_pad; ++rr) {
+    xsum[rr] = 0.f;
+    for (int64_t k = 0; k < K; ++k) at(rr, k) = 0.f;
+  }
+}
+
+// One CONV_MT x CONV_PW tile: CONV_MT filters x CONV_PV vectors of positions.
+// Vectorised over positions, each weight broadcast feeds CONV_PV min+FMA
+// pairs (vs 2 in the filter-vectorised tile), which runs ~20% faster here.
+inline void conv_micro(const float* xp, const float* wt, int64_t Mg_pad, int64_t K, vf acc[CONV_MT][CONV_PV]) {
+  const vf one = splat(kOpaqueOne);
+  for (int i = 0; i < CONV_MT; ++i)
+    for (int v = 0; v < CONV_PV; ++v) acc[i][v] = vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    vf xv[CONV_PV];
+    for (int v = 0; v < CONV_PV; ++v) xv[v] = load(xp + k * CONV_PW + v * VW);
+    for (int i = 0; i < CONV_MT; ++i) {
+      const vf wb = splat(wt[k * Mg_pad + i]);
+      for (int v = 0; v < CONV_PV; ++v) acc[i][v] = acc[i][v] + vmin(xv[v], wb) * one;
+    }
+  }
+}
+
+template <typename T>
+void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
+  const int64_t K = cg.Kg(), Mg = cg.Mg(), P = cg.P();
+  const int64_t Mg_pad = round_up(Mg, CONV_MT);
+  // Per group: centre and bias - sum_k wc from the panel packer, weights as [K][Mg_pad].
+  std::vector<FwdPanels> fps;
+  std::vector<float> wt(size_t(cg.G * K * Mg_pad), 0.f);
+  for (int64_t g = 0; g < cg.G; ++g) {
+    fps.push_back(fwd_panels<FWD_FV>(w + g * Mg * K, bias ? bias + g * Mg : nullptr, Mg, K));
+    for (int64_t m = 0; m < Mg; ++m)
+      for (int64_t k = 0; k < K; ++k)
+        wt[size_t((g * K + k) * Mg_pad + m)] = to_f(w[(g * Mg + m) * K + k]) - fps.back().centre[size_t(k)];
+  }
+  // Tiles of positions whose packed patches (~256 KiB) stay in L2.
+  const int64_t RT = std::max<int64_t>(CONV_PW, std::min<int64_t>(256, (65536 / std::max<int64_t>(K, 1))) / CONV_PW * CONV_PW);
+  const int64_t n_tiles = (P + RT - 1) / RT;
+  const int64_t items = cg.B * cg.G * n_tiles;
+#pragma omp parallel num_threads(threads_for(items, nthreads))
+  {
+    std::vector<float> xb(static_cast<size_t>(RT * K)), xsum(static_cast<size_t>(RT));
+    const vf two = splat(2.0f);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t t = it % n_tiles, g = (it / n_tiles) % cg.G, b = it / (n_tiles * cg.G);
+      const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
+      const FwdPanels& fp = fps[size_t(g)];
+      pack_conv_panels(x, cg, b, g, pos0, rows, fp.centre.data(), xb.data(), xsum.data());
+      for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW) {
+        for (int64_t m0 = 0; m0 < Mg; m0 += CONV_MT) {
+          vf acc[CONV_MT][CONV_PV];
+          conv_micro(&xb[size_t(r0 * K)], &wt[size_t(g * K * Mg_pad + m0)], Mg_pad, K, acc);
+          for (int i = 0; i < CONV_MT && m0 + i < Mg; ++i) {
+            const vf col = splat(fp.col_term[size_t(m0 + i)]);
+            T* yp = y + (b * cg.M + g * Mg + m0 + i) * P + pos0 + r0;
+            for (int v = 0; v < CONV_PV; ++v) {
+              const int64_t n = std::min<int64_t>(VW, rows - r0 - v * VW);
+              if (n <= 0) break;
+              float out[VW];
+              store(out, two * acc[i][v] + (col - load(&xsum[size_t(r0 + v * VW)])));
+              if (std::is_same<T, float>::value && n == VW)
+                std::memcpy(yp + v * VW, out, sizeof out);
+              else
+                for (int64_t e = 0; e < n; ++e) from_f(out[e], yp + v * VW + e);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- direct conv input gradient
+// Stride 1: input position i receives from output o = i + pad - koff * dil, so
+//   gx[b, c, i] = sum_{m, koff} g[b, m, o] * phi(w[m, c, koff] - x[b, c, i])
+// (phi as in input_grad_block; o outside the output contributes nothing).
+// One work item is one input line (b, group, id, ih): the output-gradient
+// lines it needs are copied once into zero-padded buffers, then register tiles
+// of CONV_CT channels x VW positions along the line reduce over (koff, m)
+// with the weights broadcast. No im2col, no col2im, no atomics: each item
+// owns its input line.
+constexpr int CONV_CT = VW == 16 ? 8 : 4;  // AVX2 has 16 registers
+
+template <int MODE, typename T>
+void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& cg, float a, float b,
+                     int nthreads) {
+  const int64_t Cg = cg.Cg(), Mg = cg.Mg(), kv = cg.kvol(), P = cg.P(), S = cg.S();
+  const int64_t Cg_pad = round_up(Cg, CONV_CT);
+  const int64_t in2_pad = round_up(cg.in[2], VW);
+  const int64_t off = std::max<int64_t>(0, (cg.ker[2] - 1) * cg.dil[2] - cg.pad[2]);
+  const int64_t L = off + in2_pad + cg.pad[2] + VW;  // padded g line: index o + off
+  // Weights per group as [koff][m][c_pad], shifted by a per-channel centre for MODE 1.
+  std::vector<float> wt(size_t(cg.G * kv * Mg * Cg_pad), 0.f), centre(size_t(cg.C), 0.f);
+  for (int64_t gr = 0; gr < cg.G; ++gr)
+    for (int64_t c = 0; c < Cg; ++c) {
+      double s = 0.0;
+      for (int64_t m = 0; m < Mg; ++m)
+        for (int64_t q = 0; q < kv; ++q) s += to_f(w[((gr * Mg + m) * Cg + c) * kv + q]);
+      const float cen = MODE == 1 && Mg * kv > 0 ? float(s / double(Mg * kv)) : 0.f;
+      centre[size_t(gr * Cg + c)] = cen;
+      for (int64_t m = 0; m < Mg; ++m)
+        for (int64_t q = 0; q < kv; ++q)
+          wt[size_t(((gr * kv + q) * Mg + m) * Cg_pad + c)] = to_f(w[((gr * Mg + m) * Cg + c) * kv + q]) - cen;
+    }
+  const int64_t kdh = cg.ker[0] * cg.ker[1];
+  const int64_t items = cg.B * cg.G * cg.in[0] * cg.in[1];
+  const vf pone = splat(1.0f), mone = splat(-1.0f), av = splat(a), bv = splat(b);
+
+#pragma omp parallel num_threads(threads_for(items, nthreads))
+  {
+    std::vector<float> gl(static_cast<size_t>(kdh * Mg * L)), xl(static_cast<size_t>(CONV_CT * in2_pad));
+    std::vector<int64_t> valid(static_cast<size_t>(kdh));  // (kd, kh) index of each usable output line
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t ih = it % cg.in[1], id = (it / cg.in[1]) % cg.in[0];
+      const int64_t gr = (it / (cg.in[1] * cg.in[0])) % cg.G, bb = it / (cg.in[1] * cg.in[0] * cg.G);
+      int64_t nv = 0;
+      for (int64_t kd = 0; kd < cg.ker[0]; ++kd)
+        for (int64_t kh = 0; kh < cg.ker[1]; ++kh) {
+          const int64_t od = id + cg.pad[0] - kd * cg.dil[0], oh = ih + cg.pad[1] - kh * cg.dil[1];
+          if (od < 0 || od >= cg.out[0] || oh < 0 || oh >= cg.out[1]) continue;
+          for (int64_t m = 0; m < Mg; ++m) {
+            float* dl = &gl[size_t((nv * Mg + m) * L)];
+            std::fill(dl, dl + L, 0.f);
+            const T* src = g + ((bb * cg.M + gr * Mg + m) * P) + (od * cg.out[1] + oh) * cg.out[2];
+            const int64_t n = std::min(cg.out[2], L - off);
+            for (int64_t o = 0; o < n; ++o) dl[off + o] = to_f(src[o]);
+          }
+          valid[size_t(nv++)] = kd * cg.ker[1] + kh;
+        }
+      T* gx_line = gx + ((bb * cg.C + gr * Cg) * cg.in[0] + id) * cg.in[1] * cg.in[2] + ih * cg.in[2];
+      const T* x_line = x + ((bb * cg.C + gr * Cg) * cg.in[0] + id) * cg.in[1] * cg.in[2] + ih * cg.in[2];
+      for (int64_t c0 = 0; c0 < Cg_pad; c0 += CONV_CT) {
+        for (int c = 0; c < CONV_CT; ++c) {  // this tile's x lines, centred, zero padded
+          float* d = &xl[size_t(c * in2_pad)];
+          const float cen = c0 + c < Cg ? centre[size_t(gr * Cg + c0 + c)] : 0.f;
+          for (int64_t i = 0; i < in2_pad; ++i)
+            d[i] = c0 + c < Cg && i < cg.in[2] ? to_f(x_line[(c0 + c) * S + i]) - cen : 0.f;
+        }
+        for (int64_t i0 = 0; i0 < in2_pad; i0 += VW) {
+          vf acc[CONV_CT], neg[CONV_CT], xv[CONV_CT], lo[CONV_CT], hi[CONV_CT];
+          vf gs = vf{};
+          for (int c = 0; c < CONV_CT; ++c) {
+            acc[c] = neg[c] = vf{};
+            xv[c] = load(&xl[size_t(c * in2_pad + i0)]);
+            if (MODE == 1) { lo[c] = xv[c] - pone; hi[c] = xv[c] + pone; }
+          }
+          for (int64_t j = 0; j < nv; ++j)
+            for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
+              const int64_t q = valid[size_t(j)] * cg.ker[2] + kw;
+              const float* gq = &gl[size_t(j * Mg * L + i0 + cg.pad[2] - kw * cg.dil[2] + off)];
+              const float* wq = &wt[size_t(((gr * kv + q) * Mg) * Cg_pad + c0)];
+              for (int64_t m = 0; m < Mg; ++m) {
+                const vf gv = load(gq + m * L);
+                const float* wm = wq + m * Cg_pad;
+                if (MODE == 1) {
+                  gs += gv;
+                  for (int c = 0; c < CONV_CT; ++c) acc[c] += vmin(vmax(splat(wm[c]), lo[c]), hi[c]) * gv;
+                } else if (MODE == 0) {
+                  for (int c = 0; c < CONV_CT; ++c) {
+                    const vf wb = splat(wm[c]);
+                    acc[c] = wb > xv[c] ? acc[c] + gv : acc[c];
+                    neg[c] = wb < xv[c] ? neg[c] + gv : neg[c];
+                  }
+                } else {
+                  const vf ga = gv * av, gb = gv * bv;
+                  for (int c = 0; c < CONV_CT; ++c) {
+                    const vf d = splat(wm[c]) - xv[c];
+                    acc[c] += vmin(vmax(d, mone), pone) * ga;
+                    acc[c] = d > vf{} ? acc[c] + gb : acc[c];
+                    neg[c] = d < vf{} ? neg[c] + gb : neg[c];
+                  }
+                }
+              }
+            }
+          const int64_t n = std::min<int64_t>(VW, cg.in[2] - i0);
+          for (int c = 0; c < CONV_CT && c0 + c < Cg; ++c) {
+            vf v = acc[c] - neg[c];
+            if (MODE == 1) v -= xv[c] * gs;
+            float out[VW];
+            store(out, v);
+            for (int64_t i = 0; i < n; ++i) from_f(out[i], gx_line + (c0 + c) * S + i0 + i);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void conv_input_grad_dispatch(const T* g, const T* x, const T* w, T* gx, const ConvGeom& cg, float mix,
+                              int nthreads) {
+  if (mix == 1.0f)
+    conv_input_grad<1>(g, x, w, gx, cg, 1.f, 0.f, nthreads);
+  else if (mix == 0.0f)
+    conv_input_grad<0>(g, x, w, gx, cg, 0.f, 1.f, nthreads);
+  else
+    conv_input_grad<2>(g, x, w, gx, cg, mix, 1.f - mix, nthreads);
 }
 
 // ---------------------------------------------------------------- backward
@@ -391,6 +773,15 @@ void backward_dispatch(const T* g, const T* x, const T* w, T* gx, float* s, floa
   }
 }
 
+ConvGeom make_geom(int64_t B, int64_t C, int64_t M, int64_t G, const int64_t* geom) {
+  ConvGeom cg{B, C, M, G, {}, {}, {}, {}, {}, {}};
+  for (int i = 0; i < 3; ++i) {
+    cg.in[i] = geom[i]; cg.ker[i] = geom[3 + i]; cg.st[i] = geom[6 + i];
+    cg.pad[i] = geom[9 + i]; cg.dil[i] = geom[12 + i]; cg.out[i] = geom[15 + i];
+  }
+  return cg;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- C ABI
@@ -402,9 +793,9 @@ int l1fx_vector_width() { return VW; }
 int l1fx_forward(int dtype, const void* x, const void* w, const void* bias, void* y, int64_t N, int64_t K,
                  int64_t M, int nthreads) {
   if (dtype == 0)
-    forward((const float*)x, (const float*)w, (const float*)bias, (float*)y, N, K, M, nthreads);
+    forward_dispatch((const float*)x, (const float*)w, (const float*)bias, (float*)y, N, K, M, nthreads);
   else if (dtype == 1)
-    forward((const uint16_t*)x, (const uint16_t*)w, (const uint16_t*)bias, (uint16_t*)y, N, K, M, nthreads);
+    forward_dispatch((const uint16_t*)x, (const uint16_t*)w, (const uint16_t*)bias, (uint16_t*)y, N, K, M, nthreads);
   else
     return 1;
   return 0;
@@ -419,6 +810,36 @@ int l1fx_backward(int dtype, const void* g, const void* x, const void* w, void* 
   else if (dtype == 1)
     backward_dispatch((const uint16_t*)g, (const uint16_t*)x, (const uint16_t*)w, (uint16_t*)gx, sign_w, mix, N, K,
                       M, nthreads);
+  else
+    return 1;
+  return 0;
+}
+
+// Direct conv forward. x [B, C, in0, in1, in2], w [M, C/G, k0, k1, k2], y [B, M, out0, out1, out2];
+// geom = {in[3], ker[3], stride[3], pad[3], dil[3], out[3]}.
+int l1fx_conv_forward(int dtype, const void* x, const void* w, const void* bias, void* y, int64_t B, int64_t C,
+                      int64_t M, int64_t G, const int64_t* geom, int nthreads) {
+  const ConvGeom cg = make_geom(B, C, M, G, geom);
+  if (dtype == 0)
+    conv_forward((const float*)x, (const float*)w, (const float*)bias, (float*)y, cg, nthreads);
+  else if (dtype == 1)
+    conv_forward((const uint16_t*)x, (const uint16_t*)w, (const uint16_t*)bias, (uint16_t*)y, cg, nthreads);
+  else
+    return 1;
+  return 0;
+}
+
+// Direct conv input gradient (stride 1 only; the caller checks): g [B, M, out...], gx like x.
+int l1fx_conv_input_grad(int dtype, const void* g, const void* x, const void* w, void* gx, float mix, int64_t B,
+                         int64_t C, int64_t M, int64_t G, const int64_t* geom, int nthreads) {
+  ConvGeom cg = make_geom(B, C, M, G, geom);
+  for (int i = 0; i < 3; ++i)
+    if (cg.st[i] != 1) return 2;
+  if (dtype == 0)
+    conv_input_grad_dispatch((const float*)g, (const float*)x, (const float*)w, (float*)gx, cg, mix, nthreads);
+  else if (dtype == 1)
+    conv_input_grad_dispatch((const uint16_t*)g, (const uint16_t*)x, (const uint16_t*)w, (uint16_t*)gx, cg, mix,
+                             nthreads);
   else
     return 1;
   return 0;
