@@ -5,7 +5,6 @@ __version__ = "0.1.0"
 
 from . import functional, kernels, nn, ops, passes, train  # noqa: F401,E402
 from .convert import ConvertConfig, convert, summary  # noqa: F401,E402
-from .export import export_onnx  # noqa: F401,E402  (onnx is imported inside its functions)
 from .nn import L1Conv1d, L1Conv2d, L1Conv3d, L1Linear  # noqa: F401,E402
 from .train import DLC, MGS, TrainingWrapper  # noqa: F401,E402
 
@@ -14,6 +13,7 @@ from .train import DLC, MGS, TrainingWrapper  # noqa: F401,E402
 _LAZY = {
     "energy_report": "report",
     "compare": "report",
+    "export_onnx": "export",
 }
 
 

@@ -80,7 +80,7 @@ def build_model(spec: str, kwargs: dict) -> nn.Module:
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"2,3,1024"`` (or ``2x3x1024``) -> ``(2, 3, 1024)``."""
     try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        shape = tuple(int(v) for v in text.split("," if "," in text else "x"))
     except ValueError:
         raise CLIError(f"--input-shape must be comma-separated integers like 2,3,1024, got {text!r}") from None
     if not shape or any(d < 0 for d in shape):

@@ -118,6 +118,10 @@ def _reserve_temp(path: Path) -> Path:
     except OSError as e:
         raise OnnxExportError(f"export_onnx: cannot write to {parent} ({e.strerror}); choose a writable path") from e
     os.close(fd)
+    # mkstemp creates the file 0600; give the final file the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return Path(tmp)
 
 
@@ -371,8 +375,12 @@ def verify_onnx(path, model: nn.Module, inputs: tuple[Tensor, ...], *, dynamic_b
             except OnnxExportError:
                 raise
             except Exception as e:  # noqa: BLE001 - onnxruntime failure at a new batch size
+                hint = ""
+                if "dimension" in str(e).lower() and dynamic_batch:
+                    hint = ("\n  what to do: the model's graph is specialised to the example batch size (e.g. a "
+                            "Python loop over the batch); export with dynamic_batch=False (CLI: --static-batch)")
                 raise OnnxVerificationError(
-                    f"export_onnx: onnxruntime failed to run the exported model at {where}: {e}",
+                    f"export_onnx: onnxruntime failed to run the exported model at {where}: {e}{hint}",
                     max_abs_diff=math.inf, max_rel_diff=math.inf, output=-1, batch=b) from e
             worst = max(worst, compare_outputs(got, ref, rtol, batch=b, where=where))
     return tuple(b for b, _, _ in runs), worst
@@ -487,15 +495,40 @@ def _cli_inputs(args) -> tuple[Tensor, ...]:
     return tuple(torch.randn(parse_shape(s)) for s in args.input_shape)
 
 
-def _cli_model(args) -> nn.Module:
+def _load_checkpoint(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"loading --checkpoint {path} failed: {e}") from e
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _load_into(model: nn.Module, state: dict, path: str, what: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"loading --checkpoint {path} into the {what} model failed: {e}") from e
+
+
+def _cli_model(args, inputs) -> nn.Module:
+    """Build, convert (unless --no-convert) and load the checkpoint where its keys fit.
+
+    A dense checkpoint has the model's own keys and is loaded before conversion;
+    a checkpoint of a converted model also has the inserted ``*.l1fx_norm.*``
+    entries, so it is loaded into the converted model.
+    """
     model = build_model(args.model, json_object(args.model_kwargs, "--model-kwargs"))
-    if args.checkpoint:
-        try:
-            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            model.load_state_dict(state)
-        except Exception as e:  # noqa: BLE001
-            raise CLIError(f"loading --checkpoint {args.checkpoint} failed: {e}") from e
+    state = _load_checkpoint(args.checkpoint) if args.checkpoint else None
+    dense_keys = set(model.state_dict())
+    if state is not None and (args.no_convert or set(state) == dense_keys):
+        _load_into(model, state, args.checkpoint, "dense" if not args.no_convert else "")
+        state = None
+    if not args.no_convert:
+        from .convert import convert
+
+        model = convert(model, args.ratio, example_inputs=inputs)
+        if state is not None:
+            _load_into(model, state, args.checkpoint, f"converted (ratio={args.ratio})")
     return model
 
 
@@ -504,12 +537,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     try:
-        model = _cli_model(args)
         inputs = _cli_inputs(args)
-        if not args.no_convert:
-            from .convert import convert
-
-            model = convert(model, args.ratio, example_inputs=inputs)
+        model = _cli_model(args, inputs)
         result = export_onnx(model, inputs, args.output, dynamic_batch=not args.static_batch, opset=args.opset,
                              custom_op=not args.standard_ops, verify=not args.no_verify, rtol=args.rtol)
     except (CLIError, RuntimeError, TypeError, ValueError) as e:  # clear messages from l1fx; no traceback

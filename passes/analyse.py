@@ -84,6 +84,10 @@ def skip_reason(m: nn.Module) -> Optional[str]:
     dense = next((d for d in DENSE_TO_L1 if isinstance(m, d)), None)
     if dense is None:
         return "not an inner-product layer"
+    if torch.nn.utils.parametrize.is_parametrized(m) or any(
+            type(h).__name__ in ("WeightNorm", "SpectralNorm") for h in m._forward_pre_hooks.values()):
+        return ("weight is reparametrized (weight_norm/spectral_norm/parametrize); converting would drop that: "
+                "remove it first (torch.nn.utils.parametrize.remove_parametrizations) or leave the layer dense")
     if type(m).forward is not dense.forward:
         return f"subclass {type(m).__name__} overrides {dense.__name__}.forward; converting would drop its logic"
     if not m.weight.is_floating_point():

@@ -200,6 +200,8 @@ def rewrite(state: ConversionState) -> ConversionState:
     root = state.root
     roots = [root] + ([state.model] if state.model is not root else [])
     gm = root if isinstance(root, fx.GraphModule) else None
+    # Weights tied between dense layers stay tied between their l1 replacements.
+    tied: dict[int, nn.Parameter] = {}
     for c in state.candidates:
         if c.skip:
             c.status = "skipped"
@@ -211,7 +213,12 @@ def rewrite(state: ConversionState) -> ConversionState:
             with _naming(c, "converting"):
                 if c.kind == "module":
                     old = root.get_submodule(c.name)
-                    swap_module(roots, old, _to_l1(old, c.name))
+                    new = _to_l1(old, c.name)
+                    for attr in ("weight", "bias"):
+                        p = getattr(old, attr)
+                        if p is not None:
+                            setattr(new, attr, tied.setdefault(id(p), getattr(new, attr)))
+                    swap_module(roots, old, new)
                 else:
                     _convert_function(gm, c)
             c.status = "converted"

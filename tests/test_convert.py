@@ -522,3 +522,28 @@ def test_init_options_are_checked():
     state = passes.run_pipeline(model, ConvertConfig(example_inputs=x, init="data"))
     assert passes.init_l1_weights in passes.pipeline_for(state.config)
     assert passes.pipeline_for(ConvertConfig()) == passes.DEFAULT_PIPELINE
+
+
+class _TiedAndReparametrized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(8, 8)
+        self.tied = nn.Linear(8, 8)
+        self.tied.weight = self.shared.weight
+        self.wn = nn.utils.parametrizations.weight_norm(nn.Linear(8, 4))
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.wn(self.bn(self.tied(self.bn(self.shared(x)))))
+
+
+def test_tied_weights_stay_tied_and_reparametrized_layers_are_skipped():
+    model = _TiedAndReparametrized()
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    out = convert(model, example_inputs=(torch.randn(4, 8),))
+    assert isinstance(out.tied, l1nn.L1Module) and isinstance(out.shared, l1nn.L1Module)
+    assert out.tied.weight is out.shared.weight
+    # weight_norm would be silently dropped by a swap: the layer stays dense, with the reason.
+    assert not isinstance(out.wn, l1nn.L1Module)
+    assert "reparametrized" in str(summary(out))
+    assert {k: v.shape for k, v in out.state_dict().items() if k in keys} == keys

@@ -311,6 +311,36 @@ def test_cli_builds_converts_and_exports(tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_cli_loads_dense_and_converted_checkpoints(tmp_path, capsys):
+    import importlib.util
+
+    src = tmp_path / "ckptnet.py"
+    src.write_text(MODEL_FILE)
+    spec = importlib.util.spec_from_file_location("ckptnet", src)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dense = mod.Net(classes=5)
+    x = torch.randn(2, 3, 16)
+    converted = convert(dense, example_inputs=(x,))
+    assert any(".l1fx_norm." in k for k in converted.state_dict())  # keys a dense model does not have
+    for name, state in (("dense.pt", dense.state_dict()), ("l1.pt", converted.state_dict())):
+        torch.save(state, tmp_path / name)
+        out = tmp_path / f"{name}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rc = main([f"{src}:Net", "--input-shape", "2,3,16", "-o", str(out), "--model-kwargs", '{"classes": 5}',
+                       "--checkpoint", str(tmp_path / name)])
+        assert rc == 0, capsys.readouterr().err
+        # Readable like any file the user writes (mkstemp alone would leave it 0600).
+        assert out.stat().st_mode & 0o044 == 0o044 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 # ---------------------------------------------------------------- fast runtime path
 def test_fast_session_matches_function_bodies(tmp_path):
     pytest.importorskip("onnxruntime_extensions", reason="optional fast path (pip install onnxruntime-extensions)")
