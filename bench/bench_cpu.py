@@ -168,9 +168,9 @@ typedef float vf __attribute__((vector_size(64)));
 static volatile float kone = 1.0f;
 template <int R, int FV, bool L1>
 static double run(long K, long reps) {
-  static float xp[864 * 16], wp[864 * 64];
+  static float xp[864 * 16], wp[864 * 128];
   for (int i = 0; i < 864 * 16; ++i) xp[i] = float(i % 7);
-  for (int i = 0; i < 864 * 64; ++i) wp[i] = float(i % 5);
+  for (int i = 0; i < 864 * 128; ++i) wp[i] = float(i % 5);
   vf acc[R][FV] = {};
   const vf one = kone - vf{};
   auto t0 = std::chrono::steady_clock::now();
@@ -194,7 +194,9 @@ extern "C" double l1fx_loop_bound(int which) {
     case 0: return run<8, 2, false>(864, 3000);
     case 1: return run<8, 2, true>(864, 3000);
     case 2: return run<6, 4, false>(864, 2000);
-    default: return run<6, 4, true>(864, 2000);
+    case 3: return run<6, 4, true>(864, 2000);
+    case 4: return run<4, 6, false>(864, 2000);
+    default: return run<4, 6, true>(864, 2000);
   }
 }
 """
@@ -213,7 +215,8 @@ def loop_bound() -> None:
         src.write_text(LOOP_BOUND_SRC)
         lib = cpu_build.load(src, "l1fx_loop_bound")
     lib.l1fx_loop_bound.restype = ctypes.c_double
-    names = ["FMA (GEMM step), 8x2 tile", "min+FMA (l1 step), 8x2 tile", "FMA, 6x4 tile", "min+FMA, 6x4 tile"]
+    names = ["FMA (GEMM step), 8x2 tile", "min+FMA (l1 step), 8x2 tile", "FMA, 6x4 tile", "min+FMA, 6x4 tile",
+             "FMA, 4x6 tile", "min+FMA, 4x6 tile (conv rows)"]
     for i, name in enumerate(names):
         best = max(lib.l1fx_loop_bound(i) for _ in range(3))
         print(f"{name:32} {best:6.1f} pairs/ns (one core, best of 3)")

@@ -13,9 +13,14 @@ The first half is a matrix product and goes to BLAS (``torch.mm``); the sign
 half and the input gradient come from one C++ pass over the rows.
 
 Convolutions do not go through im2col on this backend where avoidable:
-the forward is a direct implicit-GEMM kernel (patches are packed per tile of
-output positions straight from the NC... input into per-thread buffers of
-~256 KiB, so the only sizeable allocation is the output); the input gradient
+the forward is a direct implicit-GEMM kernel. When the last spatial axis has
+stride 1 and the output is large next to the per-thread buffers, it copies the
+input lines a tile of output rows needs (centred, zero padded) into a per-thread
+buffer of at most 256 KiB and reads the patches straight from it ("rows");
+otherwise patches are packed per tile of output positions from the NC...
+input into per-thread panels of ~256 KiB ("packed"). The line buffers total at
+most half the output, so either way the only sizeable allocation is the output
+(:func:`conv_forward_kernel` says which kernel a shape gets). The input gradient
 for stride 1 is a direct kernel too (one thread per input line, no col2im);
 the weight gradient's ``mix`` half is the inner-product conv's weight gradient
 (ATen) minus ``w * sum(g)``. What remains on chunked im2col
@@ -70,7 +75,9 @@ def _library() -> Optional[ctypes.CDLL]:
                 lib.l1fx_conv_forward.argtypes = [ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, i64, vp, ctypes.c_int]
                 lib.l1fx_conv_input_grad.argtypes = [ctypes.c_int, vp, vp, vp, vp, ctypes.c_float, i64, i64, i64, i64,
                                                      vp, ctypes.c_int]
-                for fn in (lib.l1fx_forward, lib.l1fx_backward, lib.l1fx_conv_forward, lib.l1fx_conv_input_grad):
+                lib.l1fx_conv_forward_uses_rows.argtypes = [i64, i64, i64, i64, vp, ctypes.c_int]
+                for fn in (lib.l1fx_forward, lib.l1fx_backward, lib.l1fx_conv_forward, lib.l1fx_conv_input_grad,
+                           lib.l1fx_conv_forward_uses_rows):
                     fn.restype = ctypes.c_int
                 _state["lib"] = lib
             _state["build_seconds"] = time.perf_counter() - t0
@@ -195,8 +202,18 @@ def _geometry_3d(x: Tensor, w: Tensor, stride, padding, dilation) -> tuple[list[
     return geom, out
 
 
+def conv_forward_kernel(x: Tensor, w: Tensor, stride, padding, dilation, groups: int) -> str:
+    """Which direct forward kernel :func:`conv_forward` runs here: ``"rows"`` or ``"packed"`` (tests, benchmarks)."""
+    geom, _ = _geometry_3d(x, w, stride, padding, dilation)
+    g = (ctypes.c_int64 * 18)(*geom)
+    rows = _lib().l1fx_conv_forward_uses_rows(
+        x.shape[0], x.shape[1], w.shape[0], groups, ctypes.cast(g, ctypes.c_void_p), torch.get_num_threads()
+    )
+    return "rows" if rows else "packed"
+
+
 def conv_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
-    """Direct l1 conv (implicit GEMM in C++): patches are packed per tile from x, never unfolded whole."""
+    """Direct l1 conv (implicit GEMM in C++): patches are read per tile from x, never unfolded whole."""
     if not _same_dtype(x, w, bias) or x.dim() > 5:
         return _conv.conv_forward(BACKEND, x, w, bias, stride, padding, dilation, groups)
     geom, out = _geometry_3d(x, w, stride, padding, dilation)

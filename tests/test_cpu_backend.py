@@ -217,3 +217,46 @@ def test_direct_conv_matches_reference(case, dtype):
         only_x, none_w = cpu.conv_backward(g, x, w, *args, mix, True, False)
         assert none_w is None
         torch.testing.assert_close(only_x, got[0])
+
+
+# The row-tile forward kernel (line buffers; stride 1 along the last axis, a
+# large enough output) next to the packed one: 3-D with stride/dilation/groups
+# on the other axes, a row-tiled plane (rows tile with a short last tile), 2-D,
+# 1-D, a partly used last vector. Run with 2 threads so the choice of kernel
+# (which depends on the thread count) is the one asserted.
+ROW_CASES = [
+    ((2, 3, 5, 6, 16), (24, 3, 3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], 1),
+    ((2, 4, 7, 9, 30), (32, 2, 3, 2, 3), [2, 2, 1], [1, 0, 1], [1, 2, 1], 2),
+    ((1, 16, 3, 37, 16), (16, 16, 3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], 1),
+    ((1, 5, 12, 16), (40, 5, 3, 3), [1, 1], [1, 1], [1, 1], 1),
+    ((2, 6, 64), (48, 6, 5), [1], [2], [1], 1),
+    ((1, 3, 4, 26), (40, 3, 1, 3), [1, 1], [0, 2], [1, 2], 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ROW_CASES)
+def test_row_tile_conv_forward_matches_reference(case, dtype):
+    from l1fx.kernels import conv
+
+    xs, ws, stride, padding, dilation, groups = case
+    torch.manual_seed(2)
+    x, w, b = torch.randn(xs).to(dtype), torch.randn(ws).to(dtype), torch.randn(ws[0]).to(dtype)
+    args = (stride, padding, dilation, groups)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu.conv_forward_kernel(x, w, *args) == "rows"
+        got = cpu.conv_forward(x, w, b, *args)
+    finally:
+        torch.set_num_threads(before)
+    want = conv.conv_forward(reference.BACKEND, x, w, b, *args)
+    torch.testing.assert_close(got.float(), want.float(), **_tol(dtype, w[0].numel()))
+
+
+def test_conv_forward_kernel_choice():
+    # Stride 2 along the line, or few outputs next to the line buffers: packed.
+    x, w = torch.randn(1, 4, 6, 6, 16), torch.randn(8, 4, 3, 3, 3)
+    assert cpu.conv_forward_kernel(x, w, [1, 1, 2], [1, 1, 1], [1, 1, 1], 1) == "packed"
+    assert cpu.conv_forward_kernel(x[:, :, :1, :1], w[:1], [1, 1, 1], [1, 1, 1], [1, 1, 1], 1) == "packed"
+    assert cpu.conv_forward_kernel(x, torch.randn(64, 4, 3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], 1) == "rows"

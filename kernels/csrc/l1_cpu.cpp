@@ -7,8 +7,9 @@
 //             matmul, g^T x - w * colsum(g), which the Python side hands to BLAS)
 //
 // with a = mix, b = 1 - mix. Convolutions (N-d as 3-d) have two direct
-// kernels: the forward as an implicit GEMM (patch tiles packed from NC(D)HW
-// x into the same micro-panels the linear forward uses) and, for stride 1,
+// kernels: the forward as an implicit GEMM (reading patches from per-thread
+// copies of the input lines a tile of output rows needs when the last axis
+// has stride 1, else from patch tiles packed from NC(D)HW x) and, for stride 1,
 // the input gradient (vectorised along input lines, reducing over filters
 // and kernel offsets).
 //
@@ -431,7 +432,7 @@ inline void conv_micro(const float* xp, const float* wt, int64_t Mg_pad, int64_t
 }
 
 template <typename T>
-void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
+void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
   const int64_t K = cg.Kg(), Mg = cg.Mg(), P = cg.P();
   const int64_t Mg_pad = round_up(Mg, CONV_MT);
   // Per group: centre and bias - sum_k wc from the panel packer, weights as [K][Mg_pad].
@@ -479,6 +480,282 @@ void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& c
       }
     }
   }
+}
+
+
+// ---------------------------------------------------------------- conv forward, row tiles
+// The packed path above gathers all K = C*kvol patch values of every output
+// position into a panel (~30% of its time). When the last axis has stride 1
+// (the usual 3x3x3 layer), a vector of VW consecutive outputs on a line reads
+// VW consecutive inputs of every input line it touches, so the register tile
+// can load its x vectors straight from a copy of those lines. A work item is
+// one tile of DT output planes x TH output rows (b, group fixed): the input
+// lines it needs are copied once, centred and zero padded (x = 0 outside), into
+// a per-thread buffer [c][plane][row][Wp] (at most 256 KiB, and all threads'
+// buffers together at most half the output), and every filter and position of
+// the tile reads from it through a table of per-k offsets. Each input value is
+// copied about (DT + ker0 - 1) / DT times, instead of gathered kvol times.
+// The centre is per channel here (the mean of w[:, c, ...]), so one buffer
+// serves every kernel offset; |x - w| does not change. sum_k xc per position
+// is a box sum over kernel offsets of the buffer's channel sums.
+// Register tile: ROW_MT filters x up to ROW_PV position vectors. Measured on
+// Zen 4 (bare loop, pairs/ns): 4x5 / 4x6 49.5, 6x4 47.4, 8x3 44.0, 8x2 39.5;
+// fewer weight broadcasts per min+FMA pay more than fewer x loads.
+constexpr int ROW_MT = VW == 16 ? 4 : 2;
+constexpr int ROW_PV = VW == 16 ? 6 : 4;
+
+// ROW_MT filters x PV position vectors; base[v] is the buffer at position
+// vector v, koff[k] the offset of patch element k, wb the filter block [K][ROW_MT].
+template <int PV>
+inline void row_micro(const float* const* base, const int32_t* koff, const float* wb, int64_t K,
+                      vf acc[ROW_MT][PV]) {
+  const vf one = splat(kOpaqueOne);
+  for (int i = 0; i < ROW_MT; ++i)
+    for (int v = 0; v < PV; ++v) acc[i][v] = vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    const int32_t o = koff[k];
+    vf xv[PV];
+    for (int v = 0; v < PV; ++v) xv[v] = load(base[v] + o);
+    for (int i = 0; i < ROW_MT; ++i) {
+      const vf wv = splat(wb[k * ROW_MT + i]);
+      for (int v = 0; v < PV; ++v) acc[i][v] = acc[i][v] + vmin(xv[v], wv) * one;
+    }
+  }
+}
+
+// A tile is DT output depth planes x TH output rows (b, group fixed); its
+// buffer holds DS input planes x SH input rows of every channel, Wp wide.
+struct RowTiling {
+  int64_t nvw = 0, Wp = 0, TH = 0, n_ht = 0, SH = 0, DT = 0, n_dt = 0, DS = 0, plane = 0, cstride = 0, buf = 0;
+};
+
+inline RowTiling row_tiling(const ConvGeom& cg, int64_t TH, int64_t DT) {
+  RowTiling t;
+  t.nvw = (cg.out[2] + VW - 1) / VW;
+  t.Wp = t.nvw * VW + (cg.ker[2] - 1) * cg.dil[2];
+  t.TH = TH;
+  t.n_ht = (cg.out[1] + TH - 1) / TH;
+  t.SH = (TH - 1) * cg.st[1] + (cg.ker[1] - 1) * cg.dil[1] + 1;
+  t.DT = DT;
+  t.n_dt = (cg.out[0] + DT - 1) / DT;
+  t.DS = (DT - 1) * cg.st[0] + (cg.ker[0] - 1) * cg.dil[0] + 1;
+  t.plane = t.SH * t.Wp;
+  t.cstride = t.DS * t.plane;
+  t.buf = cg.Cg() * t.cstride;
+  return t;
+}
+
+// Floats of line buffer (+ channel sums) per thread: at most 256 KiB (L2),
+// and together over the threads at most half the output, so the forward's
+// peak extra memory stays within 1.5x the output it writes.
+inline int64_t row_budget(const ConvGeom& cg, int nthreads) {
+  return std::min<int64_t>(65536, cg.B * cg.M * cg.P() / (2 * int64_t(std::max(nthreads, 1))));
+}
+
+// Largest tile within the budget: whole planes of rows first, then as many
+// depth planes as still leave >= 4 work items per thread (copies of each input
+// plane fall from ker0 towards 1 as DT grows).
+inline RowTiling choose_row_tiling(const ConvGeom& cg, int nthreads) {
+  const int64_t budget = row_budget(cg, nthreads);
+  auto size = [&](const RowTiling& t) { return t.buf + t.cstride; };
+  int64_t TH = std::max<int64_t>(1, cg.out[1]);
+  while (TH > 1 && size(row_tiling(cg, TH, 1)) > budget) TH = (TH + 1) / 2;
+  RowTiling t = row_tiling(cg, TH, 1);
+  if (TH == cg.out[1]) {
+    for (int64_t DT = 2; DT <= cg.out[0]; DT *= 2) {
+      const RowTiling u = row_tiling(cg, TH, DT);
+      if (size(u) > budget || cg.B * cg.G * u.n_dt * u.n_ht < 4 * int64_t(std::max(nthreads, 1))) break;
+      t = u;
+    }
+  }
+  return t;
+}
+
+// Whether the row-tile kernel applies and pays: stride 1 along the line, at
+// least 3/4 of the vector lanes used, a tile of one row within the budget.
+inline bool row_tiles_fit(const ConvGeom& cg, int nthreads) {
+  if (cg.st[2] != 1 || cg.out[0] <= 0 || cg.out[1] <= 0 || cg.out[2] <= 0) return false;
+  const RowTiling t = choose_row_tiling(cg, nthreads);
+  return 4 * cg.out[2] >= 3 * t.nvw * VW && t.buf + t.cstride <= row_budget(cg, nthreads);
+}
+
+// p[0..n) = v[0..n), n <= VW; nothing past p + n is written.
+inline void store_first(float* p, vf v, int64_t n) {
+  if (n == VW) return store(p, v);
+#if defined(__AVX512F__)
+  if (VW == 16) {
+    __m512 r;
+    std::memcpy(&r, &v, sizeof r);
+    return _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1u), r);
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+}
+
+// The input of one tile into buf [c][dd][hh][Wp] (input plane od0*st0 - pad0 + dd,
+// row oh0*st1 - pad1 + hh, column j - pad2): x - centre[c], and -centre[c]
+// (x = 0) outside the input; csum [dd][hh][Wp] = the sum over channels.
+// Vectors along the row, masked at the borders, channels innermost so the
+// channel sum stays in a register.
+template <typename T>
+void fill_row_buffer(const T* x, const ConvGeom& cg, const RowTiling& t, int64_t b, int64_t g, int64_t od0,
+                     int64_t oh0, const float* centre, float* buf, float* csum) {
+  const int64_t Cg = cg.Cg();
+  const T* xg = x + (b * cg.C + g * Cg) * cg.S() - cg.pad[2];
+  for (int64_t dd = 0; dd < t.DS; ++dd) {
+    const int64_t id = od0 * cg.st[0] - cg.pad[0] + dd;
+    for (int64_t hh = 0; hh < t.SH; ++hh) {
+      const int64_t ih = oh0 * cg.st[1] - cg.pad[1] + hh;
+      const int64_t row = dd * t.plane + hh * t.Wp;
+      const bool inside = id >= 0 && id < cg.in[0] && ih >= 0 && ih < cg.in[1];
+      const T* src = xg + (id * cg.in[1] + ih) * cg.in[2];  // + c * S: channel c's row, column j at src[j]
+      for (int64_t j = 0; j < t.Wp; j += VW) {
+        const int64_t n = std::min<int64_t>(VW, t.Wp - j);
+        const int64_t lo = inside ? std::min<int64_t>(n, std::max<int64_t>(0, cg.pad[2] - j)) : 0;
+        const int64_t hi = inside ? std::max<int64_t>(lo, std::min<int64_t>(n, cg.in[2] + cg.pad[2] - j)) : 0;
+        vf sum = vf{};
+        for (int64_t c = 0; c < Cg; ++c) {
+          const T* s = src + c * cg.S() + j;
+          vf v = lo == 0 && hi == VW ? load_full(s) : hi > lo ? load_masked(s, lo, hi) : vf{};
+          v -= splat(centre[c]);
+          store_first(buf + c * t.cstride + row + j, v, n);
+          sum += v;
+        }
+        store_first(csum + row + j, sum, n);
+      }
+    }
+  }
+}
+
+template <int PV, typename T>
+void row_tile_group(const float* buf, const float* csum, const int32_t* koff, const int32_t* qoff, int64_t kv,
+                    const float* wblocks, const float* col_term, int64_t n_mb, int64_t Mg, int64_t K,
+                    const int64_t* slot_off, const int64_t* slot_out, const int64_t* slot_n, T* yg, int64_t P) {
+  const float* base[PV];
+  vf xsum[PV];
+  for (int v = 0; v < PV; ++v) {
+    base[v] = buf + slot_off[v];
+    xsum[v] = vf{};
+    for (int64_t q = 0; q < kv; ++q) xsum[v] += load(csum + slot_off[v] + qoff[q]);
+  }
+  const vf two = splat(2.0f);
+  for (int64_t mb = 0; mb < n_mb; ++mb) {
+    vf acc[ROW_MT][PV];
+    row_micro<PV>(base, koff, wblocks + mb * K * ROW_MT, K, acc);
+    for (int i = 0; i < ROW_MT && mb * ROW_MT + i < Mg; ++i) {
+      const int64_t m = mb * ROW_MT + i;
+      const vf col = splat(col_term[m]);
+      for (int v = 0; v < PV; ++v) {
+        T* yp = yg + m * P + slot_out[v];
+        const vf out = two * acc[i][v] + (col - xsum[v]);
+        if (std::is_same<T, float>::value && slot_n[v] == VW) {
+          store(reinterpret_cast<float*>(yp), out);
+        } else {
+          for (int64_t e = 0; e < slot_n[v]; ++e) from_f(out[e], yp + e);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void row_tile_dispatch(int pv, const float* buf, const float* csum, const int32_t* koff, const int32_t* qoff,
+                       int64_t kv, const float* wb, const float* ct, int64_t n_mb, int64_t Mg, int64_t K,
+                       const int64_t* so, const int64_t* sout, const int64_t* sn, T* yg, int64_t P) {
+  static_assert(ROW_PV <= 6, "add cases below");
+  switch (pv) {  // pv <= ROW_PV; larger cases are never reached on narrow vectors
+    case 1: return row_tile_group<1>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 2: return row_tile_group<2>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 3: return row_tile_group<3>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 4: return row_tile_group<4>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 5: return row_tile_group<5>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    default: return row_tile_group<6>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+  }
+}
+
+template <typename T>
+void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
+  const int64_t Cg = cg.Cg(), Mg = cg.Mg(), kv = cg.kvol(), K = cg.Kg(), P = cg.P();
+  const RowTiling t = choose_row_tiling(cg, nthreads);
+  std::vector<int32_t> koff(static_cast<size_t>(K)), qoff(static_cast<size_t>(kv));
+  for (int64_t kd = 0, q = 0; kd < cg.ker[0]; ++kd)
+    for (int64_t kh = 0; kh < cg.ker[1]; ++kh)
+      for (int64_t kw = 0; kw < cg.ker[2]; ++kw, ++q)
+        qoff[size_t(q)] = int32_t(kd * cg.dil[0] * t.plane + kh * cg.dil[1] * t.Wp + kw * cg.dil[2]);
+  for (int64_t c = 0; c < Cg; ++c)
+    for (int64_t q = 0; q < kv; ++q) koff[size_t(c * kv + q)] = int32_t(c * t.cstride) + qoff[size_t(q)];
+  // Weights centred per channel, as blocks [group][block][K][ROW_MT] (zero padded).
+  const int64_t n_mb = (Mg + ROW_MT - 1) / ROW_MT;
+  std::vector<float> wb(size_t(cg.G * n_mb * K * ROW_MT), 0.f), centre(size_t(cg.C), 0.f),
+      col_term(size_t(cg.M), 0.f);
+  const int64_t n_tiles = t.n_dt * t.n_ht;
+  const int64_t items = cg.B * cg.G * n_tiles;
+  const int nt = threads_for(std::max(items, cg.M), nthreads);
+#pragma omp parallel num_threads(nt)
+  {
+    // The weight preparation is split over the threads too (serial, it was ~3%).
+#pragma omp for schedule(static)
+    for (int64_t gc = 0; gc < cg.C; ++gc) {
+      const int64_t g = gc / Cg, c = gc % Cg;
+      float s = 0.f;
+      for (int64_t m = 0; m < Mg; ++m)
+        for (int64_t q = 0; q < kv; ++q) s += to_f(w[(g * Mg + m) * K + c * kv + q]);
+      centre[size_t(gc)] = Mg * kv > 0 ? s / float(Mg * kv) : 0.f;
+    }  // implied barrier
+#pragma omp for schedule(static)
+    for (int64_t gm = 0; gm < cg.M; ++gm) {
+      const int64_t g = gm / Mg, m = gm % Mg;
+      double s = 0.0;
+      float* blk = &wb[size_t((g * n_mb + m / ROW_MT) * K * ROW_MT + m % ROW_MT)];
+      const float* cen = &centre[size_t(g * Cg)];
+      for (int64_t c = 0, k = 0; c < Cg; ++c)
+        for (int64_t q = 0; q < kv; ++q, ++k) {
+          const float v = to_f(w[gm * K + k]) - cen[c];
+          blk[k * ROW_MT] = v;
+          s += v;
+        }
+      col_term[size_t(gm)] = (bias ? to_f(bias[gm]) : 0.f) - float(s);
+    }  // implied barrier
+    std::vector<float> buf(static_cast<size_t>(t.buf)), csum(static_cast<size_t>(t.cstride));
+    const size_t max_slots = size_t(t.DT * t.TH * t.nvw);
+    std::vector<int64_t> slot_off(max_slots), slot_out(max_slots), slot_n(max_slots);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t ht = it % t.n_ht, dt = (it / t.n_ht) % t.n_dt;
+      const int64_t g = (it / n_tiles) % cg.G, b = it / (n_tiles * cg.G);
+      const int64_t oh0 = ht * t.TH, rows = std::min(t.TH, cg.out[1] - oh0);
+      const int64_t od0 = dt * t.DT, planes = std::min(t.DT, cg.out[0] - od0);
+      fill_row_buffer(x, cg, t, b, g, od0, oh0, &centre[size_t(g * Cg)], buf.data(), csum.data());
+      // Slots: vectors of VW outputs on a line, with their buffer and output offsets.
+      int64_t n_slots = 0;
+      for (int64_t p = 0; p < planes; ++p)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t v = 0; v < t.nvw; ++v, ++n_slots) {
+            slot_off[size_t(n_slots)] = p * cg.st[0] * t.plane + r * cg.st[1] * t.Wp + v * VW;
+            slot_out[size_t(n_slots)] = ((od0 + p) * cg.out[1] + oh0 + r) * cg.out[2] + v * VW;
+            slot_n[size_t(n_slots)] = std::min<int64_t>(VW, cg.out[2] - v * VW);
+          }
+      T* yg = y + (b * cg.M + g * Mg) * P;
+      const float* wg = &wb[size_t(g * n_mb * K * ROW_MT)];
+      const float* ct = &col_term[size_t(g * Mg)];
+      // Groups of up to ROW_PV position vectors, sizes spread evenly (16 -> 6, 5, 5).
+      const int64_t n_groups = (n_slots + ROW_PV - 1) / ROW_PV;
+      for (int64_t gi = 0, s = 0; gi < n_groups; ++gi) {
+        const int64_t pv = (n_slots - s) / (n_groups - gi) + ((n_slots - s) % (n_groups - gi) != 0);
+        row_tile_dispatch(int(pv), buf.data(), csum.data(), koff.data(), qoff.data(), kv, wg, ct, n_mb, Mg, K,
+                          &slot_off[size_t(s)], &slot_out[size_t(s)], &slot_n[size_t(s)], yg, P);
+        s += pv;
+      }
+    }
+  }
+}
+
+template <typename T>
+void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
+  if (row_tiles_fit(cg, nthreads))
+    conv_forward_rows(x, w, bias, y, cg, nthreads);
+  else
+    conv_forward_packed(x, w, bias, y, cg, nthreads);
 }
 
 // ---------------------------------------------------------------- direct conv input gradient
@@ -827,6 +1104,12 @@ int l1fx_conv_forward(int dtype, const void* x, const void* w, const void* bias,
   else
     return 1;
   return 0;
+}
+
+// Which conv forward kernel l1fx_conv_forward runs for this geometry and
+// thread count: 1 = row tiles (line buffers), 0 = packed patch panels.
+int l1fx_conv_forward_uses_rows(int64_t B, int64_t C, int64_t M, int64_t G, const int64_t* geom, int nthreads) {
+  return row_tiles_fit(make_geom(B, C, M, G, geom), nthreads) ? 1 : 0;
 }
 
 // Direct conv input gradient (stride 1 only; the caller checks): g [B, M, out...], gx like x.
