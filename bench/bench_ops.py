@@ -52,7 +52,8 @@ def run_method(method: str, x, w):
         os.environ.pop("L1FX_BACKEND", None)
 
 
-def time_it(fn, repeat: int, warmup: int = 1) -> float:
+def time_it(fn, repeat: int, warmup: int = 5) -> float:
+    # Several warm-up calls: the first ones page-fault fresh outputs (MiBs) and would skew a median.
     for _ in range(warmup):
         fn()
     times = []

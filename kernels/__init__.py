@@ -102,7 +102,8 @@ def get_backend(x: torch.Tensor, name: Optional[str] = None) -> Backend:
             )
         return backend
     for backend in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
-        if backend.available()[0] and backend.supports(x):
+        # supports() first: it is a cheap device/dtype check, available() may probe the system.
+        if backend.supports(x) and backend.available()[0]:
             return backend
     raise BackendUnavailable(f"no l1fx backend handles {x.dtype} tensors on {x.device}")
 

@@ -83,6 +83,25 @@ def test_data_far_from_zero_stays_accurate():
                                atol=1e-3, rtol=1e-5)
 
 
+# K <= 16 takes the direct small-K forward (rows read straight from x, output
+# tiles stored straight to y); K = 17 the packed one. Odd N leaves a partial
+# row tile, M not a multiple of the vector width a partial filter panel, and
+# M > 32 picks the wide tile.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,m", [(1, 9, 64), (1001, 9, 64), (333, 16, 70), (97, 1, 33), (45, 5, 13), (101, 17, 64)])
+def test_small_k_forward_matches_reference(n, k, m, dtype):
+    x, w, b, _ = _data(n, k, m, dtype)
+    for bias in (b, None):
+        y = cpu.linear_forward(x, w, bias)
+        torch.testing.assert_close(y.float(), reference.linear_forward(x, w, bias).float(), **_tol(dtype, k))
+    # Far from zero (world-frame xyz): the per-column centring must still apply.
+    xf, wf = 1000 + x.double(), 1000 + w.double()
+    exact = reference.linear_forward(xf, wf, None)
+    got = cpu.linear_forward(xf.to(dtype), wf.to(dtype), None).double()
+    want = exact if dtype == torch.float32 else reference.linear_forward(xf.to(dtype).double(), wf.to(dtype).double(), None)
+    torch.testing.assert_close(got, want, atol=1e-3 if dtype == torch.float32 else 0.5, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_thread_count_does_not_change_results():
     x, w, b, g = _data(777, 21, 45, torch.float32)
     before = torch.get_num_threads()
