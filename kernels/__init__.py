@@ -27,8 +27,7 @@ BACKEND_ENV = "L1FX_BACKEND"
 BACKEND_NAMES = ("auto", "reference", "cpu", "triton")
 
 
-class BackendUnavailable(RuntimeError):
-    """Raised when a backend asked for by name cannot run here."""
+from ..errors import BackendUnavailable  # noqa: E402,F401  (one hierarchy: l1fx.errors)
 
 
 @dataclass

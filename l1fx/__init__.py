@@ -3,6 +3,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .errors import (  # noqa: F401,E402
+    BackendUnavailable, CheckpointError, ConversionError, ExportError, KernelBuildError, L1fxError, RewriteError,
+    TrainingError, UsageError, VerificationError,
+)
 from . import functional, kernels, nn, ops, passes, train  # noqa: F401,E402
 from .convert import ConvertConfig, convert, summary  # noqa: F401,E402
 from .nn import L1Conv1d, L1Conv2d, L1Conv3d, L1Linear  # noqa: F401,E402

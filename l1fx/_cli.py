@@ -9,9 +9,35 @@ from pathlib import Path
 
 from torch import nn
 
+from .errors import L1fxError, UsageError
 
-class CLIError(Exception):
-    """A user-facing command-line error: printed as one line, no traceback."""
+
+class CLIError(UsageError):
+    """A user-facing command-line error: printed as one line, no traceback, exit 2."""
+
+
+# The exit codes every l1fx command line uses.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def run_cli(prog: str, body, argv) -> int:
+    """Run ``body(argv) -> int`` with the shared convention of the l1fx command lines.
+
+    A :class:`~l1fx.errors.UsageError` (bad option, file, shape) prints one line and exits 2; any other
+    :class:`~l1fx.errors.L1fxError` (the work itself failed) prints one line and exits 1. Anything else is a
+    bug in l1fx and keeps its traceback.
+    """
+    try:
+        return body(argv)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except L1fxError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def load_object(spec: str):
