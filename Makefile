@@ -3,14 +3,19 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.l1fx-installed
+# pip's own noise on this kind of machine (index folders without the package) is filtered out of the
+# set-up output; pipefail keeps pip's exit status.
+SHELL       := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+QUIET_PIP   := 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: venv demo test bench test-gpu bench-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[all]'
+	$(PY) -m pip install -q --upgrade pip $(QUIET_PIP)
+	$(PY) -m pip install -q torch==2.13.0 $(QUIET_PIP)
+	$(PY) -m pip install -q -e '.[all]' $(QUIET_PIP)
 	touch $(STAMP)
 
 venv: $(STAMP)
