@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip $(QUIET_PIP)
 	$(PY) -m pip install -q torch==2.13.0 $(QUIET_PIP)
-	$(PY) -m pip install -q -e '.[all]' $(QUIET_PIP)
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e '.[all]' $(QUIET_PIP)
 	touch $(STAMP)
 
 venv: $(STAMP)
