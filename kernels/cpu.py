@@ -46,7 +46,8 @@ from torch import Tensor
 from . import Backend, BackendUnavailable, requested_backend
 from . import conv as _conv
 from . import reference
-from .cpu_build import BuildError, load
+from ..errors import KernelBuildError
+from .cpu_build import load
 
 SOURCE = Path(__file__).with_name("csrc") / "l1_cpu.cpp"
 LIB_NAME = "l1fx_cpu"
@@ -55,7 +56,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 BF16_MM_ROWS = 4096
 
 _lock = threading.Lock()
-_state: dict = {}  # "lib" or "error", plus "build_seconds"; empty until first use
+_state: dict = {}  # "lib" and "path", or "error"; plus "build_seconds"; empty until first use
 _warned = False
 
 
@@ -65,9 +66,10 @@ def _library() -> Optional[ctypes.CDLL]:
             t0 = time.perf_counter()
             try:
                 lib = load(SOURCE, LIB_NAME)
-            except BuildError as e:
+            except KernelBuildError as e:  # no compiler, failed build, no usable directory
                 _state["error"] = str(e)
             else:
+                _state["path"] = lib._name
                 vp, i64 = ctypes.c_void_p, ctypes.c_int64
                 lib.l1fx_forward.argtypes = [ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
                 lib.l1fx_backward.argtypes = [ctypes.c_int, vp, vp, vp, vp, vp, ctypes.c_float, i64, i64, i64,
@@ -100,7 +102,7 @@ def reset() -> None:
 
 
 def build_info() -> dict:
-    """What happened on first use: library loaded or error, and seconds spent (build + load)."""
+    """What happened on first use: library loaded (and its path) or error, and seconds spent (build + load)."""
     _library()
     return {k: v for k, v in _state.items() if k != "lib"} | {"loaded": "lib" in _state}
 

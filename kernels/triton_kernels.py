@@ -91,18 +91,26 @@ def _cols_in_thread(start, BLOCK: tl.constexpr):
 
 @triton.jit
 def _sign(d):
-    # torch.sign semantics: 0 at 0 (so exact ties give no gradient).
+    # torch.sign semantics: 0 at 0 (so exact ties give no gradient), and 0 at NaN.
     return tl.where(d > 0, 1.0, 0.0).to(d.dtype) - tl.where(d < 0, 1.0, 0.0).to(d.dtype)
 
 
 @triton.jit
 def _mgs(d, mix, MIX_MODE: tl.constexpr, CLIP: tl.constexpr):
-    """``mix * d' + (1 - mix) * sign(d)`` with ``d' = clamp(d, -1, 1)`` if CLIP else ``d``."""
+    """``mix * d' + (1 - mix) * sign(d)`` with ``d' = clamp(d, -1, 1)`` if CLIP else ``d``.
+
+    ``d`` is a difference ``x - w`` (or ``w - x``) formed in ``ACC``: exact
+    up to one rounding whatever the magnitude of x and w, so no term cancels
+    (the weight gradient at mix = 1 is never ``g^T x - w * sum(g)``).  NaN
+    and +-inf follow torch (the reference kernel): ``clamp`` keeps a NaN
+    (``propagate_nan``; the default min/max would turn it into -1 or 1 on the
+    GPU), ``sign(NaN) = 0``, ``clamp(+-inf) = +-1``.
+    """
     if MIX_MODE == 0:
         out = _sign(d)
     else:
         if CLIP:
-            full = tl.minimum(tl.maximum(d, -1.0), 1.0)
+            full = tl.clamp(d, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)
         else:
             full = d
         if MIX_MODE == 1:

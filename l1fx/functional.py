@@ -4,9 +4,11 @@
 ``mix`` in [0, 1] selects the backward blend of the Mixed Gradient Strategy:
 1 is AdderNet's full-precision gradient, 0 the exact l1 gradient.
 
-Inputs are validated here, with errors that name the layer (``name=``) and
-the shapes involved; the checks are skipped while torch.fx traces with
-proxies, so the traced graph holds the custom op itself.
+Inputs are validated here, with errors (:class:`l1fx.errors.UsageError`, a
+``ValueError``) that name the layer (``name=``), the argument and the shapes
+involved; the tensor checks are skipped while torch.fx traces with proxies, so
+the traced graph holds the custom op itself. Meta and fake tensors pass
+through to the ops' fake kernels: they give shapes only.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .errors import UsageError
 
 __all__ = ["l1_linear", "l1_conv1d", "l1_conv2d", "l1_conv3d", "l1_conv"]
 
@@ -34,10 +37,10 @@ def _label(name: Optional[str], default: str) -> str:
 
 def _check_mix(mix, label: str) -> float:
     if isinstance(mix, bool) or not isinstance(mix, numbers.Real):
-        raise ValueError(f"{label}: mix must be a number in [0, 1], got {mix!r}")
+        raise UsageError(f"{label}: mix must be a number in [0, 1], got {mix!r}")
     mix = float(mix)
     if not 0.0 <= mix <= 1.0:
-        raise ValueError(f"{label}: mix must be in [0, 1], got {mix}")
+        raise UsageError(f"{label}: mix must be in [0, 1], got {mix}")
     return mix
 
 
@@ -46,9 +49,10 @@ def _common_dtype(label: str, *ts: Optional[Tensor]) -> list[Optional[Tensor]]:
     present = [t for t in ts if t is not None]
     for t in present:
         if not t.is_floating_point():
-            raise ValueError(f"{label}: expected floating-point tensors, got {t.dtype}")
+            raise UsageError(f"{label}: expected floating-point tensors, got {t.dtype}")
     dev = present[0].device.type
-    if torch.is_autocast_enabled(dev):
+    # Meta tensors have no autocast state (asking raises).
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
     else:
         dtype = present[0].dtype
@@ -65,30 +69,32 @@ def l1_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, mix: 
     label = _label(name, "l1_linear")
     mix = _check_mix(mix, label)
     if weight.dim() != 2:
-        raise ValueError(f"{label}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        raise UsageError(f"{label}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     if x.dim() < 1:
-        raise ValueError(f"{label}: input must have at least 1 dimension, got a scalar")
+        raise UsageError(f"{label}: input must have at least 1 dimension, got a scalar")
     if x.shape[-1] != weight.shape[1]:
-        raise ValueError(
+        raise UsageError(
             f"{label}: input has {x.shape[-1]} features in its last dimension (shape {tuple(x.shape)}) "
             f"but weight expects {weight.shape[1]} (weight shape {tuple(weight.shape)})"
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{label}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        raise UsageError(f"{label}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     x, weight, bias = _common_dtype(label, x, weight, bias)
     return ops.linear(x, weight, bias, mix)
 
 
+def _is_int(v) -> bool:
+    # bool is an Integral, but stride=True is a mistake; floats are never truncated silently.
+    return isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool)
+
+
 def _tuple(v: _IntOrTuple, nd: int, what: str, label: str) -> list[int]:
-    if isinstance(v, numbers.Integral):
-        out = [int(v)] * nd
-    else:
-        out = [int(e) for e in v]
-        if len(out) == 1:
-            out = out * nd
-    if len(out) != nd:
-        raise ValueError(f"{label}: {what} must be an int or a tuple of {nd} ints, got {v!r}")
-    return out
+    """``v`` as ``nd`` ints; anything but an int or a tuple/list of 1 or ``nd`` ints is a UsageError."""
+    items = list(v) if isinstance(v, (tuple, list, torch.Size)) else [v]
+    if not all(_is_int(e) for e in items) or len(items) not in (1, nd):
+        raise UsageError(f"{label}: {what} must be an int or a tuple of {nd} ints, got {v!r}")
+    out = [e if isinstance(e, torch.SymInt) else int(e) for e in items]
+    return out * nd if len(out) == 1 else out
 
 
 def same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, int]]:
@@ -110,7 +116,9 @@ def l1_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _I
 def _l1_conv(nd, x, weight, bias, stride, padding, dilation, groups, mix, name) -> Tensor:
     label = _label(name, f"l1_conv{nd}d" if nd in (1, 2, 3) else "l1_conv")
     if nd not in (1, 2, 3) or (not _is_proxy(weight) and weight.dim() != nd + 2):
-        raise ValueError(f"{label}: weight must be 3-, 4- or 5-D [out, in/groups, *kernel], got shape {tuple(weight.shape)}")
+        raise UsageError(f"{label}: weight must be 3-, 4- or 5-D [out, in/groups, *kernel], got shape {tuple(weight.shape)}")
+    if not _is_int(groups):
+        raise UsageError(f"{label}: groups must be a positive int, got {groups!r}")
     stride_ = _tuple(stride, nd, "stride", label)
     dilation_ = _tuple(dilation, nd, "dilation", label)
     kernel = list(weight.shape[2:]) if not _is_proxy(weight) else None
@@ -120,9 +128,9 @@ def _l1_conv(nd, x, weight, bias, stride, padding, dilation, groups, mix, name) 
             padding_ = [0] * nd
         elif padding == "same":
             if any(s != 1 for s in stride_):
-                raise ValueError(f"{label}: padding='same' is not supported for strided convolutions (stride={stride_})")
+                raise UsageError(f"{label}: padding='same' is not supported for strided convolutions (stride={stride_})")
             if kernel is None:
-                raise ValueError(f"{label}: padding='same' needs a concrete weight to size the padding; "
+                raise UsageError(f"{label}: padding='same' needs a concrete weight to size the padding; "
                                  "while tracing pass explicit padding (l1fx.nn modules do this)")
             pairs = same_padding(kernel, dilation_)
             padding_ = [lo for lo, hi in pairs]
@@ -132,7 +140,7 @@ def _l1_conv(nd, x, weight, bias, stride, padding, dilation, groups, mix, name) 
                 for lo, hi in reversed(pairs):
                     pre_pad += [0, hi - lo]
         else:
-            raise ValueError(f"{label}: padding must be 'same', 'valid', an int or a tuple, got {padding!r}")
+            raise UsageError(f"{label}: padding must be 'same', 'valid', an int or a tuple, got {padding!r}")
     else:
         padding_ = _tuple(padding, nd, "padding", label)
     if _is_proxy(x, weight, bias):
@@ -141,31 +149,36 @@ def _l1_conv(nd, x, weight, bias, stride, padding, dilation, groups, mix, name) 
         return ops.conv(x, weight, bias, stride_, padding_, dilation_, groups, mix)
     mix = _check_mix(mix, label)
     if any(s < 1 for s in stride_) or any(d < 1 for d in dilation_) or any(p < 0 for p in padding_):
-        raise ValueError(f"{label}: stride and dilation must be >= 1 and padding >= 0, got "
+        raise UsageError(f"{label}: stride and dilation must be >= 1 and padding >= 0, got "
                          f"stride={stride_}, padding={padding_}, dilation={dilation_}")
-    if not isinstance(groups, numbers.Integral) or groups < 1:
-        raise ValueError(f"{label}: groups must be a positive int, got {groups!r}")
+    if groups < 1:
+        raise UsageError(f"{label}: groups must be a positive int, got {groups!r}")
     if x.dim() != nd + 2:
-        raise ValueError(
+        raise UsageError(
             f"{label}: expected a {nd + 2}-D input [batch, channels, {', '.join('DHW'[3 - nd:])}], "
             f"got shape {tuple(x.shape)}"
         )
     out_c, in_per_group = weight.shape[0], weight.shape[1]
     if out_c % groups:
-        raise ValueError(f"{label}: groups={groups} does not divide out_channels={out_c} (weight shape {tuple(weight.shape)})")
+        raise UsageError(f"{label}: groups={groups} does not divide out_channels={out_c} (weight shape {tuple(weight.shape)})")
     if x.shape[1] != in_per_group * groups:
-        raise ValueError(
+        raise UsageError(
             f"{label}: input has {x.shape[1]} channels (shape {tuple(x.shape)}) but weight {tuple(weight.shape)} "
             f"with groups={groups} expects {in_per_group * groups}"
         )
     if bias is not None and tuple(bias.shape) != (out_c,):
-        raise ValueError(f"{label}: bias must have shape ({out_c},), got {tuple(bias.shape)}")
+        raise UsageError(f"{label}: bias must have shape ({out_c},), got {tuple(bias.shape)}")
     x, weight, bias = _common_dtype(label, x, weight, bias)
     if pre_pad is not None:
         x = F.pad(x, pre_pad)
+    if any(k < 1 for k in kernel):
+        raise UsageError(f"{label}: kernel size must be >= 1 in every dimension, got weight shape {tuple(weight.shape)}")
+    if any(s == 0 for s in x.shape[2:]):
+        # As F.conv*d: an empty spatial input is refused (an empty batch or channel dim is fine).
+        raise UsageError(f"{label}: input spatial size must be >= 1 in every dimension, got shape {tuple(x.shape)}")
     padded = [s + 2 * p for s, p in zip(x.shape[2:], padding_)]
     if any(ps < d * (k - 1) + 1 for ps, k, d in zip(padded, kernel, dilation_)):
-        raise ValueError(
+        raise UsageError(
             f"{label}: input spatial size {tuple(x.shape[2:])} (padded {tuple(padded)}) is smaller than the "
             f"dilated kernel {tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation_))}"
         )

@@ -30,10 +30,28 @@ def _empty_like_none(t: Tensor) -> Tensor:
     return t.new_empty((0,))
 
 
+# Zero sizes are answered here, before any backend runs, so no backend needs
+# code for them: with an empty reduction (K = 0: no features, or no input
+# channels per group) every output is its bias (or 0), as in F.linear; with
+# no rows or no filters there is nothing to compute; every gradient of an
+# empty sum is 0. (F.conv*d with zero input channels returns a tensor with
+# zero output channels, a PyTorch quirk not copied: the output has M channels.)
+
+def _filled(shape, bias: Optional[Tensor], like: Tensor) -> Tensor:
+    """A new ``shape`` tensor [N, M, *spatial] holding ``bias`` per output channel (dim 1), or zeros."""
+    y = like.new_zeros(shape)
+    if bias is not None and y.numel():
+        y += bias.to(y.dtype).reshape(-1, *[1] * (len(shape) - 2))
+    return y
+
+
 # ---------------------------------------------------------------- linear
 @torch.library.custom_op(LINEAR, mutates_args=())
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], mix: float) -> Tensor:
     k, m = weight.shape[1], weight.shape[0]
+    if x.numel() == 0 or weight.numel() == 0:  # N, M or K is 0
+        rows = x.shape[:-1].numel()
+        return _filled((rows, m), bias, x).reshape(*x.shape[:-1], m)
     x2 = x.reshape(-1, k).contiguous()
     y = get_backend(x).linear_forward(x2, weight.contiguous(), None if bias is None else bias.contiguous())
     return y.reshape(*x.shape[:-1], m)
@@ -49,6 +67,9 @@ def linear_backward(
     grad: Tensor, x: Tensor, weight: Tensor, mix: float, need_x: bool, need_w: bool
 ) -> tuple[Tensor, Tensor]:
     k, m = weight.shape[1], weight.shape[0]
+    if x.numel() == 0 or weight.numel() == 0:
+        return (torch.zeros_like(x) if need_x else _empty_like_none(x),
+                torch.zeros_like(weight) if need_w else _empty_like_none(weight))
     gx, gw = get_backend(x).linear_backward(
         grad.reshape(-1, m).contiguous(), x.reshape(-1, k).contiguous(), weight.contiguous(), mix, need_x, need_w
     )
@@ -79,7 +100,7 @@ def _linear_bwd(ctx, grad):
         gx = gx if need_x else None
         gw = gw if need_w else None
     if ctx.has_bias and need_b:
-        gb = grad.reshape(-1, weight.shape[0]).sum(0)
+        gb = grad.reshape(grad.shape[:-1].numel(), weight.shape[0]).sum(0)  # (not -1: M may be 0)
     return gx, gw, gb, None
 
 
@@ -93,10 +114,18 @@ def conv(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
     dilation: list[int], groups: int, mix: float,
 ) -> Tensor:
+    if _conv_is_empty(x, weight, groups):
+        out = _conv.out_shape(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+        return _filled((x.shape[0], weight.shape[0], *out), bias, x)
     backend = get_backend(x)
     fwd = backend.conv_forward or (lambda *a: _conv.conv_forward(backend, *a))
     return fwd(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
                stride, padding, dilation, groups)
+
+
+def _conv_is_empty(x: Tensor, weight: Tensor, groups: int) -> bool:
+    """No batch, no filters or no input channels per group (an empty reduction)."""
+    return x.shape[0] == 0 or weight.shape[0] == 0 or weight.shape[1] == 0
 
 
 @conv.register_fake
@@ -110,6 +139,9 @@ def conv_backward(
     grad: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
     groups: int, mix: float, need_x: bool, need_w: bool,
 ) -> tuple[Tensor, Tensor]:
+    if _conv_is_empty(x, weight, groups):
+        return (torch.zeros_like(x) if need_x else _empty_like_none(x),
+                torch.zeros_like(weight) if need_w else _empty_like_none(weight))
     backend = get_backend(x)
     bwd = backend.conv_backward or (lambda *a: _conv.conv_backward(backend, *a))
     gx, gw = bwd(grad.contiguous(), x.contiguous(), weight.contiguous(), stride, padding, dilation, groups,

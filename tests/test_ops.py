@@ -274,3 +274,146 @@ def test_bad_input_errors(call, match):
 def test_error_names_the_layer():
     with pytest.raises(ValueError, match=r"l1_linear \(encoder.fc1\)"):
         L1F.l1_linear(torch.randn(2, 3), torch.randn(4, 5), name="encoder.fc1")
+
+
+# ------------------------------------------------------------------ zero sizes (every backend)
+import torch.nn.functional as F  # noqa: E402
+
+from l1fx.errors import UsageError  # noqa: E402
+from l1fx.kernels import registered_backends  # noqa: E402
+
+_CPU_BACKENDS = [n for n in ("reference", "cpu") if n in registered_backends() and registered_backends()[n].available()[0]]
+
+
+@pytest.fixture(params=_CPU_BACKENDS)
+def each_backend(request, monkeypatch):
+    monkeypatch.setenv("L1FX_BACKEND", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("xs,ws", [((3, 0), (4, 0)), ((2, 3, 0), (4, 0)), ((0,), (4, 0)), ((3, 5), (0, 5)),
+                                   ((0, 5), (4, 5)), ((0, 0), (0, 0))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_zero_sizes_match_f_linear(each_backend, xs, ws, bias):
+    """K = 0 gives the bias (or zeros); M = 0 and N = 0 give empty outputs; gradients are zeros, bias grad sum(g)."""
+    x = torch.randn(xs, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(ws, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(ws[0], dtype=torch.float64, requires_grad=True) if bias else None
+    y = L1F.l1_linear(x, w, b, mix=0.5)
+    dense = F.linear(x, w, b)
+    assert y.shape == dense.shape
+    if xs[-1] == 0:  # an empty sum: l1 and inner product agree exactly
+        assert torch.equal(y, dense)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    ins = (x, w) + ((b,) if bias else ())
+    got = torch.autograd.grad(y, ins, g)
+    want = torch.autograd.grad(dense, ins, g)
+    assert torch.equal(got[0], torch.zeros(xs, dtype=torch.float64)) and torch.equal(got[1], torch.zeros(ws, dtype=torch.float64))
+    for a, e in zip(got, want):
+        assert a.shape == e.shape
+    if bias:
+        torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mix", [0.0, 1.0])
+def test_conv_zero_sizes(each_backend, mix):
+    # No input channels (K = 0): every output is its bias, over the full output shape (F.conv2d
+    # returns zero output channels here, a PyTorch quirk l1fx does not copy).
+    x = torch.randn(2, 0, 5, 6, requires_grad=True)
+    w = torch.randn(3, 0, 3, 2, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    y = L1F.l1_conv2d(x, w, b, stride=(2, 1), padding=1, mix=mix)
+    assert torch.equal(y, b.detach().view(1, 3, 1, 1).expand(2, 3, 3, 7))
+    g = torch.randn(y.shape)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), g)
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, g.sum((0, 2, 3)))
+    # Zero input channels per group, with groups.
+    xg = torch.randn(1, 0, 7, requires_grad=True)
+    yg = L1F.l1_conv1d(xg, torch.randn(4, 0, 3), torch.arange(4.0), groups=2)
+    assert torch.equal(yg, torch.arange(4.0).view(1, 4, 1).expand(1, 4, 5))
+    # No filters (M = 0): an empty output and a zero input gradient, as F.linear (F.conv3d refuses it).
+    x3 = torch.randn(1, 2, 3, 4, 3, requires_grad=True)
+    w3 = torch.randn(0, 2, 2, 2, 2, requires_grad=True)
+    y3 = L1F.l1_conv3d(x3, w3, torch.zeros(0, requires_grad=True), padding=1, mix=mix)
+    assert y3.shape == (1, 0, 4, 5, 4)
+    gx3, gw3 = torch.autograd.grad(y3.sum(), (x3, w3))
+    assert torch.equal(gx3, torch.zeros_like(x3)) and gw3.shape == w3.shape
+    # No batch keeps working.
+    x0 = torch.randn(0, 2, 5, requires_grad=True)
+    y0 = L1F.l1_conv1d(x0, torch.randn(3, 2, 3), None, mix=mix)
+    assert y0.shape == (0, 3, 3) and torch.autograd.grad(y0.sum(), x0)[0].shape == x0.shape
+
+
+def test_zero_sizes_never_reach_a_backend(monkeypatch):
+    """Answered by l1fx/ops.py: no backend needs code for them."""
+    import l1fx.ops as ops_mod
+
+    def no_backend(*a, **k):
+        raise AssertionError("a zero-size op must not dispatch to a backend")
+
+    monkeypatch.setattr(ops_mod, "get_backend", no_backend)
+    x, w = torch.randn(3, 0, requires_grad=True), torch.randn(4, 0, requires_grad=True)
+    L1F.l1_linear(x, w).sum().backward()
+    xc, wc = torch.randn(2, 0, 4, requires_grad=True), torch.randn(3, 0, 2, requires_grad=True)
+    L1F.l1_conv1d(xc, wc).sum().backward()
+    assert x.grad.shape == x.shape and wc.grad.shape == wc.shape
+
+
+# ------------------------------------------------------------------ meta and fake tensors: shapes only
+def _shapes_only(make):
+    x, w, xc, wc = make((3, 2, 5)), make((4, 5)), make((2, 4, 6, 7)), make((6, 2, 3, 3))
+    for t in (x, w, xc, wc):
+        t.requires_grad_()
+    y = L1F.l1_linear(x, w, make((4,)), mix=0.5)
+    yc = L1F.l1_conv2d(xc, wc, None, stride=2, padding=1, dilation=(1, 2), groups=2, mix=0.5)
+    (y.sum() + yc.sum()).backward()
+    y0 = L1F.l1_linear(make((3, 0)), make((4, 0)), make((4,)))
+    ym = L1F.l1_linear(make((3, 5)), make((0, 5)))
+    yk = L1F.l1_conv2d(make((2, 0, 5, 5)), make((3, 0, 3, 3)), None, padding=1)
+    return [tuple(t.shape) for t in (y, yc, x.grad, w.grad, xc.grad, wc.grad, y0, ym, yk)], [y, yc, x.grad, yk]
+
+
+SHAPES_ONLY = [(3, 2, 4), (2, 6, 3, 3), (3, 2, 5), (4, 5), (2, 4, 6, 7), (6, 2, 3, 3), (3, 4), (3, 0), (2, 3, 5, 5)]
+
+
+def test_meta_tensors_give_shapes_only():
+    shapes, outs = _shapes_only(lambda s: torch.empty(s, device="meta"))
+    assert shapes == SHAPES_ONLY and all(t.device.type == "meta" for t in outs)
+    # The dense layer agrees on the conv shape.
+    assert SHAPES_ONLY[1] == tuple(F.conv2d(torch.empty(2, 4, 6, 7), torch.empty(6, 2, 3, 3), None, 2, 1, (1, 2), 2).shape)
+
+
+def test_fake_tensors_give_shapes_only():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        shapes, outs = _shapes_only(lambda s: torch.empty(s))
+    assert shapes == SHAPES_ONLY and all(isinstance(t, FakeTensor) for t in outs)
+
+
+# ------------------------------------------------------------------ integer arguments
+@pytest.mark.parametrize(
+    "kwargs,arg",
+    [(dict(stride=1.5), "stride"), (dict(stride=2.0), "stride"), (dict(stride=(1, 2.0)), "stride"),
+     (dict(stride=True), "stride"), (dict(padding=0.5), "padding"), (dict(padding=(1, 1.0)), "padding"),
+     (dict(padding=False), "padding"), (dict(dilation=1.0), "dilation"), (dict(dilation=(1, True)), "dilation"),
+     (dict(groups=1.0), "groups"), (dict(groups=True), "groups"), (dict(stride="2"), "stride"),
+     (dict(stride=(1, 1, 1)), "stride")],
+)
+def test_non_integer_conv_arguments_raise(kwargs, arg):
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(2, 2, 3, 3)
+    with pytest.raises(UsageError, match=rf"l1_conv2d \(enc.conv\): {arg} must be") as info:
+        L1F.l1_conv2d(x, w, name="enc.conv", **kwargs)
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+    # Integer types that are not int still work (numpy ints, torch.Size).
+    import numpy as np
+
+    torch.testing.assert_close(L1F.l1_conv2d(x, w, stride=np.int64(2), padding=torch.Size([1, 1])),
+                               L1F.l1_conv2d(x, w, stride=2, padding=1))
+
+
+def test_bad_kernel_and_spatial_sizes_raise():
+    with pytest.raises(UsageError, match=r"kernel size must be >= 1"):
+        L1F.l1_conv2d(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 0, 3))
+    with pytest.raises(UsageError, match=r"input spatial size must be >= 1"):
+        L1F.l1_conv2d(torch.randn(1, 2, 0, 5), torch.randn(3, 2, 1, 1), padding=1)

@@ -17,6 +17,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from l1fx import functional as L1F
 from l1fx.kernels import BackendUnavailable, conv as conv_lowering, get_backend, reference
@@ -167,6 +169,167 @@ def interp_linear_backward_partial_requests_k1_and_ties(interpret):
 def interp_linear_weight_gradient_split_is_exercised(interpret):
     # 37 rows with the interpreter's 8-row minimum give several partial sums.
     assert tb._grad_w_splits(37, 20, 9, rand(1)) > 1
+
+
+# ------------------------------------------------------------------ interpreter: precision, non-finite, zero sizes
+
+# The bound every backend is held to (docs/triton.md): each output within about
+# K * eps of the float64 brute force, relative to the sum of the magnitudes of
+# its terms (|y| itself for the forward), plus the output's own rounding;
+# whatever the offset and spread of the data.
+# bfloat16 results: one ulp (2^-7), not half, because Triton's interpreter
+# truncates float32 -> bfloat16 where the GPU's cvt.rn rounds to nearest.
+UNIT = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -24, torch.float64: 2.0 ** -53}  # accumulation
+OUT_UNIT = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -7, torch.float64: 2.0 ** -53}  # result rounding
+
+
+def assert_within_bound(actual, exact, scale, terms, dtype, what):
+    """``|actual - exact| <= (2 * terms * u + u_out) * scale`` per element (``scale``: sum of |terms|)."""
+    bound = (2 * max(terms, 1) * UNIT[dtype] + OUT_UNIT[dtype]) * scale
+    err = (actual.double() - exact).abs()
+    bad = err > bound
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} outputs outside the bound; worst err/bound "
+        f"{float((err / bound.clamp_min(1e-300)).max()):.3g}, e.g. got {actual.double()[bad][:3].tolist()} "
+        f"expected {exact[bad][:3].tolist()}"
+    )
+
+
+def offset_data(n, m, k, offset, spread, dtype, seed=0):
+    """x, w around ``offset`` with ``spread``; filter 0 near input 0 (small outputs), filter 1 equal to input 1."""
+    gen = torch.Generator().manual_seed(seed)
+    x = offset + spread * torch.randn(n, k, generator=gen, dtype=torch.float64)
+    w = offset + spread * torch.randn(m, k, generator=gen, dtype=torch.float64)
+    w[0] = x[0] + 1e-3 * spread * torch.randn(k, generator=gen, dtype=torch.float64)
+    w[1] = x[1]
+    g = torch.randn(n, m, generator=gen, dtype=torch.float64)
+    return x.to(dtype), w.to(dtype), g.to(dtype)
+
+
+def brute_grads(g, x, w, mix):
+    """float64 MGS gradients and the sums of |terms| they are bounded by."""
+    G, d = g.double(), x.double()[:, None, :] - w.double()[None]
+    s = d.sign()
+    tw, tx = mix * d + (1 - mix) * s, -(mix * d.clamp(-1, 1) + (1 - mix) * s)
+    aw, ax = mix * d.abs() + (1 - mix) * s.abs(), mix * d.clamp(-1, 1).abs() + (1 - mix) * s.abs()
+    return (torch.einsum("nm,nmk->nk", G, tx), torch.einsum("nm,nmk->nk", G.abs(), ax),
+            torch.einsum("nm,nmk->mk", G, tw), torch.einsum("nm,nmk->mk", G.abs(), aw))
+
+
+def check_linear_precision(dtype, offset, spread):
+    n, m, k = 17, 9, 11  # two row blocks and a split weight gradient, one filter block
+    x, w, g = offset_data(n, m, k, offset, spread, dtype)
+    exact = -(x.double()[:, None, :] - w.double()[None]).abs().sum(-1)
+    y = tb.linear_forward(x, w, None)
+    assert_within_bound(y, exact, exact.abs(), k, dtype, "forward")
+    assert torch.equal(y[1, 1], torch.zeros((), dtype=dtype)), "an exact match must give exactly 0"
+    for mix in (0.0, 0.5, 1.0):
+        gx, gw = tb.linear_backward(g, x, w, mix, True, True)
+        ex, sx, ew, sw = brute_grads(g, x, w, mix)
+        assert_within_bound(gx, ex, sx, m, dtype, f"input gradient, mix={mix}")
+        assert_within_bound(gw, ew, sw, n, dtype, f"weight gradient, mix={mix}")
+
+
+# A few random placements (the interpreter is slow) on top of the extremes.
+@settings(max_examples=3, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.floats(-1e6, 1e6), log_spread=st.floats(-2.0, 6.0))
+@example(offset=0.0, log_spread=0.0)
+@example(offset=-1e6, log_spread=0.0)
+@example(offset=1e6, log_spread=3.0)
+@example(offset=0.0, log_spread=6.0)
+def interp_linear_precision_far_from_zero(interpret, offset, log_spread):
+    check_linear_precision(torch.float32, offset, 10.0 ** log_spread)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("offset,spread", [(-1e6, 1.0), (1e6, 1e6)])
+def interp_linear_precision_far_from_zero_other_dtypes(interpret, dtype, offset, spread):
+    check_linear_precision(dtype, offset, spread)
+
+
+@pytest.mark.parametrize("offset,spread", [(1e6, 1.0), (-1e4, 1e4)])
+def interp_conv_precision_far_from_zero(interpret, offset, spread):
+    gen = torch.Generator().manual_seed(1)
+    x = (offset + spread * torch.randn(2, 4, 4, 5, 6, generator=gen, dtype=torch.float64)).float()
+    w = (offset + spread * torch.randn(4, 2, 3, 2, 3, generator=gen, dtype=torch.float64)).float()
+    args = ([2, 1, 1], [1, 0, 2], [1, 2, 1], 2)
+    y = tb.conv_forward(x, w, None, *args)
+    exact = conv_lowering.conv_forward(reference.BACKEND, x.double(), w.double(), None, *args)
+    assert_within_bound(y, exact, exact.abs(), 2 * 3 * 2 * 3, torch.float32, "conv forward")
+
+
+def _nonfinite(t, gen, frac=0.15):
+    """``t`` with a fraction of entries replaced by NaN, +inf or -inf."""
+    t = t.clone()
+    pick = torch.rand(t.shape, generator=gen) < frac
+    kinds = torch.tensor([float("nan"), float("inf"), -float("inf")])[torch.randint(0, 3, t.shape, generator=gen)]
+    t[pick] = kinds[pick].to(t.dtype)
+    return t
+
+
+def assert_same_nonfinite(actual, expected, what):
+    """NaN and +-inf exactly where the reference has them; finite values close."""
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN placement differs"
+    assert torch.equal(actual.isposinf(), expected.isposinf()), f"{what}: +inf placement differs"
+    assert torch.equal(actual.isneginf(), expected.isneginf()), f"{what}: -inf placement differs"
+    fin = expected.isfinite()
+    torch.testing.assert_close(actual[fin], expected[fin], rtol=1e-5, atol=1e-5, msg=what)
+
+
+def interp_linear_nonfinite_as_reference(interpret):
+    gen = torch.Generator().manual_seed(2)
+    n, m, k = 17, 12, 5
+    x, w = _nonfinite(torch.randn(n, k, generator=gen), gen), _nonfinite(torch.randn(m, k, generator=gen), gen)
+    x[0] = 0.5  # a finite row and a finite filter: their output stays finite
+    w[0] = -0.25
+    g = torch.randn(n, m, generator=gen)
+    b = _nonfinite(torch.randn(m, generator=gen), gen, frac=0.3)
+    y = tb.linear_forward(x, w, b)
+    assert_same_nonfinite(y, reference.linear_forward(x, w, b), "forward")
+    assert y[0, 0].isfinite() and not y.isfinite().all() and y.isfinite().any()
+    for mix in (0.0, 0.5, 1.0):
+        for name, a, e in zip(("input gradient", "weight gradient"), tb.linear_backward(g, x, w, mix, True, True),
+                              reference.linear_backward(g, x, w, mix, True, True)):
+            assert_same_nonfinite(a, e, f"{name}, mix={mix}")
+
+
+def interp_conv_nonfinite_as_reference(interpret):
+    gen = torch.Generator().manual_seed(3)
+    x = _nonfinite(torch.randn(1, 2, 3, 4, 5, generator=gen), gen, frac=0.05)
+    w = _nonfinite(torch.randn(3, 2, 2, 2, 2, generator=gen), gen, frac=0.05)
+    w[0] = 0.5  # one finite filter: finite wherever its patch is
+    args = ([1, 1, 1], [1, 0, 1], [1, 1, 1], 1)
+    y = tb.conv_forward(x, w, None, *args)
+    assert_same_nonfinite(y, conv_lowering.conv_forward(reference.BACKEND, x, w, None, *args), "conv forward")
+    assert y[:, 0].isfinite().any() and not y.isfinite().all()
+
+
+def interp_linear_zero_sizes_through_ops(interpret):
+    """K = 0, M = 0, N = 0 with L1FX_BACKEND=triton: answered by l1fx/ops.py as F.linear does."""
+    import torch.nn.functional as F
+
+    for xs, ws in [((3, 0), (4, 0)), ((3, 5), (0, 5)), ((0, 5), (4, 5)), ((2, 3, 0), (4, 0))]:
+        x, w = rand(*xs).requires_grad_(), rand(*ws).requires_grad_()
+        b = rand(ws[0]).requires_grad_()
+        y = L1F.l1_linear(x, w, b, mix=0.5)
+        assert torch.equal(y, F.linear(x, w, b) if xs[-1] == 0 else y) and y.shape == (*xs[:-1], ws[0])
+        g = rand(*y.shape)
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), g)
+        assert torch.equal(gx, torch.zeros(xs)) and torch.equal(gw, torch.zeros(ws))
+        assert torch.equal(gb, g.reshape(g.shape[:-1].numel(), ws[0]).sum(0))
+
+
+def interp_conv_zero_sizes_through_ops(interpret):
+    x, w, b = rand(2, 0, 5, 5).requires_grad_(), rand(3, 0, 3, 3).requires_grad_(), rand(3).requires_grad_()
+    y = L1F.l1_conv2d(x, w, b, padding=1)
+    assert torch.equal(y, b.detach().view(1, 3, 1, 1).expand(2, 3, 5, 5))
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.full((3,), 50.0))
+    x = rand(2, 4, 5).requires_grad_()
+    y = L1F.l1_conv1d(x, rand(0, 2, 3), None, groups=2)
+    assert y.shape == (2, 0, 3)
+    assert torch.equal(torch.autograd.grad(y.sum(), x)[0], torch.zeros_like(x))
 
 
 # ------------------------------------------------------------------ interpreter: implicit-GEMM conv
