@@ -4,13 +4,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: F401,E402
-    BackendUnavailable, CheckpointError, ConversionError, ExportError, KernelBuildError, L1fxError, RewriteError,
-    TrainingError, UsageError, VerificationError,
+    BackendUnavailable, CheckpointError, ConversionError, ConversionFailed, ConversionTypeError, ExportError,
+    KernelBuildError, L1fxError, RewriteError, TrainingError, UsageError, VerificationError,
 )
 from . import functional, kernels, nn, ops, passes, train  # noqa: F401,E402
 from .convert import ConvertConfig, convert, summary  # noqa: F401,E402
 from .nn import L1Conv1d, L1Conv2d, L1Conv3d, L1Linear  # noqa: F401,E402
 from .train import DLC, MGS, TrainingWrapper  # noqa: F401,E402
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
 
 # Submodules that are also `python -m` entry points are imported lazily:
 # importing them here would make runpy warn that the module is already loaded.

@@ -12,7 +12,7 @@ arguments or input files), 1 otherwise; see :mod:`l1fx._cli`.
 from __future__ import annotations
 
 __all__ = [
-    "L1fxError", "UsageError", "ConversionError", "BackendUnavailable", "KernelBuildError",
+    "L1fxError", "UsageError", "ConversionError", "ConversionFailed", "ConversionTypeError", "BackendUnavailable", "KernelBuildError",
     "ExportError", "VerificationError", "RewriteError", "TrainingError", "CheckpointError",
 ]
 
@@ -27,6 +27,14 @@ class UsageError(L1fxError, ValueError):
 
 class ConversionError(L1fxError, ValueError):
     """``l1fx.convert`` cannot convert the model as asked."""
+
+
+class ConversionFailed(ConversionError, RuntimeError):
+    """Converting failed part-way (a layer, the converted model on example_inputs)."""
+
+
+class ConversionTypeError(ConversionError, TypeError):
+    """An argument of ``l1fx.convert`` has the wrong type."""
 
 
 class BackendUnavailable(L1fxError, RuntimeError):
@@ -45,8 +53,8 @@ class VerificationError(ExportError):
     """An exported model's outputs do not match PyTorch's (or prove nothing)."""
 
 
-class RewriteError(L1fxError, ValueError):
-    """A source file cannot be rewritten."""
+class RewriteError(UsageError):
+    """A source file cannot be rewritten (an input error: the CLI exits 2)."""
 
 
 class TrainingError(L1fxError, ValueError):

@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .errors import TrainingError
 from .nn import L1Module
 
 __all__ = ["MGS", "DLC", "TrainingWrapper", "find_l1_modules"]
@@ -44,7 +45,7 @@ Schedule = Union[str, Callable[[float], float]]
 
 def _check_unit(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}")
+        raise TrainingError(f"{what} must be a number in [0, 1], got {value!r}")
     return float(value)
 
 
@@ -75,12 +76,12 @@ class MGS:
         object.__setattr__(self, "end", _check_unit(self.end, "MGS end"))
         if isinstance(self.schedule, str):
             if self.schedule not in ("cosine", "linear"):
-                raise ValueError(f"MGS schedule must be 'cosine', 'linear' or a callable, got {self.schedule!r}")
+                raise TrainingError(f"MGS schedule must be 'cosine', 'linear' or a callable, got {self.schedule!r}")
         elif not callable(self.schedule):
-            raise ValueError(f"MGS schedule must be 'cosine', 'linear' or a callable, got {self.schedule!r}")
+            raise TrainingError(f"MGS schedule must be 'cosine', 'linear' or a callable, got {self.schedule!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, numbers.Integral) \
                 or self.warmup_steps < 0:
-            raise ValueError(f"MGS warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
+            raise TrainingError(f"MGS warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
 
     @classmethod
     def constant(cls, mix: float) -> "MGS":
@@ -101,8 +102,8 @@ class MGS:
         else:
             frac = float(self.schedule(p))
             if not 0.0 <= frac <= 1.0 or math.isnan(frac):
-                raise ValueError(f"MGS schedule callable returned {frac} at progress {p:.4f}; it must return "
-                                 "the fraction of the way from start to end, in [0, 1]")
+                raise TrainingError(f"MGS schedule callable returned {frac} at progress {p:.4f}; it must return "
+                                    "the fraction of the way from start to end, in [0, 1]")
         mix = self.start + (self.end - self.start) * frac
         return min(1.0, max(0.0, mix))  # guard rounding so the op's [0, 1] check never trips
 
@@ -144,27 +145,27 @@ class DLC:
 
     def __post_init__(self) -> None:
         if not isinstance(self.eta, numbers.Real) or not self.eta > 0:
-            raise ValueError(f"DLC eta must be a positive number, got {self.eta!r}")
+            raise TrainingError(f"DLC eta must be a positive number, got {self.eta!r}")
         if not (self.lr_schedule is None or self.lr_schedule == "default" or callable(self.lr_schedule)):
-            raise ValueError(f"DLC lr_schedule must be 'default', None or a callable, got {self.lr_schedule!r}")
+            raise TrainingError(f"DLC lr_schedule must be 'default', None or a callable, got {self.lr_schedule!r}")
         object.__setattr__(self, "hold", _check_unit(self.hold, "DLC hold"))
         if self.hold >= 1.0:
-            raise ValueError("DLC hold must be below 1 (it is the fraction of training kept at the full rate)")
+            raise TrainingError("DLC hold must be below 1 (it is the fraction of training kept at the full rate)")
         object.__setattr__(self, "min_factor", _check_unit(self.min_factor, "DLC min_factor"))
         drops = []
         for item in self.drops:
             try:
                 at, factor = item
             except (TypeError, ValueError):
-                raise ValueError(f"DLC drops must be (fraction, factor) pairs, got {item!r}") from None
+                raise TrainingError(f"DLC drops must be (fraction, factor) pairs, got {item!r}") from None
             drops.append((_check_unit(at, "DLC drop fraction"), float(factor)))
             if not factor > 0:
-                raise ValueError(f"DLC drop factor must be positive, got {factor!r}")
+                raise TrainingError(f"DLC drop factor must be positive, got {factor!r}")
         object.__setattr__(self, "drops", tuple(sorted(drops)))
         if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not self.eps >= 0:
-            raise ValueError(f"DLC eps must be a non-negative number, got {self.eps!r}")
+            raise TrainingError(f"DLC eps must be a non-negative number, got {self.eps!r}")
         if self.groups not in ("all", "l1"):
-            raise ValueError(f"DLC groups must be 'all' or 'l1', got {self.groups!r}")
+            raise TrainingError(f"DLC groups must be 'all' or 'l1', got {self.groups!r}")
 
     def lr_factor(self, progress: float) -> float:
         """Global learning-rate factor at ``progress`` in [0, 1]."""
@@ -193,18 +194,23 @@ class DLC:
         dividing by the largest magnitude, in float32 at least, so squares of
         tiny (or bfloat16/float16) gradients neither underflow nor overflow.
         """
+        _check_dense_gradients(weights)  # all of them first: never leave some scaled and some not
         for w in weights:
             g = w.grad
             if g is None:
                 continue
-            if g.is_sparse:
-                raise ValueError("DLC cannot scale sparse gradients of ℓ1 weights")
             work = g.to(torch.promote_types(g.dtype, torch.float32))
             peak = work.abs().amax()
             norm = torch.linalg.vector_norm(work / peak.clamp_min(torch.finfo(work.dtype).tiny)) * peak
             factor = self.eta * math.sqrt(g.numel()) / norm
             # where() instead of a Python branch: no host sync, and a zero gradient stays zero (not NaN).
             g.copy_(torch.where(norm > self.eps, work * factor, work))
+
+
+def _check_dense_gradients(weights: Sequence[torch.Tensor]) -> None:
+    if any(w.grad is not None and w.grad.is_sparse for w in weights):
+        raise TrainingError("DLC cannot scale sparse gradients of ℓ1 weights; use dense gradients or "
+                            "DLC(scale_gradients=False)")
 
 
 def find_l1_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -233,14 +239,21 @@ class TrainingWrapper:
     unchanged. The schedules for the coming step are applied at construction
     and after every step, so the forward pass always sees the current blend.
 
+    A parameter group added to the optimizer later (``add_param_group``) is
+    adopted at the next ``step()``: its ``lr`` then is its base learning rate.
+    ``step()`` checks everything that can fail before it touches the
+    gradients, the optimizer or the step count, so a :class:`TrainingError`
+    leaves the training state as it was.
+
     ``state_dict()`` holds the schedule position and the base learning rates;
-    with the model's and the optimizer's state it resumes training exactly.
+    with the model's and the optimizer's state it resumes training exactly
+    (:func:`l1fx.checkpoint.save_checkpoint` saves all three atomically).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int,
                  mgs: Optional[MGS] = MGS(), dlc: Optional[DLC] = DLC()) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
-            raise ValueError(f"TrainingWrapper total_steps must be a positive int, got {total_steps!r}")
+            raise TrainingError(f"TrainingWrapper total_steps must be a positive int, got {total_steps!r}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"TrainingWrapper expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if mgs is not None and not isinstance(mgs, MGS):
@@ -315,19 +328,43 @@ class TrainingWrapper:
         l1_ids = {id(w) for w in self.l1_weights}
         return [i for i, g in enumerate(groups) if any(id(p) in l1_ids for p in g["params"])]
 
-    def _apply_schedules(self) -> None:
-        if self.mgs is not None:
-            mix = self.mix
+    def _schedule_at(self, step: int) -> tuple[Optional[float], float]:
+        """``(mgs_mix, lr factor)`` for ``step``, checked; computing them changes nothing."""
+        mix = None if self.mgs is None else self.mgs.value(step, self.total_steps)
+        factor = 1.0 if self.dlc is None else self.dlc.lr_factor(min(1.0, step / self.total_steps))
+        if not (math.isfinite(factor) and factor >= 0.0):
+            raise TrainingError(f"DLC lr_schedule returned {factor} at step {step} of {self.total_steps}; the "
+                                "learning-rate factor must be a finite number >= 0")
+        return mix, factor
+
+    def _apply(self, mix: Optional[float], factor: float) -> None:
+        if mix is not None:
             for _, m in self.l1_modules:
                 m.mgs_mix = mix
-        factor = self.lr_factor
         groups = self.optimizer.param_groups
-        if len(groups) != len(self.base_lrs):
-            raise RuntimeError(
-                f"the optimizer has {len(groups)} parameter groups but had {len(self.base_lrs)} when the "
-                "TrainingWrapper was built; build the wrapper after adding parameter groups")
         for i in self._scheduled_groups():
             _set_lr(groups[i], self.base_lrs[i] * factor)
+
+    def _apply_schedules(self) -> None:
+        self._sync_groups()
+        self._apply(*self._schedule_at(self.step_count))
+
+    def _sync_groups(self) -> None:
+        """Adopt parameter groups added since the last step; refuse removed ones. Touches nothing on error.
+
+        An added group (``optimizer.add_param_group``, e.g. to unfreeze a backbone) gets its ``lr`` at that
+        moment as its base learning rate and follows the schedule from the current step, as the groups
+        present from the start do. A removed group cannot be matched to its base learning rate.
+        """
+        groups = self.optimizer.param_groups
+        if len(groups) < len(self.base_lrs):
+            raise TrainingError(
+                f"the optimizer has {len(groups)} parameter groups but had {len(self.base_lrs)}: a group was "
+                "removed after the TrainingWrapper was built, and the wrapper cannot tell which one; build a "
+                "new TrainingWrapper for the changed optimizer (nothing was stepped)")
+        if len(groups) > len(self.base_lrs):
+            self.base_lrs += [float(g["lr"]) for g in groups[len(self.base_lrs):]]
+            self._check_l1_layers()
 
     # ------------------------------------------------------------ the training step
     def step(self, scaler: Optional["torch.amp.GradScaler"] = None) -> None:
@@ -338,10 +375,21 @@ class TrainingWrapper:
         here instead of calling ``scaler.step``: the gradients are unscaled
         before DLC measures them, then ``scaler.step`` and ``scaler.update`` run.
         """
+        # Everything that can fail is checked before the gradients, the optimizer or the step count are
+        # touched, so an error leaves the training state exactly as it was.
+        scale = self.dlc is not None and self.dlc.scale_gradients
+        weights = self.l1_weights
+        if scale:
+            _check_dense_gradients(weights)
+        after = self._schedule_at(self.step_count + 1)
+        if len(self.optimizer.param_groups) != len(self.base_lrs):
+            self._sync_groups()
+            self._apply(*self._schedule_at(self.step_count))  # an added group's lr for this step
+
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        if self.dlc is not None and self.dlc.scale_gradients:
-            self.dlc.scale_(self.l1_weights)
+        if scale:
+            self.dlc.scale_(weights)
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
@@ -352,7 +400,7 @@ class TrainingWrapper:
             self._warned_past_end = True
             warnings.warn(f"TrainingWrapper stepped past total_steps={self.total_steps}; "
                           "the schedules hold their final values", stacklevel=2)
-        self._apply_schedules()
+        self._apply(*after)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -363,19 +411,26 @@ class TrainingWrapper:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the schedule position; re-applies ``mgs_mix`` and the learning rates."""
-        missing = {"step", "total_steps", "base_lrs"} - set(state)
-        if missing:
-            raise ValueError(f"not a TrainingWrapper state dict: missing {sorted(missing)}")
-        if int(state["total_steps"]) != self.total_steps:
-            raise ValueError(
-                f"checkpoint was saved with total_steps={state['total_steps']} but this wrapper has "
-                f"total_steps={self.total_steps}; build the wrapper with the same total_steps to resume")
-        if len(state["base_lrs"]) != len(self.optimizer.param_groups):
-            raise ValueError(f"checkpoint has {len(state['base_lrs'])} parameter groups, the optimizer "
-                             f"{len(self.optimizer.param_groups)}")
+        self._check_state_dict(state)
         self.step_count = int(state["step"])
         self.base_lrs = [float(v) for v in state["base_lrs"]]
         self._apply_schedules()
+
+    def _check_state_dict(self, state: dict) -> None:
+        """Raise :class:`TrainingError` if ``state`` cannot be loaded into this wrapper; changes nothing."""
+        if not isinstance(state, dict):
+            raise TrainingError(f"not a TrainingWrapper state dict: {type(state).__name__}")
+        missing = {"step", "total_steps", "base_lrs"} - set(state)
+        if missing:
+            raise TrainingError(f"not a TrainingWrapper state dict: missing {sorted(missing)}")
+        if int(state["total_steps"]) != self.total_steps:
+            raise TrainingError(
+                f"checkpoint was saved with total_steps={state['total_steps']} but this wrapper has "
+                f"total_steps={self.total_steps}; build the wrapper with the same total_steps to resume")
+        if len(state["base_lrs"]) != len(self.optimizer.param_groups):
+            raise TrainingError(f"checkpoint has {len(state['base_lrs'])} parameter groups, the optimizer "
+                                f"{len(self.optimizer.param_groups)}")
+        self._schedule_at(int(state["step"]))  # a schedule that fails there fails now, before any change
 
     def __repr__(self) -> str:
         return (f"TrainingWrapper(step={self.step_count}/{self.total_steps}, l1_layers={len(self.l1_modules)}, "

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from l1fx.errors import TrainingError
 from l1fx.nn import L1Conv1d, L1Linear
 from l1fx.train import DLC, MGS, TrainingWrapper, find_l1_modules
 
@@ -215,6 +216,85 @@ def test_wrapper_argument_errors_and_warnings():
                         mgs=None, dlc=DLC(scale_gradients=False))
     with pytest.warns(UserWarning, match="conv2.weight"):
         TrainingWrapper(model, torch.optim.SGD([model.conv1.weight], lr=0.1), total_steps=3)
+
+
+# ---------------------------------------------------------------- step() checks before it touches anything
+def training_state(model, opt, wrapper):
+    """Everything a failed step must leave as it was."""
+    return ({n: p.detach().clone() for n, p in model.named_parameters()},
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for p, st in opt.state.items()},
+            [g["lr"] for g in opt.param_groups], wrapper.step_count, model.conv1.mgs_mix)
+
+
+def assert_same_state(a, b):
+    for x, y in zip(a, b):
+        if isinstance(x, dict):
+            assert x.keys() == y.keys()
+            for k in x:
+                vx, vy = x[k], y[k]
+                if isinstance(vx, dict):
+                    assert vx.keys() == vy.keys() and all(
+                        torch.equal(vx[j], vy[j]) if torch.is_tensor(vx[j]) else vx[j] == vy[j] for j in vx), k
+                else:
+                    assert torch.equal(vx, vy), k
+        else:
+            assert x == y
+
+
+def test_removed_param_group_raises_before_the_optimizer_moves_anything():
+    model = TinySeg()
+    l1 = [model.conv1.weight, model.conv2.weight]
+    rest = [p for p in model.parameters() if all(p is not q for q in l1)]
+    opt = torch.optim.SGD([{"params": l1}, {"params": rest}], lr=0.05, momentum=0.9)
+    wrapper = TrainingWrapper(model, opt, total_steps=6)
+    train_steps(model, wrapper, batches(2))
+    del opt.param_groups[1]  # the wrapper cannot tell which base learning rate belonged to it
+    x, y = batches(1, seed=5)[0]
+    wrapper.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = training_state(model, opt, wrapper)
+    with pytest.raises(TrainingError, match="removed after the TrainingWrapper was built"):
+        wrapper.step()
+    # Nothing moved: parameters, gradients (no DLC scaling either), momentum buffers, lrs, the step count.
+    assert_same_state(before, training_state(model, opt, wrapper))
+
+
+def test_param_group_added_later_is_adopted_and_scheduled():
+    model = TinySeg()
+    head = list(model.head.parameters())
+    opt = torch.optim.SGD([p for p in model.parameters() if all(p is not q for q in head)], lr=0.05)
+    for p in head:
+        p.requires_grad_(False)  # a frozen head, unfrozen after two steps (e.g. progressive fine-tuning)
+    wrapper = TrainingWrapper(model, opt, total_steps=4)
+    train_steps(model, wrapper, batches(2))
+    for p in head:
+        p.requires_grad_(True)
+    opt.add_param_group({"params": head, "lr": 0.2})
+    frozen = [p.detach().clone() for p in head]
+    train_steps(model, wrapper, batches(1, seed=3))
+    assert wrapper.step_count == 3 and wrapper.base_lrs == [0.05, 0.2]
+    assert all(not torch.equal(p, q) for p, q in zip(head, frozen))  # trained from its first step
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.2 * DLC().lr_factor(3 / 4))  # follows the schedule
+
+
+@pytest.mark.parametrize("bad", ["lr", "mgs"])
+def test_schedule_failing_at_the_next_step_raises_before_the_step(bad):
+    model = TinySeg()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if bad == "lr":
+        wrapper = TrainingWrapper(model, opt, total_steps=4, dlc=DLC(lr_schedule=lambda p: 1.0 if p < 0.4 else
+                                                                     float("nan")))
+    else:
+        wrapper = TrainingWrapper(model, opt, total_steps=4, mgs=MGS(schedule=lambda p: p if p < 0.4 else 2.0))
+    train_steps(model, wrapper, batches(1))
+    x, y = batches(1, seed=4)[0]
+    wrapper.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = training_state(model, opt, wrapper)
+    with pytest.raises(TrainingError, match="lr_schedule returned nan|schedule callable returned 2.0"):
+        wrapper.step()
+    assert_same_state(before, training_state(model, opt, wrapper))
 
 
 def test_shared_l1_weight_is_scaled_once():
