@@ -8,34 +8,46 @@ rewrite [-> init_l1_weights] -> verify) on a copy of ``model``; see docs/convert
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from . import passes
+from ._util import as_input_tuple
+from .errors import ConversionError
 from .nn import L1FunctionalCall, L1Module
+from .passes.select import STRATEGIES, check_ratio, check_strategy  # noqa: F401  (STRATEGIES: old name)
+from .passes.state import ConversionFailed, ConversionTypeError, shared_groups
+from .passes.status import Normalize, Status, Strategy
 
-__all__ = ["convert", "summary", "ConvertConfig", "Summary"]
+__all__ = ["convert", "summary", "ConvertConfig", "Summary", "ConversionError", "ConversionFailed",
+           "ConversionTypeError"]
 
 Summary = passes.Summary
 Filter = Union[None, str, Sequence[str], Callable[[str, Optional[nn.Module]], bool]]
+FilterFn = Callable[[nn.Module, str], bool]
 SUMMARY_ATTR = "l1fx_summary"
-STRATEGIES = ("depth", "energy")
+_PREFIX = "l1fx.convert: "
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ConvertConfig:
-    """Arguments of :func:`convert`, checked by :meth:`validate`."""
+    """Arguments of :func:`convert`: keyword-only and frozen; :meth:`validate` returns a checked copy.
+
+    Change one with ``dataclasses.replace(config, ratio=0.5)``.
+    """
 
     ratio: float = 1.0
     include: Filter = None
     exclude: Filter = None
+    filter_fn: Optional[FilterFn] = None  # filter_fn(module, fqn) -> bool, torchao's order
     strategy: str = "depth"
     normalize: Optional[str] = "auto"
     example_inputs: Optional[tuple] = None
@@ -43,54 +55,69 @@ class ConvertConfig:
     init: Union[str, float] = "dense"
 
     def validate(self) -> "ConvertConfig":
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"l1fx.convert: ratio must be a number in [0, 1] (fraction of units to convert), "
-                             f"got {self.ratio!r}")
-        self.ratio = float(self.ratio)
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"l1fx.convert: strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.normalize not in ("auto", None):
-            raise ValueError(f"l1fx.convert: normalize must be 'auto' or None, got {self.normalize!r}")
-        if self.example_inputs is not None and not isinstance(self.example_inputs, tuple):
-            # one tensor is the common case; anything else must already be the positional args
-            if isinstance(self.example_inputs, torch.Tensor):
-                self.example_inputs = (self.example_inputs,)
-            elif isinstance(self.example_inputs, list):
-                self.example_inputs = tuple(self.example_inputs)
-            else:
-                raise TypeError(f"l1fx.convert: example_inputs must be a tuple of forward() arguments, "
-                                f"got {type(self.example_inputs).__name__}")
+        """A copy with ``ratio`` a float, ``strategy`` a :class:`Strategy` and ``example_inputs`` a tuple;
+        ConversionError (a ValueError) or ConversionTypeError (a TypeError) naming the bad argument."""
+        ratio = check_ratio(self.ratio, prefix=_PREFIX, error=ConversionError)
+        strategy = check_strategy(self.strategy, prefix=_PREFIX, error=ConversionError)
+        if self.normalize not in (Normalize.AUTO, None):
+            raise ConversionError(f"{_PREFIX}normalize must be 'auto' or None, got {self.normalize!r}")
+        example_inputs = self.example_inputs
+        if example_inputs is not None:
+            try:  # one tensor is the common case; anything else must already be the positional args
+                example_inputs = as_input_tuple(example_inputs)
+            except TypeError as e:
+                raise ConversionTypeError(f"{_PREFIX}{e}") from None
         if isinstance(self.init, bool) or not (self.init in passes.INIT_CHOICES or (
                 isinstance(self.init, numbers.Real) and math.isfinite(self.init) and self.init > 0)):
-            raise ValueError(f"l1fx.convert: init must be 'dense' (keep the dense weights), 'data' (set the l1 "
-                             f"weights from input statistics) or a positive factor, got {self.init!r}")
-        if self.init == "data" and self.example_inputs is None:
-            raise ValueError("l1fx.convert: init='data' sets the l1 weights from the statistics of their inputs, "
-                             "which needs example_inputs=(a batch of inputs,)")
-        if self.strategy == "energy" and self.example_inputs is None:
-            raise ValueError("l1fx.convert: strategy='energy' ranks layers by multiply-accumulates, which "
-                             "needs example_inputs=(a batch of inputs,)")
+            raise ConversionError(f"{_PREFIX}init must be 'dense' (keep the dense weights), 'data' (set the l1 "
+                                  f"weights from input statistics) or a positive factor, got {self.init!r}")
+        if self.init == "data" and example_inputs is None:
+            raise ConversionError(f"{_PREFIX}init='data' sets the l1 weights from the statistics of their inputs, "
+                                  "which needs example_inputs=(a batch of inputs,)")
+        if strategy == Strategy.ENERGY and example_inputs is None:
+            raise ConversionError(f"{_PREFIX}strategy='energy' ranks layers by multiply-accumulates, which "
+                                  "needs example_inputs=(a batch of inputs,)")
         for what in ("include", "exclude"):
             spec = getattr(self, what)
             if spec is not None and not callable(spec) and not isinstance(spec, str) and not (
                     isinstance(spec, Sequence) and all(isinstance(p, str) for p in spec)):
-                raise TypeError(f"l1fx.convert: {what} must be a pattern, a list of patterns or a "
-                                f"function (name, module) -> bool, got {spec!r}")
-        return self
+                raise ConversionTypeError(f"{_PREFIX}{what} must be a pattern or a list of patterns (or use "
+                                          f"filter_fn=lambda module, fqn: ...), got {spec!r}")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise ConversionTypeError(f"{_PREFIX}filter_fn must be a function (module, fqn) -> bool, "
+                                      f"got {self.filter_fn!r}")
+        return dataclasses.replace(self, ratio=ratio, strategy=strategy, example_inputs=example_inputs)
+
+
+def _warn_old_filter_order(include: Filter, exclude: Filter) -> None:
+    """A function as include=/exclude= is called (name, module): still works, but filter_fn is the way now."""
+    for what, spec in (("include", include), ("exclude", exclude)):
+        if callable(spec):
+            hint = "filter_fn=lambda module, fqn: ..." if what == "include" else \
+                "filter_fn=lambda module, fqn: not ..."
+            warnings.warn(f"{_PREFIX}a function as {what}= (called as fn(name, module)) is deprecated; pass "
+                          f"{hint} instead (torchao's argument order: the module first)",
+                          DeprecationWarning, stacklevel=3)
 
 
 def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exclude: Filter = None,
-            strategy: str = "depth", normalize: Optional[str] = "auto", example_inputs: Optional[tuple] = None,
-            inplace: bool = False, init: Union[str, float] = "dense") -> nn.Module:
+            filter_fn: Optional[FilterFn] = None, strategy: str = "depth", normalize: Optional[str] = "auto",
+            example_inputs: Optional[tuple] = None, inplace: bool = False,
+            init: Union[str, float] = "dense") -> nn.Module:
     """Return ``model`` with inner-product layers replaced by l1 layers.
 
     Args:
         model: any ``nn.Module``; it is not modified unless ``inplace=True``.
         ratio: fraction of units (shared-MLP chains or single layers) to convert, in [0, 1].
         include / exclude: fnmatch pattern(s) over qualified layer names (a pattern also matches
-            everything below a module: ``"sa1"``), or ``filter_fn(name, module) -> bool``. They
-            override the ratio: with ``include`` exactly the matching layers are converted;
-            ``exclude`` keeps matching layers dense.
+            everything below a module: ``"sa1"``). They override the ratio: with ``include``
+            exactly the matching layers are converted; ``exclude`` keeps matching layers dense.
+            (A function ``fn(name, module) -> bool`` here still works but is deprecated: use
+            ``filter_fn``.)
+        filter_fn: ``filter_fn(module, fqn) -> bool`` (torchao's order), applied like ``include``:
+            exactly the layers it accepts (and ``include`` matches, if given) are converted, minus
+            ``exclude``. For a functional call it gets the module owning the weight and the
+            weight's name.
         strategy: ``"depth"`` converts the units nearest the inputs first, ``"energy"`` the units
             with the most multiply-accumulates first (needs ``example_inputs``).
         normalize: ``"auto"`` adds a learnable output normalisation (:class:`l1fx.nn.L1OutputNorm`)
@@ -108,12 +135,30 @@ def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exc
         A ``torch.fx.GraphModule`` when the model could be traced (possibly with untraced
         submodules kept as leaves), else the model itself with modules swapped. Its
         ``l1fx_summary`` attribute (also ``l1fx.summary(result)``) says what was done.
+
+    Weight ties survive (converted layers use the dense layers' own Parameters), random calls in
+    ``forward`` stay calls, and the global RNG states (torch, CUDA if initialised, ``random``,
+    numpy) are as they were on return.
+
+    Raises:
+        ConversionError: one line naming the argument or layer; a ``ValueError`` for bad values,
+            :class:`ConversionTypeError` (a ``TypeError``) for wrong types, :class:`ConversionFailed`
+            (a ``RuntimeError``) when a layer or the model fails part-way. The cause is chained.
     """
-    config = ConvertConfig(ratio, include, exclude, strategy, normalize, example_inputs, inplace,
-                           init).validate()
+    config = ConvertConfig(ratio=ratio, include=include, exclude=exclude, filter_fn=filter_fn, strategy=strategy,
+                           normalize=normalize, example_inputs=example_inputs, inplace=inplace,
+                           init=init).validate()
+    _warn_old_filter_order(include, exclude)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"l1fx.convert expects an nn.Module, got {type(model).__name__}")
-    state = passes.run_pipeline(model, config)
+        raise ConversionTypeError(f"l1fx.convert expects an nn.Module, got {type(model).__name__}")
+    # The passes run the model (tracing, the example run, init='data'); run_pipeline keeps the RNG
+    # states, so a seeded script draws the same numbers after convert as without it.
+    try:
+        state = passes.run_pipeline(model, config)  # called here: warnings' stacklevel counts on it
+    except ConversionError:
+        raise
+    except Exception as e:
+        raise _conversion_error(e) from e
     result = state.result
     info = build_summary(state)
     if not info.rows or all(r.skip for r in info.rows):
@@ -124,17 +169,30 @@ def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exc
     return result
 
 
+def _conversion_error(e: Exception) -> ConversionError:
+    """``e`` as a one-line ConversionError that is still the builtin type it was (the cause is chained)."""
+    text = " ".join(str(e).split())
+    if not text.startswith("l1fx.convert"):
+        text = f"l1fx.convert: {type(e).__name__}: {text}"
+    if isinstance(e, TypeError):  # e.g. the model cannot be deep-copied
+        return ConversionTypeError(text)
+    if isinstance(e, ValueError):  # keeps `except ValueError` working
+        return ConversionError(text)
+    return ConversionFailed(text)
+
+
 def build_summary(state: passes.ConversionState) -> Summary:
     report = state.trace or passes.TraceReport()
     rows = sorted(state.candidates, key=lambda c: (c.unit is None, c.unit if c.unit is not None else 0, c.order))
     root = state.result if state.result is not None else state.root
     return Summary(
         model_name=type(state.model).__name__, rows=rows, units=len(state.units),
-        selected_units=sum(1 for u in state.units if any(c.status in ("converted", "already l1") for c in u.members)),
+        selected_units=sum(1 for u in state.units if any(Status.is_l1(c.status) for c in u.members)),
         ratio=getattr(state.config, "ratio", None), strategy=getattr(state.config, "strategy", ""),
         normalize=getattr(state.config, "normalize", None), leaves=dict(report.leaves),
         opaque_functions=dict(report.opaque_functions), whole_model_error=report.whole_model_error,
         order_note=state.order_note, notes=list(state.notes), l1_weight_names=l1_weight_names(root),
+        shared_weights=shared_groups(root),
     )
 
 
@@ -163,5 +221,5 @@ def summary(model: nn.Module) -> Summary:
     info = getattr(model, SUMMARY_ATTR, None)
     if isinstance(info, Summary):
         return info
-    raise ValueError(f"l1fx.summary: {type(model).__name__} was not produced by l1fx.convert "
+    raise ConversionError(f"l1fx.summary: {type(model).__name__} was not produced by l1fx.convert "
                      f"(it has no '{SUMMARY_ATTR}' attribute); convert it with l1fx.convert(model) first")

@@ -4,11 +4,14 @@ Constructor signatures, parameter names and shapes are those of the
 torch.nn classes, so a dense layer's ``state_dict`` loads with
 ``strict=True``. ``mgs_mix`` (float in [0, 1], default 1.0) is the Mixed
 Gradient Strategy blend passed to the op; the training controller drives it.
+
+Which ℓ1 class replaces which dense kind is the registry's (:mod:`l1fx.layers`):
+``DENSE_TO_L1`` and ``L1FunctionalCall.FUNCTIONS`` are live views of it.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
+from collections.abc import Mapping
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.utils import _pair, _single, _triple
 
 from . import functional as L1F
+from . import layers  # registers the kinds (and the FLOP formula of the l1 ops); names l1 classes as strings
 
 __all__ = ["L1Linear", "L1Conv1d", "L1Conv2d", "L1Conv3d", "L1Module", "L1_MODULES", "DENSE_TO_L1"]
 
@@ -36,7 +40,7 @@ class L1Module:
         self.mgs_mix = 1.0
 
     @classmethod
-    def from_dense(cls, module: nn.Module):
+    def from_dense(cls, module: nn.Module, *, share_parameters: bool = False):
         raise NotImplementedError  # overridden below per class
 
 
@@ -69,12 +73,13 @@ class L1Linear(L1Module, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     @classmethod
-    def from_dense(cls, module: nn.Linear) -> "L1Linear":
+    def from_dense(cls, module: nn.Linear, *, share_parameters: bool = False) -> "L1Linear":
+        """The l1 layer with ``module``'s weights: copies, or with ``share_parameters`` the same Parameters."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"L1Linear.from_dense expects nn.Linear, got {type(module).__name__}")
         new = cls(module.in_features, module.out_features, bias=module.bias is not None,
-                  device=module.weight.device, dtype=module.weight.dtype)
-        _copy_params(module, new)
+                  device="meta", dtype=module.weight.dtype)
+        _take_params(module, new, share_parameters)
         return new
 
 
@@ -103,16 +108,17 @@ class _L1ConvNd(L1Module, _ConvNd):
         return self._conv_forward(input, self.weight, self.bias)
 
     @classmethod
-    def from_dense(cls, module: nn.Module):
+    def from_dense(cls, module: nn.Module, *, share_parameters: bool = False):
+        """The l1 layer with ``module``'s weights: copies, or with ``share_parameters`` the same Parameters."""
         if type(module) is not cls._dense and not isinstance(module, cls._dense):
             raise TypeError(f"{cls.__name__}.from_dense expects {cls._dense.__name__}, got {type(module).__name__}")
         new = cls(
             module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
             padding=module.padding, dilation=module.dilation, groups=module.groups,
             bias=module.bias is not None, padding_mode=module.padding_mode,
-            device=module.weight.device, dtype=module.weight.dtype,
+            device="meta", dtype=module.weight.dtype,
         )
-        _copy_params(module, new)
+        _take_params(module, new, share_parameters)
         return new
 
 
@@ -141,6 +147,18 @@ L1Conv2d = _make_conv(2, nn.Conv2d, _pair, _size_2_t)
 L1Conv3d = _make_conv(3, nn.Conv3d, _triple, _size_3_t)
 
 
+def _take_params(src: nn.Module, dst: nn.Module, share: bool) -> None:
+    """Give ``dst`` (built on the meta device, so its init drew no random numbers) ``src``'s parameters."""
+    if share:  # the same objects: ties to other layers and optimizer references stay valid
+        dst.weight = src.weight
+        if src.bias is not None:
+            dst.bias = src.bias
+        dst.train(src.training)
+    else:
+        dst.to_empty(device=src.weight.device)
+        _copy_params(src, dst)
+
+
 def _copy_params(src: nn.Module, dst: nn.Module) -> None:
     with torch.no_grad():
         dst.weight.copy_(src.weight)
@@ -152,8 +170,31 @@ def _copy_params(src: nn.Module, dst: nn.Module) -> None:
     dst.train(src.training)
 
 
-L1_MODULES = (L1Linear, L1Conv1d, L1Conv2d, L1Conv3d)
-DENSE_TO_L1 = {nn.Linear: L1Linear, nn.Conv1d: L1Conv1d, nn.Conv2d: L1Conv2d, nn.Conv3d: L1Conv3d}
+class _RegistryView(Mapping):
+    """A read-only dict computed from :mod:`l1fx.layers` on each use, so kinds registered later show up."""
+
+    def __init__(self, build: Callable[[], dict], what: str) -> None:
+        self._build, self._what = build, what
+
+    def __getitem__(self, key):
+        return self._build()[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._build())
+
+    def __len__(self) -> int:
+        return len(self._build())
+
+    def __repr__(self) -> str:
+        return f"{self._what}({self._build()!r})"
+
+
+# {dense module type: l1 class} for every registered kind that has an l1 module (nn.Linear -> L1Linear, ...).
+DENSE_TO_L1 = _RegistryView(
+    lambda: {s.module: s.l1_class for s in layers.specs() if s.l1_module is not None}, "DENSE_TO_L1")
+# The built-in l1 layer classes (a tuple for isinstance; plug-in kinds: layers.spec_for_module).
+L1_MODULES = tuple(s.l1_class for s in layers.specs()
+                   if s.l1_module is not None and s.l1_module.startswith(__name__ + "."))
 
 
 # ---------------------------------------------------------------- added by l1fx.convert
@@ -209,12 +250,17 @@ class L1FunctionalCall(L1Module, nn.Module):
     carries ``mgs_mix`` for the training controller like the l1 layers do.
     """
 
-    FUNCTIONS = {"linear": L1F.l1_linear, "conv1d": L1F.l1_conv1d, "conv2d": L1F.l1_conv2d,
-                 "conv3d": L1F.l1_conv3d}
+    # {kind name: l1 function} of every registered kind with one ("linear" -> l1_linear, ...)
+    FUNCTIONS = _RegistryView(
+        lambda: {s.name: s.l1_callable for s in layers.specs() if s.l1_function is not None}, "FUNCTIONS")
 
     def __init__(self, op: str, weight_name: str, weight: Optional[Tensor] = None) -> None:
         nn.Module.__init__(self)
-        if op not in self.FUNCTIONS:
+        try:
+            spec = layers.get(op)
+        except KeyError:
+            spec = None
+        if spec is None or spec.l1_function is None:
             raise ValueError(f"L1FunctionalCall: op must be one of {sorted(self.FUNCTIONS)}, got {op!r}")
         self.op = op
         self.weight_name = weight_name
@@ -228,10 +274,11 @@ class L1FunctionalCall(L1Module, nn.Module):
         return self.__dict__.get("_l1fx_weight")
 
     def forward(self, *args, **kwargs) -> Tensor:
-        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        spec = layers.get(self.op)
+        weight = spec.weight_of(args, kwargs)
         if isinstance(weight, nn.Parameter):
             self.__dict__["_l1fx_weight"] = weight
-        return self.FUNCTIONS[self.op](*args, **kwargs, mix=self.mgs_mix, name=self._error_name())
+        return spec.l1_callable(*args, **kwargs, mix=self.mgs_mix, name=self._error_name())
 
     def extra_repr(self) -> str:
         return f"op=l1_{self.op}, weight={self.weight_name}"

@@ -24,6 +24,11 @@ your own pass between them, e.g.::
                 passes.rewrite, passes.verify)
     state = passes.run_pipeline(model, ConvertConfig(ratio=1.0), pipeline)
     l1_model = state.result
+
+The layer kinds the passes look for come from :mod:`l1fx.layers`; the
+selection rules are :func:`choose` (also used for source rewriting); the
+fixed vocabularies (``Candidate.status``, ``Unit.kind``, ...) are the str
+enums of :mod:`l1fx.passes.status`. See docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -35,8 +40,10 @@ from torch import nn
 from .analyse import analyse, build_nx_graph, find_candidates, group_units, measure
 from .init import INIT_CHOICES, init_l1_weights, template_init
 from .rewrite import rewrite, swap_module
-from .select import Matcher, nearest_count, select
+from .rng import preserved_rng
+from .select import Choice, Layer, Matcher, check_ratio, choose, choose_in_order, nearest_count, select
 from .state import Candidate, ConversionState, Summary, TraceReport, Unit
+from .status import CandidateKind, Status, Strategy, UnitKind
 from .trace import L1Tracer, OpaqueFunction, trace, trace_model
 from .verify import verify
 
@@ -46,6 +53,7 @@ __all__ = [
     "ConversionState", "Candidate", "Unit", "TraceReport", "Summary",
     "L1Tracer", "OpaqueFunction", "trace_model", "build_nx_graph", "find_candidates", "group_units",
     "measure", "Matcher", "nearest_count", "swap_module",
+    "choose", "choose_in_order", "check_ratio", "Layer", "Choice", "Status", "CandidateKind", "UnitKind", "Strategy",
 ]
 
 Pass = Callable[[ConversionState], ConversionState]
@@ -62,7 +70,11 @@ def pipeline_for(config) -> tuple[Pass, ...]:
 
 
 def run_pipeline(model: nn.Module, config, pipeline: Optional[Sequence[Pass]] = None) -> ConversionState:
-    """Run ``pipeline`` (default :func:`pipeline_for` ``(config)``) on ``model``, deep-copied unless ``config.inplace``."""
+    """Run ``pipeline`` (default :func:`pipeline_for` ``(config)``) on ``model``, deep-copied unless ``config.inplace``.
+
+    ``config`` is a :class:`~l1fx.convert.ConvertConfig` (validated here) or any object with its
+    attributes. The global RNG states (:func:`~l1fx.passes.rng.preserved_rng`) are restored on return.
+    """
     if hasattr(config, "validate"):
         config = config.validate()
     if pipeline is None:
@@ -76,6 +88,9 @@ def run_pipeline(model: nn.Module, config, pipeline: Optional[Sequence[Pass]] = 
             raise TypeError(f"l1fx.convert: cannot copy {type(model).__name__} to leave it untouched "
                             f"({type(e).__name__}: {e}); pass inplace=True to convert it in place") from e
     state = ConversionState(model=working, config=config)
-    for p in pipeline:
-        state = p(state)
+    # The passes run the model (tracing, the example run, init='data'): any pipeline leaves the
+    # caller's random number generators as they were.
+    with preserved_rng():
+        for p in pipeline:
+            state = p(state)
     return state

@@ -1,9 +1,11 @@
 """Analyse pass: find the inner-product layers, group them into units and order them.
 
 The fx graph becomes a networkx DiGraph (one vertex per fx node, edges from
-inputs to users). Candidates are ``nn.Linear``/``nn.Conv1d/2d/3d`` modules
-called in the graph and ``F.linear``/``F.conv1d/2d/3d`` calls whose weight is
-a model parameter (a ``get_attr`` node). Pointwise candidates (Linear,
+inputs to users). Candidates are the layer kinds of :mod:`l1fx.layers`: modules
+of a registered kind (``nn.Linear``/``nn.Conv1d/2d/3d``; ``nn.ConvTranspose*d``
+are listed and skipped) called in the graph, and calls of a kind's functions
+(``F.linear``/``F.conv1d/2d/3d``) whose weight is a model parameter (a
+``get_attr`` node). Pointwise candidates (Linear,
 kernel-1 Conv1d, 1x1 Conv2d, 1x1x1 Conv3d; stride 1, no padding, groups 1)
 that are joined only through normalisation, activation or dropout form one
 shared-MLP unit; every other candidate is a unit of its own. Units are
@@ -14,8 +16,11 @@ where their swapped module sits in the graph, then by registration order, and
 consecutive pointwise layers of one container form a shared-MLP unit.
 
 With ``example_inputs`` the model is run once (eval mode, no grad, RNG state
-restored) under a TorchFunctionMode that records the multiply-accumulates of
-every linear/convolution call per weight, and the output shapes for verify.
+restored) and the multiply-accumulates of every candidate are recorded per
+layer (the kind's ``macs``, by default the registry's :func:`l1fx.layers.count_macs`):
+modules through forward hooks, functional calls under a TorchFunctionMode,
+matched to their call site; layers that share a weight each get their own
+count. The output shapes are kept for verify.
 """
 from __future__ import annotations
 
@@ -29,15 +34,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from l1fx.nn import DENSE_TO_L1, L1FunctionalCall, L1Module, L1OutputNorm
+from l1fx import layers
+from l1fx._util import evaluating
+from l1fx.nn import L1FunctionalCall, L1Module, L1OutputNorm
 
+from .rng import preserved_rng
 from .state import Candidate, ConversionState, Unit
+from .status import CandidateKind, Region, UnitKind
 from .trace import HELPERS, OpaqueFunction
 
 __all__ = ["analyse", "build_nx_graph", "find_candidates", "group_units", "measure", "JOINER_MODULES",
            "NORM_MODULES", "FUNCTIONS"]
 
-FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
+# {call_function target: layer kind name}, live over the registry (F.linear -> "linear", ...).
+FUNCTIONS = layers.FunctionNames()
 
 NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, L1OutputNorm)
 _ACTIVATION_MODULES = tuple(
@@ -63,27 +73,25 @@ PASS_THROUGH_FUNCTIONS = _DROPOUT_FUNCTIONS
 
 # ------------------------------------------------------------------ candidates
 def _module_op(m: nn.Module) -> Optional[str]:
-    if isinstance(m, L1FunctionalCall):
-        return f"F.{m.op}"
-    for dense, l1 in DENSE_TO_L1.items():
-        if isinstance(m, (dense, l1)):
-            return dense.__name__
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return type(m).__name__
-    return None
+    """The op label of a module of a registered kind ("Conv2d"; "F.conv2d" for a converted call), or None."""
+    spec = layers.spec_for_module(m)
+    if spec is None:
+        return None
+    return spec.function_op if isinstance(m, L1FunctionalCall) else spec.label(m)
 
 
 def skip_reason(m: nn.Module) -> Optional[str]:
     """Why a dense module cannot become an l1 layer, or None."""
     if isinstance(m, L1Module):
         return None
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return "transposed convolution has no l1 analogue"
+    spec = layers.spec_for_module(m)
+    if spec is not None and spec.unsupported:
+        return spec.unsupported
     if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
         return "lazy module not initialised yet: run one forward pass before converting"
-    dense = next((d for d in DENSE_TO_L1 if isinstance(m, d)), None)
-    if dense is None:
+    if spec is None:
         return "not an inner-product layer"
+    dense = spec.module
     if torch.nn.utils.parametrize.is_parametrized(m) or any(
             type(h).__name__ in ("WeightNorm", "SpectralNorm") for h in m._forward_pre_hooks.values()):
         return ("weight is reparametrized (weight_norm/spectral_norm/parametrize); converting would drop that: "
@@ -98,32 +106,13 @@ def skip_reason(m: nn.Module) -> Optional[str]:
 
 
 def _pointwise_module(m: nn.Module) -> bool:
-    if isinstance(m, (nn.Linear, DENSE_TO_L1[nn.Linear])):
-        return True
-    if isinstance(m, L1FunctionalCall):
-        return m.op == "linear"
-    if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return (all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride) and m.groups == 1
-                and (m.padding == "valid" or m.padding == "same" or all(p == 0 for p in m.padding)))
-    return False
-
-
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+    spec = layers.spec_for_module(m)
+    return spec is not None and not spec.unsupported and bool(spec.pointwise_module(m))
 
 
 def _pointwise_call(op: str, node: fx.Node, weight: torch.Tensor) -> bool:
-    if op == "linear":
-        return True
-    stride, padding, groups = _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0), _arg(node, 6, "groups", 1)
-
-    def all_eq(v, want):
-        return v == want if isinstance(v, int) else isinstance(v, (tuple, list)) and all(e == want for e in v)
-
-    return (all(k == 1 for k in weight.shape[2:]) and all_eq(stride, 1) and groups == 1
-            and (padding in ("valid", "same") or all_eq(padding, 0)))
+    """Whether the call ``node`` of kind ``op`` ("linear", "conv2d") with ``weight`` is pointwise."""
+    return bool(layers.get(op).pointwise_call(node.args, node.kwargs, weight))
 
 
 def _param_names(root: nn.Module) -> dict[int, str]:
@@ -155,20 +144,22 @@ def find_candidates(state: ConversionState) -> list[Candidate]:
                 if op is None or id(m) in seen:
                     continue
                 seen.add(id(m))
-                c = _module_candidate(node.target, m, op, "traced", key + (registration.get(id(m), 0),))
+                c = _module_candidate(node.target, m, op, Region.TRACED, key + (registration.get(id(m), 0),))
                 c.node = node.name
                 if isinstance(m, L1FunctionalCall):  # converted before: same unit as the first time
                     c.pointwise = _pointwise_call(m.op, node, params[m.weight_name])
                 out.append(c)
-            elif node.op == "call_function" and node.target in FUNCTIONS:
-                w = _arg(node, 1, "weight")
+            elif node.op == "call_function" and (spec := layers.spec_for_function(node.target)) is not None:
+                w = spec.weight_of(node.args, node.kwargs)
                 if not (isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(params.get(w.target), nn.Parameter)):
                     continue  # weight computed in forward (hypernetworks, T-Net products): not a layer
                 weight = params[w.target]
-                c = Candidate(name=w.target, kind="function", op=f"F.{FUNCTIONS[node.target]}", region="traced",
+                c = Candidate(name=w.target, kind=CandidateKind.FUNCTION, op=spec.function_op, region=Region.TRACED,
                               node=node.name, order=key + (0,))
-                c.pointwise = _pointwise_call(FUNCTIONS[node.target], node, weight)
-                if not weight.is_floating_point():
+                c.pointwise = not spec.unsupported and _pointwise_call(spec.name, node, weight)
+                if spec.unsupported:
+                    c.skip = spec.unsupported
+                elif not weight.is_floating_point():
                     c.skip = f"unsupported weight dtype {weight.dtype}"
                 out.append(c)
         for leaf, key in leaves.items():
@@ -178,7 +169,7 @@ def find_candidates(state: ConversionState) -> list[Candidate]:
             if id(m) in seen or name.startswith(HELPERS) or _module_op(m) is None or _inside(name, leaves):
                 continue
             seen.add(id(m))
-            c = _module_candidate(name, m, _module_op(m), "traced", (math.inf, math.inf, registration[id(m)]))
+            c = _module_candidate(name, m, _module_op(m), Region.TRACED, (math.inf, math.inf, registration[id(m)]))
             c.skip = c.skip or "not called as a module in forward (unused, or its weight is applied functionally)"
             out.append(c)
     else:
@@ -191,7 +182,8 @@ def _inside(name: str, prefixes) -> bool:
 
 
 def _module_candidate(name: str, m: nn.Module, op: str, region: str, order: tuple) -> Candidate:
-    c = Candidate(name=name, kind="function" if isinstance(m, L1FunctionalCall) else "module", op=op,
+    kind = CandidateKind.FUNCTION if isinstance(m, L1FunctionalCall) else CandidateKind.MODULE
+    c = Candidate(name=name, kind=kind, op=op,
                   region=region, order=order)
     c.already_l1 = isinstance(m, L1Module)
     c.skip = skip_reason(m)
@@ -282,7 +274,7 @@ def group_units(state: ConversionState) -> list[Unit]:
     groups.sort(key=lambda members: min(c.order for c in members))
     units = []
     for i, members in enumerate(groups):
-        kind = "shared-mlp" if len(members) > 1 or members[0].pointwise else "single"
+        kind = UnitKind.SHARED_MLP if len(members) > 1 or members[0].pointwise else UnitKind.SINGLE
         for c in members:
             c.unit = i
         units.append(Unit(index=i, members=members, kind=kind))
@@ -290,31 +282,63 @@ def group_units(state: ConversionState) -> list[Unit]:
 
 
 # ------------------------------------------------------------------ measurement
-L1_OPS = (torch.ops.l1fx.linear.default, torch.ops.l1fx.conv.default)
+L1_OPS = layers.l1_op_overloads()  # the l1 custom ops (as the registry had them at import)
 
 
 class _Recorder(TorchFunctionMode):
-    """MACs per candidate weight, and which candidates' outputs feed a normalisation directly."""
+    """MACs per candidate, and which candidates' outputs feed a normalisation directly.
 
-    def __init__(self, weights: dict[int, str]) -> None:
+    Counted per layer, not per weight, so layers sharing one Parameter (weight
+    ties) each get their own MACs: a module candidate is counted by forward
+    hooks on that module (its output and weight shapes, the kind's
+    ``macs``); a functional candidate by its calls under this mode, matched
+    by weight and, when several call sites use one weight, in graph order.
+    Calls inside a module candidate's forward belong to that module.
+    """
+
+    def __init__(self, sites: dict[int, list[int]]) -> None:
         super().__init__()
-        self.weights = weights
-        self.macs: dict[str, int] = {}
-        self.produced: dict[int, str] = {}  # id(output tensor) -> candidate name
+        self.sites = sites  # id(weight) -> functional candidate indices, in graph order
+        self.calls: dict[int, int] = {}  # id(weight) -> calls seen so far
+        self.kinds = {f: s for s in layers.specs() for f in s.functions}
+        self.macs: dict[int, int] = {}  # candidate index -> MACs
+        self.produced: dict[int, int] = {}  # id(output tensor) -> candidate index
         self.keep: list = []  # keep outputs alive so their ids stay unique during the run
-        self.normed: set[str] = set()
+        self.normed: set[int] = set()
+        self.inside = 0  # depth of module candidates being run
+
+    def count(self, index: int, macs: int, out: Any) -> None:
+        self.macs[index] = self.macs.get(index, 0) + macs
+        if isinstance(out, torch.Tensor):
+            self.produced[id(out)] = index
+            self.keep.append(out)
+
+    def hooks(self, module: nn.Module, index: int, spec: layers.LayerSpec) -> list:
+        """Count one module candidate from its own calls (pre hook: enter, hook: count and leave)."""
+        def enter(m, args):
+            self.inside += 1
+
+        def leave(m, args, out):
+            self.inside -= 1
+            w = getattr(m, "weight", None)
+            x = args[0] if args else None
+            if isinstance(out, torch.Tensor) and isinstance(w, torch.Tensor):
+                self.count(index, spec.macs(out.shape, w.shape, _shape(x)), out)
+
+        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         first = args[0] if args else kwargs.get("input")
-        if func in FUNCTIONS or func in L1_OPS:
-            w = args[1] if len(args) > 1 else kwargs.get("weight")
-            name = self.weights.get(id(w))
-            if name is not None and isinstance(out, torch.Tensor):
-                self.macs[name] = self.macs.get(name, 0) + out.numel() * math.prod(w.shape[1:])
-                self.produced[id(out)] = name
-                self.keep.append(out)
+        spec = self.kinds.get(func)
+        if spec is not None:
+            w = spec.weight_of(args, kwargs)
+            sites = self.sites.get(id(w))
+            if sites and not self.inside and isinstance(out, torch.Tensor):
+                k = self.calls.get(id(w), 0)
+                self.calls[id(w)] = k + 1
+                self.count(sites[k % len(sites)], spec.macs(out.shape, w.shape, _shape(first)), out)
         elif func in PASS_THROUGH_FUNCTIONS and id(first) in self.produced and isinstance(out, torch.Tensor):
             self.produced[id(out)] = self.produced[id(first)]
             self.keep.append(out)
@@ -323,38 +347,35 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+def _shape(x: Any) -> Optional[tuple]:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else None
+
+
 def _shapes(out: Any) -> Any:
     return fx.node.map_aggregate(out, lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__)
 
 
 def run_example(model: nn.Module, example_inputs) -> Any:
     """Run ``model`` on ``example_inputs`` in eval mode without grad, leaving RNG and train flags as they were."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return model(*example_inputs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with evaluating(model), preserved_rng(seed=0):
+        return model(*example_inputs)
 
 
 def measure(state: ConversionState) -> None:
     """MACs per candidate and the original output shapes, from one run on example_inputs."""
     inputs = state.config.example_inputs
     root = state.root
-    weights = {}
-    for c in state.candidates:
+    sites: dict[int, list[int]] = {}
+    modules: list[tuple[nn.Module, int]] = []
+    for i, c in enumerate(state.candidates):
         if c.skip:
             continue
-        if c.kind == "function":
-            p = root.get_parameter(c.name)
-        else:
-            p = getattr(root.get_submodule(c.name), "weight", None)
-        if isinstance(p, torch.Tensor):
-            weights[id(p)] = c.name
-    recorder = _Recorder(weights)
+        if c.kind == CandidateKind.FUNCTION and c.module_path is None:  # a call node on a parameter
+            sites.setdefault(id(root.get_parameter(c.name)), []).append(i)
+        else:  # a module, or an L1FunctionalCall module (a functional call converted before)
+            modules.append((root.get_submodule(c.module_path or c.name), i))
+    recorder = _Recorder(sites)
+    handles = [h for m, i in modules for h in recorder.hooks(m, i, layers.spec_for_module(m))]
     try:
         with recorder:
             out = run_example(state.model, inputs)
@@ -363,10 +384,13 @@ def measure(state: ConversionState) -> None:
             f"l1fx.convert: running {type(state.model).__name__} on example_inputs failed "
             f"({type(e).__name__}: {e}); pass inputs the model accepts as a tuple, e.g. (points,)"
         ) from e
+    finally:
+        for h in handles:
+            h.remove()
     state.original_outputs = _shapes(out)
-    for c in state.candidates:
-        c.macs = recorder.macs.get(c.name, 0)
-        c.measured_norm = c.name in recorder.normed
+    for i, c in enumerate(state.candidates):
+        c.macs = recorder.macs.get(i, 0)
+        c.measured_norm = i in recorder.normed
 
 
 def analyse(state: ConversionState) -> ConversionState:

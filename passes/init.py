@@ -19,8 +19,10 @@ pattern ``z``. (For grouped convolutions ``c`` is the input channel the patch
 position reads.) The statistics come from one forward of ``example_inputs``
 with normalisation layers on batch statistics (what training sees; a fresh
 model's running statistics would be meaningless) and everything else in eval
-mode, under ``no_grad`` with the RNG state forked; all buffers (running
-statistics, ``num_batches_tracked``) and train flags are restored afterwards.
+mode, under ``no_grad`` with torch seeded (0) inside :func:`~l1fx.passes.rng.preserved_rng`,
+so the init does not depend on, or change, the caller's RNG state; all buffers (running
+statistics, ``num_batches_tracked``) and train flags are restored afterwards. A
+weight shared with other layers is set once, in place, so it stays one Parameter.
 Layers are initialised in execution order from a forward pre-hook, so each
 layer's statistics already see the re-initialised layers before it (like
 LSUV); a layer called several times per forward is set from its first call.
@@ -39,9 +41,15 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from l1fx.nn import L1FunctionalCall, L1Module
+from l1fx import layers
+from l1fx._util import evaluating
+from l1fx.errors import ConversionError
+from l1fx.nn import L1FunctionalCall
 
-from .state import ConversionState
+from .rng import preserved_rng
+from .state import ConversionFailed, ConversionState, shared_groups
+from .status import Status
+from .trace import first_line
 
 __all__ = ["init_l1_weights", "template_init", "INIT_CHOICES"]
 
@@ -79,17 +87,11 @@ def _layer_input(module: nn.Module, args: tuple, kwargs: dict) -> Optional[Tenso
     return x if isinstance(x, Tensor) and x.is_floating_point() else None
 
 
-def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, L1FunctionalCall):
-        return module.op == "linear"
-    return not hasattr(module, "kernel_size")
-
-
 def _l1_targets(state: ConversionState) -> dict[str, nn.Module]:
     """Qualified module path -> l1 module, for the layers converted by this run."""
     root = state.root
     return {c.module_path or c.name: root.get_submodule(c.module_path or c.name)
-            for c in state.candidates if c.status == "converted"}
+            for c in state.candidates if c.status == Status.CONVERTED}
 
 
 def _weight(module: nn.Module, root: nn.Module) -> Tensor:
@@ -110,16 +112,18 @@ def _scale(state: ConversionState, factor: float) -> list[str]:
 
 
 class _Snapshot:
-    """Train flags and buffers of a module tree, restored on exit; norms on batch statistics inside."""
+    """Buffers of a module tree, restored on exit; normalisation layers on batch statistics inside.
+
+    Used inside :func:`l1fx._util.evaluating`, which puts the rest in eval mode and gives every
+    module its train flag back.
+    """
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
 
     def __enter__(self):
-        self.modes = {m: m.training for m in self.root.modules()}
         self.buffers = [(m, name, b, b.clone()) for m in self.root.modules()
                         for name, b in m._buffers.items() if b is not None]
-        self.root.eval()
         for m in self.root.modules():
             if isinstance(m, (_BatchNorm, _InstanceNorm)):
                 m.train()
@@ -130,8 +134,6 @@ class _Snapshot:
             for m, name, original, saved in self.buffers:
                 original.copy_(saved)
                 m._buffers[name] = original
-        for m, mode in self.modes.items():
-            m.training = mode
         return False
 
 
@@ -147,9 +149,10 @@ def _data(state: ConversionState) -> tuple[list[str], list[str]]:
             x = _layer_input(module, args, kwargs)
             if id(w) in done or x is None:
                 return None
-            mean, std = _channel_stats(x, -1 if _is_linear(module) else 1)
+            # the input's channels sit where the kind's outputs have theirs (-1 for linear, 1 for conv)
+            mean, std = _channel_stats(x, layers.spec_for_module(module).channel_dim)
             if mean.numel() % w.shape[1] != 0:
-                raise RuntimeError(f"l1fx.convert(init='data'): layer '{path}' got {mean.numel()} input "
+                raise ConversionFailed(f"l1fx.convert(init='data'): layer '{path}' got {mean.numel()} input "
                                    f"channels for a weight of shape {tuple(w.shape)}")
             with torch.no_grad():
                 w.copy_(template_init(w, mean, std))
@@ -159,15 +162,16 @@ def _data(state: ConversionState) -> tuple[list[str], list[str]]:
 
     handles = [m.register_forward_pre_hook(make_hook(p), with_kwargs=True) for p, m in targets.items()]
     try:
-        with _Snapshot(root), torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        # seed 0 for whatever the forward draws (dropout is off, random calls in forward are not):
+        # the same init on every run, and the user's generators are restored afterwards
+        with evaluating(root), _Snapshot(root), preserved_rng(seed=0):
             root(*state.config.example_inputs)
+    except ConversionError:
+        raise
     except Exception as e:
-        if str(e).startswith("l1fx.convert"):
-            raise
-        raise RuntimeError(
+        raise ConversionFailed(
             f"l1fx.convert(init='data'): the converted {type(state.model).__name__} failed on example_inputs "
-            f"with normalisation layers on batch statistics ({type(e).__name__}: {e}); pass a batch of at "
+            f"with normalisation layers on batch statistics ({first_line(e)}); pass a batch of at "
             f"least 2 samples, or use init='dense'") from e
     finally:
         for h in handles:
@@ -184,7 +188,7 @@ def init_l1_weights(state: ConversionState) -> ConversionState:
         return state
     if init == "data":
         if getattr(state.config, "example_inputs", None) is None:
-            raise ValueError("l1fx.convert: init='data' sets the l1 weights from input statistics, which "
+            raise ConversionError("l1fx.convert: init='data' sets the l1 weights from input statistics, which "
                              "needs example_inputs=(a batch of inputs,)")
         done, unreached = _data(state)
         note = (f"init='data': {len(done)} l1 weight(s) set to mean_c + std_c * standardised dense weight "
@@ -195,6 +199,22 @@ def init_l1_weights(state: ConversionState) -> ConversionState:
         done = _scale(state, float(init))
         note = f"init={float(init):g}: {len(done)} l1 weight(s) multiplied by {float(init):g}"
     else:
-        raise ValueError(f"l1fx.convert: init must be 'dense', 'data' or a positive number, got {init!r}")
+        raise ConversionError(f"l1fx.convert: init must be 'dense', 'data' or a positive number, got {init!r}")
     state.notes.append(note)
+    shared = _shared_with_others(state, done)
+    if shared:
+        state.notes.append(f"init: re-initialised weight(s) shared with layers that are not l1 (they see the "
+                           f"new values too, as one Parameter): {'; '.join(shared)}")
     return state
+
+
+def _shared_with_others(state: ConversionState, done: list[str]) -> list[str]:
+    """'a.weight = b.weight' for each re-initialised weight also registered outside the converted layers."""
+    names = {p: (m.weight_name if isinstance(m, L1FunctionalCall) else f"{p}.weight")
+             for p, m in _l1_targets(state).items()}
+    converted, l1 = {names[p] for p in done}, set(names.values())
+    out = []
+    for group in shared_groups(state.root):
+        if converted & set(group) and set(group) - l1:
+            out.append(" = ".join(group))
+    return out

@@ -1,8 +1,10 @@
 """Rewrite pass: selected layers become l1 layers, with output normalisation where needed.
 
-* A selected module is replaced by its ``l1fx.nn`` counterpart (``from_dense``
-  copies weight and bias) under the same qualified name, everywhere it is
-  referenced, so every original ``state_dict`` key keeps its shape.
+* A selected module is replaced by its ``l1fx.nn`` counterpart under the same
+  qualified name, everywhere it is referenced, so every original ``state_dict``
+  key keeps its shape. The new layer uses the dense layer's own Parameter
+  objects (``from_dense(share_parameters=True)``), so weights tied to anything
+  else (an embedding, a kept layer, another converted layer) stay one Parameter.
 * A selected ``F.linear``/``F.conv*d`` call node becomes a call of an
   :class:`l1fx.nn.L1FunctionalCall` module (registered under ``l1fx_calls``;
   it owns no parameters) with the same arguments.
@@ -25,10 +27,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from l1fx.nn import DENSE_TO_L1, L1FunctionalCall, L1OutputNorm, l1_output_norm_hook
+from l1fx import layers
+from l1fx.errors import ConversionError
+from l1fx.nn import L1FunctionalCall, L1OutputNorm, l1_output_norm_hook
 
-from .analyse import (FUNCTIONS, NORM_FUNCTIONS, NORM_MODULES, PASS_THROUGH_FUNCTIONS, PASS_THROUGH_MODULES)
-from .state import Candidate, ConversionState
+from .analyse import NORM_FUNCTIONS, NORM_MODULES, PASS_THROUGH_FUNCTIONS, PASS_THROUGH_MODULES
+from .state import Candidate, ConversionFailed, ConversionState
+from .status import CandidateKind, Normalize, Status
+from .trace import first_line
 
 __all__ = ["rewrite", "swap_module", "CALLS", "NORM_NAME"]
 
@@ -50,9 +56,21 @@ def swap_module(roots: list[nn.Module], old: nn.Module, new: nn.Module) -> int:
 
 
 def _to_l1(m: nn.Module, name: str) -> nn.Module:
-    dense = next(d for d in DENSE_TO_L1 if isinstance(m, d))
-    new = DENSE_TO_L1[dense].from_dense(m)
+    """The l1 layer for ``m``, using ``m``'s own Parameter and buffer objects.
+
+    Reusing the objects (rather than copying) keeps every tie: to an embedding
+    (``head.weight = emb.weight``), to a layer that stays dense, between two
+    converted layers, and in swapped regions as in the graph.
+    """
+    new = layers.build_replacement(m, share_parameters=True)
     new.l1fx_name = name
+    # anything else registered on the dense layer (an extra parameter, buffer or child) stays, same object
+    for registry in ("_parameters", "_buffers", "_modules"):
+        theirs, ours = getattr(m, registry), getattr(new, registry)
+        for key, value in theirs.items():
+            if key not in ours:
+                ours[key] = value
+    new._non_persistent_buffers_set |= m._non_persistent_buffers_set
     # keep user-visible hooks (e.g. feature extraction) on the new layer
     for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
         getattr(new, hooks).update(getattr(m, hooks))
@@ -66,7 +84,8 @@ def _convert_function(gm: fx.GraphModule, c: Candidate) -> None:
         holder = nn.Module()
         gm.add_module(CALLS, holder)
     key = node.name
-    holder.add_module(key, L1FunctionalCall(FUNCTIONS[node.target], c.name, gm.get_parameter(c.name)))
+    spec = layers.spec_for_function(node.target)
+    holder.add_module(key, L1FunctionalCall(spec.name, c.name, gm.get_parameter(c.name)))
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(f"{CALLS}.{key}", node.args, node.kwargs)
     node.replace_all_uses_with(new)
@@ -77,13 +96,13 @@ def _convert_function(gm: fx.GraphModule, c: Candidate) -> None:
 
 # ------------------------------------------------------------------ normalisation
 def _features(layer: nn.Module, root: nn.Module) -> tuple[int, int, torch.Tensor]:
-    """(number of output features, channel dim, weight) of an l1 layer."""
-    if isinstance(layer, L1FunctionalCall):
+    """(number of output features, channel dim, weight) of an l1 layer, as its kind's spec says."""
+    spec = layers.spec_for_module(layer)
+    if isinstance(layer, L1FunctionalCall):  # no attributes of its own: the weight's first dim
         w = root.get_parameter(layer.weight_name)
-        return w.shape[0], (-1 if layer.op == "linear" else 1), w
-    if isinstance(layer, DENSE_TO_L1[nn.Linear]):
-        return layer.out_features, -1, layer.weight
-    return layer.out_channels, 1, layer.weight
+        return w.shape[0], spec.channel_dim, w
+    features, channel_dim = spec.features(layer)
+    return features, channel_dim, layer.weight
 
 
 def _is_norm_node(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
@@ -187,12 +206,14 @@ def _normalise(state: ConversionState, c: Candidate) -> None:
 
 @contextlib.contextmanager
 def _naming(c: Candidate, doing: str):
-    """Re-raise any failure with the layer's name, so no bare fx traceback reaches the user."""
+    """Re-raise any failure as one line with the layer's name, so no bare fx traceback reaches the user."""
     try:
         yield
+    except ConversionError:
+        raise
     except Exception as e:
-        raise RuntimeError(f"l1fx.convert: {doing} layer '{c.name}' ({c.op}) failed: "
-                           f"{type(e).__name__}: {e}. Exclude it with exclude=[{c.name!r}] to go on.") from e
+        raise ConversionFailed(f"l1fx.convert: {doing} layer '{c.name}' ({c.op}) failed: "
+                               f"{first_line(e)}. Exclude it with exclude=[{c.name!r}] to go on.") from e
 
 
 def rewrite(state: ConversionState) -> ConversionState:
@@ -200,35 +221,28 @@ def rewrite(state: ConversionState) -> ConversionState:
     root = state.root
     roots = [root] + ([state.model] if state.model is not root else [])
     gm = root if isinstance(root, fx.GraphModule) else None
-    # Weights tied between dense layers stay tied between their l1 replacements.
-    tied: dict[int, nn.Parameter] = {}
     for c in state.candidates:
         if c.skip:
-            c.status = "skipped"
+            c.status = Status.SKIPPED
         elif c.already_l1:
-            c.status = "already l1"
+            c.status = Status.ALREADY_L1
         elif not c.selected:
-            c.status = "kept"
+            c.status = Status.KEPT
         else:
             with _naming(c, "converting"):
-                if c.kind == "module":
+                if c.kind == CandidateKind.MODULE:
                     old = root.get_submodule(c.name)
-                    new = _to_l1(old, c.name)
-                    for attr in ("weight", "bias"):
-                        p = getattr(old, attr)
-                        if p is not None:
-                            setattr(new, attr, tied.setdefault(id(p), getattr(new, attr)))
-                    swap_module(roots, old, new)
+                    swap_module(roots, old, _to_l1(old, c.name))
                 else:
                     _convert_function(gm, c)
-            c.status = "converted"
-    if state.config.normalize == "auto":
+            c.status = Status.CONVERTED
+    if state.config.normalize == Normalize.AUTO:
         for c in state.candidates:
-            if c.status in ("converted", "already l1"):
+            if Status.is_l1(c.status):
                 with _naming(c, "adding the output normalisation of"):
                     _normalise(state, c)
     elif state.config.normalize is not None:
-        raise ValueError(f"normalize must be 'auto' or None, got {state.config.normalize!r}")
+        raise ConversionError(f"l1fx.convert: normalize must be 'auto' or None, got {state.config.normalize!r}")
     if gm is not None:
         gm.recompile()
     state.result = root

@@ -14,7 +14,21 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["Candidate", "Unit", "TraceReport", "ConversionState", "Summary"]
+from l1fx.errors import ConversionError, ConversionFailed, ConversionTypeError  # noqa: F401  (re-exported)
+
+from .status import Region, Status
+
+__all__ = ["Candidate", "Unit", "TraceReport", "ConversionState", "Summary", "ConversionFailed",
+           "ConversionTypeError", "shared_groups"]
+
+
+def shared_groups(model: nn.Module) -> list[list[str]]:
+    """Qualified names of each parameter or buffer registered under more than one name (weight ties)."""
+    names: dict[int, list[str]] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(name)
+    return [sorted(set(g)) for g in names.values() if len(set(g)) > 1]
 
 
 @dataclass
@@ -22,7 +36,7 @@ class Candidate:
     """One inner-product layer: a module, or a functional call on a model parameter."""
 
     name: str  # qualified module name; for functional calls the weight parameter's name
-    kind: str  # "module" or "function"
+    kind: str  # CandidateKind: "module" or "function"
     op: str  # "Linear", "Conv2d", "F.conv1d", ...
     region: str  # "traced", or the qualified name of the swapped module it lives in ("" = whole model)
     pointwise: bool = False
@@ -33,14 +47,14 @@ class Candidate:
     order: tuple = ()  # sort key: (depth from inputs, topological index, registration index)
     unit: Optional[int] = None
     selected: bool = False
-    status: str = ""  # filled by rewrite: "converted", "already l1", "kept", "skipped"
+    status: str = ""  # filled by rewrite: a Status ("converted", "already l1", "kept", "skipped")
     norm: str = ""  # output normalisation: "inserted", "existing", "followed by <type>", ""
     measured_norm: Optional[bool] = None  # seen feeding a normalisation on example_inputs
     module_path: Optional[str] = None  # the L1FunctionalCall module of an already converted functional call
 
     @property
     def traced(self) -> bool:
-        return self.region == "traced"
+        return self.region == Region.TRACED
 
 
 @dataclass
@@ -49,7 +63,7 @@ class Unit:
 
     index: int
     members: list[Candidate]
-    kind: str  # "shared-mlp" or "single"
+    kind: str  # UnitKind: "shared-mlp" or "single"
 
     @property
     def order(self) -> tuple:
@@ -133,10 +147,12 @@ class Summary:
     notes: list[str] = field(default_factory=list)
     # qualified names of the parameters used as l1 weights (for optimisers / training wrappers)
     l1_weight_names: list[str] = field(default_factory=list)
+    # groups of qualified names that are one Parameter/buffer (weight ties), kept tied by convert
+    shared_weights: list[list[str]] = field(default_factory=list)
 
     @property
     def converted(self) -> list[str]:
-        return [r.name for r in self.rows if r.status in ("converted", "already l1")]
+        return [r.name for r in self.rows if Status.is_l1(r.status)]
 
     @property
     def skipped(self) -> dict[str, str]:
@@ -173,6 +189,12 @@ class Summary:
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         for row in table:
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        l1 = set(self.l1_weight_names)
+        for group in getattr(self, "shared_weights", ()):  # absent in summaries pickled before it existed
+            kinds = {name in l1 for name in group}
+            what = {frozenset({True, False}): "l1 and other layers", frozenset({True}): "l1 layers only"}.get(
+                frozenset(kinds), "no l1 layer")
+            lines.append(f"shared weight (one Parameter, used by {what}): {' = '.join(group)}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 

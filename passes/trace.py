@@ -15,6 +15,17 @@ make the smallest change that removes it, then trace again:
 
 Every step is recorded in the :class:`TraceReport` (and leaves/whole-model
 fallbacks are warned about, naming the module and the original error).
+
+Random draws stay random: fx records a call only when an argument is a Proxy,
+so ``torch.randn(4)`` would run once at trace time and be baked in as a
+constant. While tracing, torch's random functions (:data:`RANDOM_TORCH_FUNCTIONS`),
+``nn.functional``'s dropout-like ones (:data:`RANDOM_FUNCTIONAL`) and random
+tensor methods (:data:`RANDOM_METHODS`) are wrapped so that they always become
+graph nodes; a value drawn at random that decides Python control flow (``if
+torch.rand(()) < p``) then fails to trace like any Proxy in a branch, and that
+module falls back to a leaf (or the model to a whole-model swap). Likewise
+each module's ``training`` is a stand-in while tracing: an argument of a call
+becomes a read of the live flag, a Python branch on it falls back.
 """
 from __future__ import annotations
 
@@ -22,6 +33,7 @@ import contextlib
 import inspect
 import os
 import sysconfig
+import threading
 import traceback
 import types
 import warnings
@@ -31,13 +43,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from l1fx import layers
 from l1fx.nn import L1Module
 
+from .rng import preserved_rng
 from .state import ConversionState, TraceReport
 
-__all__ = ["L1Tracer", "OpaqueFunction", "trace", "trace_model", "HELPERS"]
+__all__ = ["L1Tracer", "OpaqueFunction", "trace", "trace_model", "HELPERS", "RANDOM_TORCH_FUNCTIONS",
+           "RANDOM_FUNCTIONAL", "RANDOM_METHODS"]
 
 HELPERS = "l1fx_helpers"  # root attribute holding the OpaqueFunction modules
+_MISSING = object()
 
 
 def first_line(e: BaseException) -> str:
@@ -75,11 +91,71 @@ def _leaf_types() -> tuple:
     return (L1Module, OpaqueFunction) + extra
 
 
+# Functions that draw random numbers. fx records a call only when an argument is a Proxy, so
+# ``torch.randn(4)`` in forward would run once while tracing and become a constant: the same
+# "noise" on every call, a random branch fixed for good. While tracing, L1Tracer wraps them so
+# that they always become call nodes (leaves), whatever their arguments.
+RANDOM_TORCH_FUNCTIONS = (
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal", "bernoulli",
+    "multinomial", "poisson", "binomial", "dropout", "dropout_", "alpha_dropout", "alpha_dropout_",
+    "feature_dropout", "feature_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_", "native_dropout",
+    "rrelu", "rrelu_",
+)
+RANDOM_FUNCTIONAL = (
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rrelu", "rrelu_",
+    "gumbel_softmax", "fractional_max_pool2d", "fractional_max_pool3d", "fractional_max_pool2d_with_indices",
+    "fractional_max_pool3d_with_indices",
+)
+# Tensor methods that draw random numbers (``torch.empty(4).uniform_()``); recorded as call_method.
+RANDOM_METHODS = ("uniform_", "normal_", "bernoulli_", "bernoulli", "random_", "exponential_", "geometric_",
+                  "log_normal_", "cauchy_", "multinomial")
+
+
+class _TrainingFlag:
+    """A module's ``training`` while tracing: a read of the flag when passed to a call, an error in a branch.
+
+    fx would otherwise bake ``F.dropout(x, 0.5, self.training)`` and ``if self.training:`` with the
+    mode the model was traced in, so dropout or noise would stay on after ``.eval()`` (or never run in
+    training). Passed to a call, the flag becomes a ``get_attr`` of the module's ``training``; used as a
+    Python bool it fails like any traced value in control flow, and the module becomes a leaf.
+    """
+
+    __slots__ = ("path", "value")
+
+    def __init__(self, path: str, value: bool) -> None:
+        self.path, self.value = path, value
+
+    def _branch(self):
+        where = f"module '{self.path}'" if self.path else "the root module"
+        raise fx.proxy.TraceError(f"Python control flow on self.training of {where} cannot be traced")
+
+    def __bool__(self) -> bool:
+        self._branch()
+
+    __index__ = __int__ = __bool__
+
+    def __eq__(self, other) -> bool:
+        self._branch()
+
+    __ne__ = __eq__
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _has_proxy(args, kwargs) -> bool:
+    found = []
+    fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+    return bool(found)
+
+
 class L1Tracer(fx.Tracer):
-    """fx tracer with extra leaves (by module identity) and opaque helper functions.
+    """fx tracer with extra leaves (by module identity), opaque helper functions and random calls kept.
 
     Default-constructible, because loading a pickled GraphModule re-creates
-    its tracer class without arguments.
+    its tracer class without arguments (and re-traces the generated code, so
+    random calls are kept again).
     """
 
     def __init__(self, leaves: Iterable[nn.Module] = (), opaque: Optional[dict] = None) -> None:
@@ -87,15 +163,137 @@ class L1Tracer(fx.Tracer):
         self.leaf_ids = {id(m) for m in leaves}
         # fn -> (target name, [(globals dict, name bound to fn), ...])
         self.opaque = dict(opaque or {})
+        # id(tensor made in forward) -> (tensor, proxy of the random in-place call that filled it)
+        self.random_values: dict[int, tuple] = {}
+        self.keeping_random = False  # True while the random functions are wrapped
+        self.thread = None  # the tracing thread: calls from other threads run as usual
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, _leaf_types()) or id(m) in self.leaf_ids:
             return True
+        # A registered layer kind is one call_module node even when it is not a torch.nn class
+        # (fx keeps only those as leaves by default), so analyse sees it and rewrite can swap it.
+        # Subclasses are traced as before (their forward may differ from the kind's).
+        spec = layers.spec_for_module(m)
+        if spec is not None and (type(m) is spec.module or (spec.l1_class is not None
+                                                             and isinstance(m, spec.l1_class))):
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def trace(self, root, concrete_args=None):
-        with self._patched_helpers():
+        with self._patched_helpers(), self._patched_random(root), self._training_flags(root):
             return super().trace(root, concrete_args)
+
+    @contextlib.contextmanager
+    def _training_flags(self, root):
+        saved = []
+        try:
+            if isinstance(root, nn.Module):
+                for path, m in root.named_modules():
+                    value = m.__dict__.get("training")
+                    if type(value) is bool:
+                        saved.append((m, value))
+                        m.__dict__["training"] = _TrainingFlag(path, value)
+            yield
+        finally:
+            for m, value in saved:
+                m.__dict__["training"] = value
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        # torch's own functions call themselves through their module (handle_torch_function(dropout, ...)),
+        # which may hand fx our wrapper: record the original, which generated code can name
+        target = getattr(target, "_l1fx_original", target)
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+    def create_arg(self, a: Any):
+        # a tensor filled in place by a recorded random call is that call's node, not a constant
+        if isinstance(a, torch.Tensor):
+            hit = self.random_values.get(id(a))
+            if hit is not None and hit[0] is a:
+                return hit[1].node
+        if isinstance(a, _TrainingFlag):  # read the module's flag when the graph runs
+            return self.create_proxy("get_attr", f"{a.path}.training" if a.path else "training", (), {}).node
+        return super().create_arg(a)
+
+    # -------------------------------------------------------------- random calls
+    @contextlib.contextmanager
+    def _patched_random(self, root):
+        """Wrap torch's random functions and methods (and names user code bound to them) while tracing."""
+        saved = []  # (owner, name, value or _MISSING)
+
+        def patch(owner, name, value):
+            saved.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else
+                          getattr(owner, name)))
+            setattr(owner, name, value)
+
+        wrappers: dict[int, tuple[Callable, Callable]] = {}  # id(original) -> (original, wrapper)
+        try:
+            for namespace, names in ((torch, RANDOM_TORCH_FUNCTIONS), (torch.nn.functional, RANDOM_FUNCTIONAL)):
+                for name in names:
+                    fn = getattr(namespace, name, None)
+                    if fn is None:
+                        continue
+                    if id(fn) not in wrappers:
+                        wrappers[id(fn)] = (fn, self._random_call(fn))
+                    patch(namespace, name, wrappers[id(fn)][1])
+            for name in RANDOM_METHODS:
+                if hasattr(torch.Tensor, name):
+                    patch(torch.Tensor, name, self._random_method(name))
+            # ``from torch import randn`` in the model's own modules
+            modules = root.modules() if isinstance(root, nn.Module) else ()
+            scopes = {id(g): g for m in modules
+                      for g in [getattr(getattr(type(m), "forward", None), "__globals__", None)] if g is not None}
+            for scope in scopes.values():
+                for name, value in list(scope.items()):
+                    hit = wrappers.get(id(value))
+                    if hit is not None and hit[0] is value:
+                        saved.append((scope, name, value))
+                        scope[name] = hit[1]
+            self.keeping_random, self.thread = True, threading.get_ident()
+            yield
+        finally:
+            self.keeping_random = False
+            for owner, name, value in reversed(saved):
+                if isinstance(owner, dict):
+                    owner[name] = value
+                elif value is _MISSING:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, value)
+
+    def recording(self) -> bool:
+        return self.keeping_random and threading.get_ident() == self.thread
+
+    def _random_call(self, fn: Callable) -> Callable:
+        tracer = self
+
+        def call(*args, **kwargs):
+            if not tracer.recording() or _has_proxy(args, kwargs):  # fx records it anyway
+                return fn(*args, **kwargs)
+            return tracer.create_proxy("call_function", fn, args, kwargs)
+
+        call.__wrapped__ = call._l1fx_original = fn
+        call.__name__ = getattr(fn, "__name__", "random")  # fx names nodes after it
+        return call
+
+    def _random_method(self, name: str) -> Callable:
+        tracer = self
+        original = getattr(torch.Tensor, name)
+
+        def method(t, *args, **kwargs):
+            if not tracer.recording() or not isinstance(t, torch.Tensor) or _has_proxy(args, kwargs):
+                return original(t, *args, **kwargs)
+            if name.endswith("_") and t._base is not None:
+                # later reads of the base tensor would still see trace-time numbers
+                raise TypeError(f"in-place random {name} on a view of a tensor made in forward cannot be traced")
+            proxy = tracer.create_proxy("call_method", name, (t,) + args, kwargs)
+            if name.endswith("_"):  # later uses of t are uses of this call's result
+                tracer.random_values[id(t)] = (t, proxy)
+            return proxy
+
+        method.__wrapped__ = method._l1fx_original = original
+        method.__name__ = name
+        return method
 
     @contextlib.contextmanager
     def _patched_helpers(self):
@@ -115,9 +313,7 @@ class L1Tracer(fx.Tracer):
         tracer = self
 
         def call(*args, **kwargs):
-            found = []
-            fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
-            if not found:  # called on constants: just run it
+            if not _has_proxy(args, kwargs):  # called on constants: just run it
                 return fn(*args, **kwargs)
             return tracer.create_proxy("call_module", target, args, kwargs)
 
@@ -358,6 +554,7 @@ def _whole_model(report: TraceReport, model: nn.Module, why: str) -> TraceReport
 
 
 def trace(state: ConversionState) -> ConversionState:
-    """Pass 1: trace ``state.model``; fills ``state.trace``."""
-    state.trace = trace_model(state.model, getattr(state.config, "example_inputs", None))
+    """Pass 1: trace ``state.model``; fills ``state.trace``. Global RNG states are left as they were."""
+    with preserved_rng():  # tracing runs user code (numpy or Python random draws, say)
+        state.trace = trace_model(state.model, getattr(state.config, "example_inputs", None))
     return state

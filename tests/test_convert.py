@@ -547,3 +547,11 @@ def test_tied_weights_stay_tied_and_reparametrized_layers_are_skipped():
     assert not isinstance(out.wn, l1nn.L1Module)
     assert "reparametrized" in str(summary(out))
     assert {k: v.shape for k, v in out.state_dict().items() if k in keys} == keys
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zoo_conversion_leaves_the_global_rng_alone(name):
+    model, x = _make(name)
+    state = torch.get_rng_state()
+    _quiet_convert(model, example_inputs=x, init="data")  # traces, runs the model twice, builds layers
+    assert torch.equal(torch.get_rng_state(), state), f"{name}: convert consumed the global RNG"

@@ -1,0 +1,84 @@
+"""Small helpers that several l1fx modules need: one implementation each.
+
+* :func:`evaluating` - run a model in eval mode without grad, then give every
+  submodule its own train flag back (not ``model.train(old)``, which would
+  overwrite submodules the user had set differently);
+* :func:`atomic_write` - a file is either its old or its new content, never half;
+* :func:`as_input_tuple` - "a tensor or a tuple/list of forward() arguments" as a tuple.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from . import _atomicfile
+
+__all__ = ["evaluating", "atomic_write", "as_input_tuple", "default_file_mode"]
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module, *, no_grad: bool = True) -> Iterator[nn.Module]:
+    """``model.eval()`` (and ``torch.no_grad()``) inside; each submodule's ``training`` restored after.
+
+    Restores on any exit, also when ``eval()`` itself or the body raises.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def default_file_mode() -> int:
+    """The permissions ``open(path, "w")`` would give a new file (0o666 minus the umask)."""
+    return _atomicfile._new_file_mode()
+
+
+def atomic_write(path: Union[str, os.PathLike], data: Union[bytes, str], *, mode_from: Optional[Path] = None,
+                 encoding: str = "utf-8", make_parents: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (str is encoded); returns the path.
+
+    The implementation is :mod:`l1fx._atomicfile` (temp file in the same
+    directory, fsync, ``os.replace``, directory fsync; the temp file is removed
+    on any failure and ``path`` is untouched). The new file keeps the
+    permissions of the file it replaces (or of ``mode_from``), else gets the
+    usual umask-based mode. Without ``make_parents`` a missing directory is a
+    FileNotFoundError rather than being created.
+    """
+    path = Path(path)
+    if not make_parents and not path.parent.is_dir():
+        raise FileNotFoundError(f"directory {path.parent} does not exist (writing {path.name})")
+    if isinstance(data, str):
+        data = data.encode(encoding)
+    _atomicfile.atomic_write_bytes(path, data, mode_from=None if mode_from is None else Path(mode_from))
+    return path
+
+
+def as_input_tuple(example_inputs: Any, what: str = "example_inputs", *, tensors_only: bool = False) -> tuple:
+    """A tensor becomes ``(tensor,)``, a list a tuple; anything else is a TypeError naming ``what``.
+
+    With ``tensors_only`` every element must be a tensor (exporters), and the
+    tuple must not be empty.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"{what} must be a tensor or a tuple/list of positional inputs (the arguments of "
+                        f"model.forward), got {type(example_inputs).__name__}")
+    inputs = tuple(example_inputs)
+    if tensors_only:
+        for i, t in enumerate(inputs):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a tensor; pass only tensors "
+                                f"(fix other forward arguments with functools.partial or a wrapper module)")
+        if not inputs:
+            raise TypeError(f"{what} is empty; pass the tensors model.forward takes")
+    return inputs
