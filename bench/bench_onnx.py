@@ -1,20 +1,33 @@
-"""Time and peak memory of one exported l1 layer under each onnxruntime path.
+"""Exported l1 layers and models in onnxruntime, side by side with PyTorch and the dense model.
 
-Paths compared, side by side:
+Two tables in one run (``--what layers models`` by default):
 
-* ``torch``        - ``torch.ops.l1fx`` in PyTorch (the active l1fx backend), the baseline;
-* ``ort-broadcast`` - plain onnxruntime, unchunked function body (materialises N x M x K);
-* ``ort-chunked``   - plain onnxruntime, the default function body (row blocks of <= 64 MiB via Scan);
-* ``ort-fast``      - onnxruntime + onnxruntime-extensions calling l1fx's kernel (:mod:`l1fx.ort_ops`).
+**Layers** (one exported l1 layer), paths:
 
-Each path runs in its own subprocess so the peak resident memory it reports
-(growth of the peak resident set, VmHWM, over the level after loading and
-building the session and inputs; Linux only) is its own. Times are the best
-and the median of ``--repeat`` runs after one warm-up run (the best is the
-steadier number on a shared machine).
+* ``torch``         - ``torch.ops.l1fx`` in PyTorch (the active l1fx backend), the baseline;
+* ``ort-native``    - ``l1fx.ort_session``'s native path: the l1fx custom-op library (same C++ kernel);
+* ``ort-python``    - onnxruntime-extensions calling the kernel from Python (:mod:`l1fx.ort_ops`);
+* ``ort-portable``  - plain onnxruntime, the default function body (row blocks via Scan);
+* ``ort-broadcast`` - plain onnxruntime, the unchunked body (materialises N x M x K; not run by default).
 
-    python bench/bench_onnx.py                       # PointNet++-shaped linear layers + a Conv3d
-    python bench/bench_onnx.py --rows 16384 --k 64 --m 128 --no-conv
+**Models** (bundled part-segmentation models of :mod:`l1fx.models`, batch 8 x 1024 points, BN
+statistics calibrated on random data so the outputs depend on the inputs), paths:
+
+* ``dense-ort``     - the dense model exported (``export_onnx``) and run in plain onnxruntime: the target;
+* ``l1-eager``      - the converted model in eager PyTorch;
+* ``l1-session``    - the converted model's file through ``l1fx.ort_session`` (the fastest path here);
+* ``l1-python``     - ... through the Python custom-op path;
+* ``l1-portable``   - ... in plain onnxruntime (function bodies, what runs without l1fx).
+
+Each measurement runs in its own subprocess so the peak memory it reports (growth of the
+peak resident set, VmHWM, over the level after building the session or model and the
+inputs; Linux only) is its own. Times are the best and the median of ``--repeat`` runs
+after one warm-up run (the best is the steadier number on a shared machine). The ratio
+columns divide by ``torch`` (layers) or by ``dense-ort`` and ``l1-eager`` (models).
+
+    python bench/bench_onnx.py                                   # both tables
+    python bench/bench_onnx.py --what layers --rows 16384 --k 64 --m 128 --no-conv
+    python bench/bench_onnx.py --what models --models pointnet --ratios 1 --markdown out.md
 """
 from __future__ import annotations
 
@@ -26,8 +39,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
-PATHS = ("torch", "ort-broadcast", "ort-chunked", "ort-fast")
+LAYER_PATHS = ("torch", "ort-native", "ort-python", "ort-portable", "ort-broadcast")
+DEFAULT_LAYER_PATHS = ("torch", "ort-native", "ort-python", "ort-portable")
+MODEL_PATHS = ("dense-ort", "l1-eager", "l1-session", "l1-python", "l1-portable")
+MODELS = ("pointnet", "pointnet2", "voxelcnn")
+# PointNet++ does not export today (its export is still being worked on, see the ONNX results): opt in.
+DEFAULT_MODELS = ("pointnet", "voxelcnn")
+SESSION_PATH = {"ort-native": "native", "ort-python": "python", "l1-session": None, "l1-python": "python"}
+BATCH, POINTS, PARTS, CATEGORIES = 8, 1024, 50, 16
 
 
 def _status_mb(key: str) -> float:
@@ -45,6 +66,43 @@ def _reset_peak() -> float:
     return _status_mb("VmRSS")
 
 
+def _time(run, repeat: int) -> dict:
+    import torch
+
+    base = _reset_peak()
+    with torch.no_grad():
+        y = run()  # warm-up (kernel build, arena growth); its memory counts, its time does not
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            y = run()
+            times.append(time.perf_counter() - t0)
+    return {"ms": 1e3 * min(times), "ms_median": 1e3 * statistics.median(times),
+            "peak_mb": _status_mb("VmHWM") - base, "y": y}
+
+
+def _session(onnx_file: str, path):
+    """A session on one l1 path (``None``: whatever ``ort_session`` picks)."""
+    import onnxruntime as ort
+
+    from l1fx.ort_session import PATHS, ort_session
+
+    if path == "plain":
+        return ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"]), "plain"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sess = ort_session(onnx_file, paths=PATHS if path is None else (path,))
+    return sess, sess.l1fx_path
+
+
+def _rel_err(y, ref) -> float:
+    import numpy as np
+
+    y, ref = np.asarray(y, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+# ---------------------------------------------------------------- layers
 def _layer(case: dict):
     import torch
 
@@ -61,44 +119,56 @@ def _layer(case: dict):
     return layer.eval(), x
 
 
-def _child(case: dict, path: str, onnx_file: str, repeat: int) -> dict:
-    """Runs in the subprocess: build one path, time it, report peak memory growth."""
-    import numpy as np
+def _layer_child(case: dict, path: str, onnx_file: str, repeat: int) -> dict:
     import torch
 
     layer, x = _layer(case)
+    used = "torch"
     if path == "torch":
         run = lambda: layer(x)  # noqa: E731
     else:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        if path == "ort-fast":
-            from l1fx.ort_ops import fast_session
-
-            sess = fast_session(onnx_file, opts)
-        else:
-            sess = ort.InferenceSession(onnx_file, opts, providers=["CPUExecutionProvider"])
+        sess, used = _session(onnx_file, "plain" if path in ("ort-portable", "ort-broadcast") else SESSION_PATH[path])
         feed = {sess.get_inputs()[0].name: x.numpy()}
         run = lambda: sess.run(None, feed)[0]  # noqa: E731
-    base = _reset_peak()
-    with torch.no_grad():
-        run()  # warm-up (kernel build, arena growth); its memory counts, its time does not
-    times = []
-    with torch.no_grad():
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            y = run()
-            times.append(time.perf_counter() - t0)
-    peak = _status_mb("VmHWM") - base
+    r = _time(run, repeat)
     with torch.no_grad():
         ref = layer(x).numpy()
-    err = float(np.abs(np.asarray(y) - ref).max() / max(np.abs(ref).max(), 1e-30))
-    return {"ms": 1e3 * min(times), "ms_median": 1e3 * statistics.median(times), "peak_mb": peak, "rel_err": err}
+    r["rel_err"] = _rel_err(r.pop("y"), ref)
+    r["used"] = used
+    return r
 
 
-def _export(case: dict, onnx_file: str, chunk_bytes) -> None:
+def _interleaved_child(case: dict, onnx_file: str, repeat: int) -> dict:
+    """One process, the paths called in turn, ``repeat`` rounds: median per path.
+
+    On a shared machine the load drifts between the per-path subprocesses; calls
+    alternated within one process see the same load, so their ratio is the steadier one.
+    """
+    import torch
+
+    layer, x = _layer(case)
+    runs = {"torch": lambda: layer(x)}
+    for path in ("ort-native", "ort-python"):
+        try:
+            sess, used = _session(onnx_file, SESSION_PATH[path])
+        except Exception:  # noqa: BLE001 - that path is unavailable here; the table says so elsewhere
+            continue
+        if used == SESSION_PATH[path]:
+            feed = {sess.get_inputs()[0].name: x.numpy()}
+            runs[path] = (lambda s, f: lambda: s.run(None, f)[0])(sess, feed)
+    times: dict = {p: [] for p in runs}
+    with torch.no_grad():
+        for run in runs.values():
+            run()
+        for _ in range(repeat):
+            for p, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                times[p].append(time.perf_counter() - t0)
+    return {p: 1e3 * statistics.median(t) for p, t in times.items()}
+
+
+def _export_layer(case: dict, onnx_file: str, chunk_bytes) -> None:
     from l1fx.export import export_onnx
 
     layer, x = _layer(case)
@@ -114,44 +184,296 @@ def _describe(case: dict) -> str:
     return f"L1Conv3d k3 B={case['batch']} C={case['cin']}->{case['m']} {s}^3"
 
 
+# ---------------------------------------------------------------- models
+def _inputs(batch: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    pts = torch.rand(batch, 3, POINTS, generator=g) * 2 - 1
+    cat = torch.randint(0, CATEGORIES, (batch,), generator=g)
+    return pts, cat
+
+
+def _build(name: str, ratio):
+    """The bundled model (dense when ``ratio`` is None, else converted), BN calibrated, in eval mode."""
+    import torch
+
+    import l1fx
+    from l1fx.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, PARTS, CATEGORIES)
+    example = _inputs(2)
+    if ratio is not None:
+        model = l1fx.convert(model, ratio=ratio, example_inputs=example)
+    model.train()
+    with torch.no_grad():  # calibrate batch-norm statistics so that outputs are not constant
+        for _ in range(3):
+            model(*_inputs(BATCH))
+    return model.eval()
+
+
+def _model_child(spec: dict) -> dict:
+    import torch
+
+    pts, cat = _inputs(BATCH)
+    ref = torch.load(spec["ref"], weights_only=False)
+    used = ""
+    if spec["path"] == "l1-eager":
+        model = _build(spec["name"], spec["ratio"])  # deterministic: the same model as the parent's
+        run = lambda: model(pts, cat)  # noqa: E731
+        used = "torch"
+    else:
+        sess, used = _session(spec["file"], {"dense-ort": "plain", "l1-portable": "plain"}.get(
+            spec["path"], SESSION_PATH.get(spec["path"])))
+        names = [i.name for i in sess.get_inputs()]
+        feed = dict(zip(names, [pts.numpy(), cat.numpy()]))
+        run = lambda: sess.run(None, feed)[0]  # noqa: E731
+    r = _time(run, spec["repeat"])
+    r["rel_err"] = _rel_err(r.pop("y"), ref)
+    r["used"] = used
+    return r
+
+
+def _model_interleaved_child(spec: dict) -> dict:
+    """Dense file, eager l1 model and the l1 file's sessions called in turn in one process: medians."""
+    import onnxruntime as ort
+    import torch
+
+    pts, cat = _inputs(BATCH)
+    runs = {}
+    if spec.get("dense"):
+        dense = ort.InferenceSession(spec["dense"], providers=["CPUExecutionProvider"])
+        feed_d = dict(zip([i.name for i in dense.get_inputs()], [pts.numpy(), cat.numpy()]))
+        runs["dense-ort"] = lambda: dense.run(None, feed_d)
+    model = _build(spec["name"], spec["ratio"])
+    runs["l1-eager"] = lambda: model(pts, cat)
+    if spec.get("file"):
+        for path in ("l1-session", "l1-python"):
+            try:
+                sess, used = _session(spec["file"], SESSION_PATH[path])
+            except Exception:  # noqa: BLE001 - unavailable here
+                continue
+            feed = dict(zip([i.name for i in sess.get_inputs()], [pts.numpy(), cat.numpy()]))
+            runs[path] = (lambda s_, f_: lambda: s_.run(None, f_))(sess, feed)
+    times: dict = {p: [] for p in runs}
+    with torch.no_grad():
+        for run in runs.values():
+            run()
+        for _ in range(spec["repeat"]):
+            for p, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                times[p].append(time.perf_counter() - t0)
+    return {p: 1e3 * statistics.median(t) for p, t in times.items()}
+
+
+def _prepare_model(name: str, ratio: float, tmp: str, cache: dict) -> dict:
+    """Export the dense (once per model) and converted files; returns paths or an error per file."""
+    import torch
+
+    from l1fx.export import export_onnx
+
+    out = {}
+    pts, cat = _inputs(2)
+    if name not in cache:
+        dense = _build(name, None)
+        f = os.path.join(tmp, f"{name}_dense.onnx")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_onnx(dense, (pts, cat), f)
+            cache[name] = {"file": f}
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            cache[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    out["dense"] = cache[name]
+    model = _build(name, ratio)
+    tag = f"{name}_{ratio:g}"
+    # A converted GraphModule does not pickle, so subprocesses rebuild it (seeded) and are checked
+    # against this output.
+    ref = os.path.join(tmp, f"{tag}_ref.pt")
+    with torch.no_grad():
+        torch.save(model(*_inputs(BATCH)), ref)
+    f = os.path.join(tmp, f"{tag}.onnx")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_onnx(model, (pts, cat), f)
+        out["l1"] = {"file": f, "ref": ref}
+    except Exception as e:  # noqa: BLE001
+        out["l1"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}", "ref": ref}
+    return out
+
+
+# ---------------------------------------------------------------- driver
+def _run_child(spec: dict, timeout: float) -> dict:
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:160]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt(r: dict) -> str:
+    return f"{r['ms']:.1f} ({r['ms_median']:.1f})"
+
+
+def run_layers(args, rows_out: list) -> None:
+    cases = [{"kind": "linear", "rows": n, "k": k, "m": m} for n in args.rows for k in args.k for m in args.m]
+    if not args.no_conv:
+        cases.append({"kind": "conv", "batch": 2, "cin": 16, "m": 32, "size": 24})
+    print(f"\n{'layer':<40} {'path':<14} {'ran':<9} {'time ms':>16} {'x torch':>8} {'peak MB':>8} {'rel err':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for ci, case in enumerate(cases):
+            files = {"ort-broadcast": os.path.join(tmp, f"c{ci}_b.onnx"), "ort-portable": os.path.join(tmp, f"c{ci}.onnx")}
+            if "ort-broadcast" in args.paths:
+                _export_layer(case, files["ort-broadcast"], 0)
+            _export_layer(case, files["ort-portable"], None)
+            base = None
+            inter = _run_child({"kind": "interleaved", "case": case, "file": files["ort-portable"],
+                                "repeat": 3 * args.repeat}, args.timeout)
+            if "error" not in inter and "torch" in inter:
+                parts = [f"{p} {inter[p] / inter['torch']:.2f}" for p in inter if p != "torch"]
+                line = f"interleaved medians, x torch ({inter['torch']:.1f} ms): " + ", ".join(parts)
+                print(f"{_describe(case):<40} {line}")
+                rows_out.append((_describe(case), "interleaved", "", line, "", "", ""))
+            for path in args.paths:
+                spec = {"kind": "layer", "case": case, "path": path, "repeat": args.repeat,
+                        "file": files.get(path, files["ort-portable"])}
+                r = _run_child(spec, args.timeout)
+                if "error" in r:
+                    print(f"{_describe(case):<40} {path:<14} failed: {r['error']}")
+                    rows_out.append((_describe(case), path, "failed", r["error"], "", "", ""))
+                    continue
+                base = r["ms"] if path == "torch" else base
+                ratio = f"{r['ms'] / base:.2f}" if base else "-"
+                print(f"{_describe(case):<40} {path:<14} {r['used']:<9} {_fmt(r):>16} {ratio:>8} "
+                      f"{r['peak_mb']:>8.1f} {r['rel_err']:>8.1e}")
+                rows_out.append((_describe(case), path, r["used"], _fmt(r), ratio, f"{r['peak_mb']:.1f}",
+                                 f"{r['rel_err']:.1e}"))
+
+
+def run_models(args, rows_out: list) -> None:
+    print(f"\n{'model':<18} {'path':<12} {'ran':<9} {'time ms':>16} {'x dense':>8} {'x eager':>8} "
+          f"{'peak MB':>8} {'x dense':>8} {'rel err':>8}")
+    cache: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            for ratio in args.ratios:
+                label = f"{name} r={ratio:g}"
+                try:
+                    files = _prepare_model(name, ratio, tmp, cache)
+                except Exception as e:  # noqa: BLE001 - conversion failed: report and go on
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    print(f"{label:<18} failed to build/convert: {msg}")
+                    rows_out.append((label, "all", "failed", msg, "", "", "", "", ""))
+                    continue
+                dense_ms = dense_mb = eager_ms = None
+                inter = _run_child({"kind": "model-interleaved", "repeat": 2 * args.model_repeat,
+                                    "dense": files["dense"].get("file"), "file": files["l1"].get("file"),
+                                    "name": name, "ratio": ratio}, args.timeout)
+                if "error" not in inter:
+                    ref_d, ref_e = inter.get("dense-ort"), inter["l1-eager"]
+                    parts = [f"{p} {v:.1f} ms" + (f" = {v / ref_d:.2f}x dense" if ref_d else "")
+                             + f" = {v / ref_e:.2f}x eager" for p, v in inter.items()]
+                    line = "interleaved medians: " + ", ".join(parts)
+                    print(f"{label:<18} {line}")
+                    rows_out.append((label, "interleaved", "", line, "", "", "", "", ""))
+                for path in args.model_paths:
+                    info = files["dense"] if path == "dense-ort" else files["l1"]
+                    if "error" in info and path != "l1-eager":
+                        print(f"{label:<18} {path:<12} not exported: {info['error']}")
+                        rows_out.append((label, path, "failed", f"export: {info['error']}", "", "", "", "", ""))
+                        continue
+                    spec = {"kind": "model", "path": path, "repeat": args.model_repeat,
+                            "file": info.get("file", ""), "name": name, "ratio": ratio, "ref": files["l1"]["ref"]}
+                    if path == "dense-ort":  # compare the dense file against the dense model's own output
+                        spec["ref"] = os.path.join(tmp, f"{name}_dense_ref.pt")
+                        if not os.path.exists(spec["ref"]):
+                            import torch
+
+                            with torch.no_grad():
+                                torch.save(_build(name, None)(*_inputs(BATCH)), spec["ref"])
+                    r = _run_child(spec, args.timeout)
+                    if "error" in r:
+                        print(f"{label:<18} {path:<12} failed: {r['error']}")
+                        rows_out.append((label, path, "failed", r["error"], "", "", "", "", ""))
+                        continue
+                    if path == "dense-ort":
+                        dense_ms, dense_mb = r["ms"], r["peak_mb"]
+                    if path == "l1-eager":
+                        eager_ms = r["ms"]
+                    xd = f"{r['ms'] / dense_ms:.2f}" if dense_ms else "-"
+                    xe = f"{r['ms'] / eager_ms:.2f}" if eager_ms else "-"
+                    xm = f"{r['peak_mb'] / dense_mb:.2f}" if dense_mb and path != "l1-eager" else "-"
+                    print(f"{label:<18} {path:<12} {r['used']:<9} {_fmt(r):>16} {xd:>8} {xe:>8} "
+                          f"{r['peak_mb']:>8.1f} {xm:>8} {r['rel_err']:>8.1e}")
+                    rows_out.append((label, path, r["used"], _fmt(r), xd, xe, f"{r['peak_mb']:.1f}", xm,
+                                     f"{r['rel_err']:.1e}"))
+
+
+def _markdown(path: str, layers: list, models: list, header: str) -> None:
+    lines = [header, ""]
+    if layers:
+        lines += ["| layer | path | ran | time ms best (median) | × torch | peak MB | rel err |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(r) + " |" for r in layers]
+        lines.append("")
+    if models:
+        lines += ["| model | path | ran | time ms best (median) | × dense ORT | × l1 eager | peak MB | "
+                  "peak × dense | rel err |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(r) + " |" for r in models]
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="*", default=[16384, 32768])
-    ap.add_argument("--k", type=int, nargs="*", default=[9, 64])
+    ap.add_argument("--what", nargs="*", default=["layers", "models"], choices=["layers", "models"])
+    ap.add_argument("--rows", type=int, nargs="*", default=[16384])
+    ap.add_argument("--k", type=int, nargs="*", default=[64])
     ap.add_argument("--m", type=int, nargs="*", default=[128])
     ap.add_argument("--no-conv", action="store_true")
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--paths", nargs="*", default=list(PATHS), choices=PATHS)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--paths", nargs="*", default=list(DEFAULT_LAYER_PATHS), choices=LAYER_PATHS)
+    ap.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS), choices=MODELS)
+    ap.add_argument("--ratios", type=float, nargs="*", default=[1.0, 0.667])
+    ap.add_argument("--model-paths", nargs="*", default=list(MODEL_PATHS), choices=MODEL_PATHS)
+    ap.add_argument("--model-repeat", type=int, default=5)
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement subprocess")
+    ap.add_argument("--markdown", help="also write the tables to this Markdown file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         spec = json.loads(args.child)
-        print(json.dumps(_child(spec["case"], spec["path"], spec["file"], spec["repeat"])))
+        if spec["kind"] == "layer":
+            r = _layer_child(spec["case"], spec["path"], spec["file"], spec["repeat"])
+        elif spec["kind"] == "model-interleaved":
+            r = _model_interleaved_child(spec)
+        elif spec["kind"] == "interleaved":
+            r = _interleaved_child(spec["case"], spec["file"], spec["repeat"])
+        else:
+            r = _model_child(spec)
+        print(json.dumps(r))
         return 0
+    import torch
 
-    cases = [{"kind": "linear", "rows": n, "k": k, "m": m} for n in args.rows for k in args.k for m in args.m]
-    if not args.no_conv:
-        cases.append({"kind": "conv", "batch": 2, "cin": 16, "m": 32, "size": 24})
-    print(f"cpus: {os.cpu_count()}, repeat {args.repeat} after a warm-up; time: best (median)")
-    print(f"{'layer':<40} {'path':<14} {'time ms':>18} {'peak MB':>9} {'rel err':>9}")
-    with tempfile.TemporaryDirectory() as tmp:
-        for ci, case in enumerate(cases):
-            files = {"ort-broadcast": os.path.join(tmp, f"c{ci}_b.onnx"),
-                     "ort-chunked": os.path.join(tmp, f"c{ci}_c.onnx")}
-            _export(case, files["ort-broadcast"], 0)
-            _export(case, files["ort-chunked"], None)
-            files["ort-fast"] = files["ort-chunked"]
-            for path in args.paths:
-                spec = {"case": case, "path": path, "file": files.get(path, ""), "repeat": args.repeat}
-                proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                                      capture_output=True, text=True)
-                if proc.returncode != 0:
-                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                    print(f"{_describe(case):<40} {path:<14} failed: {tail}")
-                    continue
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
-                ms = f"{r['ms']:.1f} ({r['ms_median']:.1f})"
-                print(f"{_describe(case):<40} {path:<14} {ms:>18} {r['peak_mb']:>9.1f} {r['rel_err']:>9.1e}")
+    header = (f"cpus: {os.cpu_count()}, torch threads {torch.get_num_threads()}; best (median) of "
+              f"{args.repeat} (layers) / {args.model_repeat} (models) runs after a warm-up; "
+              f"models at batch {BATCH} x {POINTS} points")
+    print(header)
+    layers: list = []
+    models: list = []
+    if "layers" in args.what:
+        run_layers(args, layers)
+    if "models" in args.what:
+        run_models(args, models)
+    if args.markdown:
+        _markdown(args.markdown, layers, models, header)
     return 0
 
 

@@ -12,6 +12,19 @@ extensions' custom-op domain (``ai.onnx.contrib``).
 Only float32 tensors are supported (the onnxruntime-extensions Python-op bridge
 marshals one dtype per declared input).
 
+What the bridge costs (profiled with cProfile, bench/bench_onnx.py): it copies
+each input into a new numpy array and the result back into onnxruntime's
+output (about 1 ms for 12 MB), and its result hook turns the result into a
+Python list (``rv.flatten().tolist()``, one float object per element: 90 ms
+of the 100 ms a 16384 x 128 output took, 17x the kernel) that its C++ side then
+converts back into an array. The ops here return a :class:`_Flat` array,
+whose ``flatten()`` is a view and ``tolist()`` the array itself, so the C++
+side gets a contiguous float32 array and copies it once. The kernel that runs
+is the active l1fx backend's (the compiled ``cpu`` one where it builds).
+
+The native custom-op library (:mod:`l1fx.kernels.ort_build`) needs no copy at
+all; :func:`l1fx.ort_session.ort_session` picks the fastest path available.
+
     from l1fx.ort_ops import fast_session
     sess = fast_session("model.onnx")
     y = sess.run(None, {"x": x})
@@ -21,9 +34,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import onnx
 
 from . import onnx_ops
+from .errors import BackendUnavailable, UsageError
 
 CONTRIB_DOMAIN = "ai.onnx.contrib"
 FAST_OP_TYPES = {onnx_ops.LINEAR: "L1fxLinear", onnx_ops.CONV: "L1fxConv"}
@@ -44,6 +59,24 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")] if text else []
 
 
+class _Flat(np.ndarray):
+    """A C-contiguous result array that the extensions' hook hands to its C++ side as it is.
+
+    The hook calls ``rv.flatten().tolist()``; here ``flatten`` is a view and
+    ``tolist`` returns the plain array, so no Python list of floats is built.
+    """
+
+    def flatten(self, order="C"):  # noqa: D102 - see the class
+        return self.reshape(-1)
+
+    def tolist(self):  # noqa: D102
+        return self.view(np.ndarray)
+
+
+def _result(y) -> "_Flat":
+    return np.ascontiguousarray(y.numpy(), dtype=np.float32).view(_Flat)
+
+
 def _register_ops() -> None:
     """Register the Python custom ops with onnxruntime-extensions (once per process)."""
     global _registered
@@ -51,7 +84,7 @@ def _register_ops() -> None:
         return
     ok, why = available()
     if not ok:
-        raise RuntimeError(f"l1fx fast onnxruntime path: {why}")
+        raise BackendUnavailable(f"l1fx fast onnxruntime path: {why}")
     import torch
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
@@ -61,7 +94,7 @@ def _register_ops() -> None:
     def l1fx_linear(x, w, b):
         with torch.no_grad():
             y = torch.ops.l1fx.linear(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), 1.0)
-        return y.numpy()
+        return _result(y)
 
     @onnx_op(op_type=FAST_OP_TYPES[onnx_ops.CONV], inputs=[f32, f32, f32], outputs=[f32],
              attrs={"strides": PyCustomOpDef.dt_string, "pads": PyCustomOpDef.dt_string,
@@ -72,7 +105,7 @@ def _register_ops() -> None:
         with torch.no_grad():
             y = torch.ops.l1fx.conv(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b),
                                     _ints(strides), pads_[:nd], _ints(dilations), int(group), 1.0)
-        return y.numpy()
+        return _result(y)
 
     _registered = True
 
@@ -91,7 +124,7 @@ def _rewrite_graph(graph: onnx.GraphProto) -> int:
         if "pads" in attrs:
             pads = list(attrs["pads"])
             if pads[: len(pads) // 2] != pads[len(pads) // 2:]:
-                raise ValueError(f"l1fx fast path: node {node.name!r} has asymmetric pads {pads}; "
+                raise UsageError(f"l1fx fast path: node {node.name!r} has asymmetric pads {pads}; "
                                  "run it with a plain onnxruntime session instead")
         node.domain = CONTRIB_DOMAIN
         node.op_type = FAST_OP_TYPES[node.op_type]

@@ -1,0 +1,257 @@
+// onnxruntime custom-op library for the l1fx ONNX domain: l1fx.L1Linear and l1fx.L1Conv
+// (schemas in l1fx/onnx_ops.py) computed by the l1fx CPU kernels (l1_cpu.cpp) in place,
+// with no copy and no Python.
+//
+// Not compiled on its own: kernels/ort_build.py writes a one-file wrapper that
+// includes l1_cpu.cpp, defines L1FX_ORT_CXX_API as the path of onnxruntime_cxx_api.h
+// and includes this file, then builds it like the CPU kernels (kernels/cpu_build.py).
+//
+// Loaded with SessionOptions.register_custom_ops_library: onnxruntime calls
+// RegisterCustomOps, which adds the two ops to the "l1fx" domain. A node with a
+// registered kernel is run by it; the model-local function bodies are then unused.
+// float32 only (the l1fx kernels' other dtype, bfloat16, has no use in exported files).
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define ORT_API_MANUAL_INIT
+#include L1FX_ORT_CXX_API
+#undef ORT_API_MANUAL_INIT
+
+namespace l1fx_ort {
+
+constexpr int kFloat32 = 0;  // dtype code of the l1fx C ABI
+
+// Session config entry with the kernels' thread count (l1fx.ort_session sets it from
+// intra_op_num_threads); read when the library is registered on a SessionOptions.
+constexpr const char* kThreadsKey = "custom_op.l1fx.num_threads";
+
+// Threads per kernel call: the configured count, else OpenMP's default (OMP_NUM_THREADS,
+// else the cores), as the same kernels use under PyTorch.
+int kernel_threads(int configured) {
+  if (configured > 0) return configured;
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+// Any exception becomes an onnxruntime error status (the session's run raises it).
+template <typename F>
+OrtStatusPtr guarded(const char* op, F&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("l1fx.") + op + ": " + e.what()).c_str());
+  }
+}
+
+std::vector<int64_t> ints_attr(const OrtKernelInfo* info, const char* name, std::vector<int64_t> fallback) {
+  const OrtApi& api = Ort::GetApi();
+  size_t n = 0;
+  OrtStatus* st = api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
+  if (st != nullptr) {  // absent: the ONNX Conv default
+    api.ReleaseStatus(st);
+    return fallback;
+  }
+  std::vector<int64_t> v(n);
+  if (n) Ort::ThrowOnError(api.KernelInfoGetAttributeArray_int64(info, name, v.data(), &n));
+  return v;
+}
+
+int64_t int_attr(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  const OrtApi& api = Ort::GetApi();
+  int64_t v = fallback;
+  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
+  if (st != nullptr) {
+    api.ReleaseStatus(st);
+    return fallback;
+  }
+  return v;
+}
+
+struct Inputs {
+  Ort::ConstValue x, w, b;
+  std::vector<int64_t> xs, ws, bs;
+};
+
+Inputs read_inputs(Ort::KernelContext& ctx) {
+  Inputs in{ctx.GetInput(0), ctx.GetInput(1), ctx.GetInput(2), {}, {}, {}};
+  in.xs = in.x.GetTensorTypeAndShapeInfo().GetShape();
+  in.ws = in.w.GetTensorTypeAndShapeInfo().GetShape();
+  in.bs = in.b.GetTensorTypeAndShapeInfo().GetShape();
+  return in;
+}
+
+int64_t numel(const std::vector<int64_t>& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+// ---------------------------------------------------------------- L1Linear
+struct LinearKernel {
+  int nthreads;
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded("L1Linear", [&] {
+      Ort::KernelContext ctx(context);
+      Inputs in = read_inputs(ctx);
+      if (in.ws.size() != 2 || in.xs.empty() || in.xs.back() != in.ws[1] || in.bs.size() != 1 ||
+          in.bs[0] != in.ws[0])
+        throw std::invalid_argument("X " + shape_str(in.xs) + ", W " + shape_str(in.ws) + ", B " +
+                                    shape_str(in.bs) + " do not fit X[..., K], W[M, K], B[M]");
+      const int64_t K = in.ws[1], M = in.ws[0];
+      std::vector<int64_t> ys(in.xs.begin(), in.xs.end() - 1);
+      ys.push_back(M);
+      Ort::UnownedValue y = ctx.GetOutput(0, ys);
+      const int64_t N = K > 0 ? numel(in.xs) / K : numel(ys) / (M > 0 ? M : 1);
+      if (N == 0 || M == 0) return;
+      int rc = l1fx_forward(kFloat32, in.x.GetTensorData<float>(), in.w.GetTensorData<float>(),
+                            in.b.GetTensorData<float>(), y.GetTensorMutableData<float>(), N, K, M, kernel_threads(nthreads));
+      if (rc != 0) throw std::runtime_error("l1fx_forward failed with code " + std::to_string(rc));
+    });
+  }
+};
+
+struct LinearOp : Ort::CustomOpBase<LinearOp, LinearKernel, true> {
+  int nthreads;
+  explicit LinearOp(int n) : nthreads(n) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
+    *kernel = new LinearKernel{nthreads};
+    return nullptr;
+  }
+  const char* GetName() const { return "L1Linear"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// ---------------------------------------------------------------- L1Conv
+struct ConvKernel {
+  std::vector<int64_t> strides, pads, dilations;
+  int64_t group;
+  int nthreads;
+
+  ConvKernel(const OrtKernelInfo* info, int n)
+      : strides(ints_attr(info, "strides", {})),
+        pads(ints_attr(info, "pads", {})),
+        dilations(ints_attr(info, "dilations", {})),
+        group(int_attr(info, "group", 1)),
+        nthreads(n) {
+    // Checked here so that a session that cannot run a node fails when it is made, not when it runs.
+    const size_t nd = pads.size() / 2;
+    for (size_t a = 0; a < nd; ++a)
+      if (pads[a] != pads[a + nd])
+        throw std::invalid_argument("asymmetric pads are not supported by the l1fx kernel");
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded("L1Conv", [&] {
+      Ort::KernelContext ctx(context);
+      Inputs in = read_inputs(ctx);
+      const size_t nd = in.xs.size() >= 2 ? in.xs.size() - 2 : 0;
+      if (nd < 1 || nd > 3 || in.ws.size() != nd + 2 || in.bs.size() != 1 || in.bs[0] != in.ws[0])
+        throw std::invalid_argument("X " + shape_str(in.xs) + ", W " + shape_str(in.ws) + ", B " +
+                                    shape_str(in.bs) + " do not fit X[N, C, *S], W[M, C/group, *k], B[M] "
+                                    "with 1 to 3 spatial axes");
+      const int64_t B = in.xs[0], C = in.xs[1], M = in.ws[0], G = group;
+      if (G < 1 || C % G != 0 || M % G != 0 || in.ws[1] * G != C)
+        throw std::invalid_argument("group " + std::to_string(G) + " does not fit X " + shape_str(in.xs) +
+                                    " and W " + shape_str(in.ws));
+      std::vector<int64_t> st = strides.empty() ? std::vector<int64_t>(nd, 1) : strides;
+      std::vector<int64_t> dl = dilations.empty() ? std::vector<int64_t>(nd, 1) : dilations;
+      std::vector<int64_t> pd = pads.empty() ? std::vector<int64_t>(2 * nd, 0) : pads;
+      if (st.size() != nd || dl.size() != nd || pd.size() != 2 * nd)
+        throw std::invalid_argument("strides/pads/dilations do not have one entry per spatial axis");
+      // geom = {in[3], ker[3], stride[3], pad[3], dil[3], out[3]}; 1-D/2-D lead with size-1 axes.
+      int64_t geom[18];
+      const size_t lead = 3 - nd;
+      std::vector<int64_t> ys = {B, M};
+      for (size_t i = 0; i < 3; ++i) {
+        const bool pad_axis = i < lead;
+        const size_t a = i - lead;
+        const int64_t inn = pad_axis ? 1 : in.xs[2 + a], ker = pad_axis ? 1 : in.ws[2 + a];
+        const int64_t s = pad_axis ? 1 : st[a], d = pad_axis ? 1 : dl[a];
+        const int64_t p = pad_axis ? 0 : pd[a];
+        if (s < 1 || d < 1 || p < 0) throw std::invalid_argument("strides and dilations must be >= 1, pads >= 0");
+        const int64_t span = inn + 2 * p - d * (ker - 1) - 1;
+        if (span < 0)
+          throw std::invalid_argument("kernel " + shape_str(in.ws) + " is larger than the padded input " +
+                                      shape_str(in.xs));
+        const int64_t out = span / s + 1;
+        geom[i] = inn; geom[3 + i] = ker; geom[6 + i] = s; geom[9 + i] = p; geom[12 + i] = d; geom[15 + i] = out;
+        if (!pad_axis) ys.push_back(out);
+      }
+      Ort::UnownedValue y = ctx.GetOutput(0, ys);
+      if (numel(ys) == 0) return;
+      int rc = l1fx_conv_forward(kFloat32, in.x.GetTensorData<float>(), in.w.GetTensorData<float>(),
+                                 in.b.GetTensorData<float>(), y.GetTensorMutableData<float>(), B, C, M, G, geom,
+                                 kernel_threads(nthreads));
+      if (rc != 0) throw std::runtime_error("l1fx_conv_forward failed with code " + std::to_string(rc));
+    });
+  }
+};
+
+struct ConvOp : Ort::CustomOpBase<ConvOp, ConvKernel, true> {
+  int nthreads;
+  explicit ConvOp(int n) : nthreads(n) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded("L1Conv", [&] { *kernel = new ConvKernel(info, nthreads); });
+  }
+  const char* GetName() const { return "L1Conv"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace l1fx_ort
+
+extern "C" {
+
+// The API version this library was compiled against (the runtime must be at least as new).
+int l1fx_ort_api_version() { return ORT_API_VERSION; }
+
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                   const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    // Older runtime than the headers: no API object to build a status with; report through the base.
+    return nullptr;
+  }
+  Ort::InitApi(api);
+  int nthreads = 0;
+  try {
+    nthreads = std::atoi(Ort::ConstSessionOptions(options).GetConfigEntryOrDefault(l1fx_ort::kThreadsKey, "0").c_str());
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  }
+  OrtCustomOpDomain* domain = nullptr;
+  if (OrtStatus* st = api->CreateCustomOpDomain("l1fx", &domain)) return st;
+  // The ops and the domain must outlive every session made with these options, which onnxruntime
+  // does not tell us: one small set per registration, kept for the process.
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, new l1fx_ort::LinearOp(nthreads))) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, new l1fx_ort::ConvOp(nthreads))) return st;
+  return api->AddCustomOpDomain(options, domain);
+}
+
+}  // extern "C"

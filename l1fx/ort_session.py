@@ -1,0 +1,151 @@
+"""One call to run an exported l1fx model in onnxruntime as fast as this machine allows.
+
+    import l1fx
+    sess = l1fx.ort_session("model.onnx", intra_op_num_threads=2)
+    y = sess.run(None, {"points": x, "category": c})[0]
+
+:func:`ort_session` returns a plain ``onnxruntime.InferenceSession`` running
+the file's ``l1fx.L1Linear`` / ``l1fx.L1Conv`` nodes on the first path that works:
+
+1. ``native``: the l1fx custom-op library (:mod:`l1fx.kernels.ort_build`), the
+   ``cpu`` backend's C++ kernels run by onnxruntime on its own buffers (no copy,
+   no Python). Needs a C++ compiler and the onnxruntime C API headers.
+2. ``python``: onnxruntime-extensions calling the active l1fx backend from a
+   Python custom op (:mod:`l1fx.ort_ops`; one copy of each input and output).
+3. ``portable``: the model-local function bodies (:mod:`l1fx.onnx_ops`), standard
+   ONNX ops only, what plain onnxruntime runs without l1fx installed.
+
+Falling back to ``portable`` warns once (:class:`OrtFallbackWarning`, with the
+reason); so does falling back from ``native`` to ``python``. The file on disk is
+never changed: the native path loads it as it is, the Python path builds its
+session from an in-memory copy.
+
+Keyword arguments are ``onnxruntime.SessionOptions`` attributes
+(``intra_op_num_threads``, ``graph_optimization_level``, ...). Unless given,
+``session.intra_op.allow_spinning`` is set to ``"0"`` when an l1fx kernel path is
+used: the l1 kernels run their own OpenMP threads, and onnxruntime's idle pool
+threads spinning beside them take the cores they need (measured:
+bench/bench_onnx.py). With ``intra_op_num_threads`` set, the native kernels use that
+many threads (``custom_op.l1fx.num_threads``); otherwise OpenMP's default.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from .errors import UsageError
+
+PATHS = ("native", "python", "portable")
+SPIN_KEY = "session.intra_op.allow_spinning"
+THREADS_KEY = "custom_op.l1fx.num_threads"  # read by kernels/csrc/ort_ops.cpp
+
+
+class OrtFallbackWarning(RuntimeWarning):
+    """:func:`ort_session` runs a slower path than the fastest one (the message says why)."""
+
+
+def native_library() -> str:
+    """Path of the l1fx custom-op library (built on first use); :class:`KernelBuildError` if it cannot be."""
+    from l1fx.kernels import ort_build
+
+    return str(ort_build.library_path())
+
+
+# Config entries cannot be listed from a SessionOptions; these documented ones are carried over when copying.
+_CONFIG_KEYS = (SPIN_KEY, THREADS_KEY, "session.inter_op.allow_spinning", "session.set_denormal_as_zero",
+                "session.use_env_allocators", "session.disable_prepacking", "session.intra_op_thread_affinities")
+
+
+def _options(sess_options, options: dict, path: str):
+    """A new ``SessionOptions``: a copy of ``sess_options`` (never changed), then ``options``, then our defaults."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    entries = {}
+    if sess_options is not None:
+        for name in dir(sess_options):
+            if name.startswith("_") or callable(getattr(sess_options, name)):
+                continue
+            try:
+                setattr(opts, name, getattr(sess_options, name))
+            except (AttributeError, TypeError):
+                pass  # read-only
+        for key in _CONFIG_KEYS:
+            try:
+                entries[key] = sess_options.get_session_config_entry(key)
+            except Exception:  # onnxruntime raises for a key that was never set
+                pass
+    for name, value in options.items():
+        if name.startswith("_") or not hasattr(opts, name) or callable(getattr(opts, name)):
+            raise UsageError(f"ort_session: {name!r} is not an onnxruntime.SessionOptions attribute")
+        setattr(opts, name, value)
+    if path != "portable":
+        entries.setdefault(SPIN_KEY, "0")
+        if opts.intra_op_num_threads > 0:  # the native kernels' OpenMP threads follow the session's count
+            entries.setdefault(THREADS_KEY, str(opts.intra_op_num_threads))
+    for key, value in entries.items():
+        opts.add_session_config_entry(key, value)
+    return opts
+
+
+def _session(model, sess_options, providers, options, path: str):
+    import onnxruntime as ort
+
+    opts = _options(sess_options, options, path)
+    providers = list(providers) if providers else ["CPUExecutionProvider"]
+    if path == "python":
+        from .ort_ops import fast_session
+
+        return fast_session(model, opts, providers)
+    if path == "native":
+        opts.register_custom_ops_library(native_library())
+    src = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    return ort.InferenceSession(src, opts, providers=providers)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
+
+
+def ort_session(model: Union[str, Path, "onnx.ModelProto"], sess_options=None,  # noqa: F821
+                providers: Optional[Sequence[str]] = None, *, paths: Sequence[str] = PATHS, **options):
+    """An ``onnxruntime.InferenceSession`` for the exported file ``model``, on the fastest l1 path that works.
+
+    Args:
+        model: path of an ``.onnx`` file written by :func:`l1fx.export.export_onnx` (or an ``onnx.ModelProto``).
+        sess_options: an ``onnxruntime.SessionOptions`` to start from (copied, not changed).
+        providers: onnxruntime execution providers (default ``["CPUExecutionProvider"]``; the l1 kernels are CPU).
+        paths: the paths to try, in order (default ``("native", "python", "portable")``).
+        **options: ``SessionOptions`` attributes, e.g. ``intra_op_num_threads=2``.
+
+    The path taken is recorded on the session as ``sess.l1fx_path``. Raises
+    :class:`UsageError` for a missing file or an unknown option; whatever makes
+    the portable path fail (a broken file) is raised as onnxruntime raises it.
+    """
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown or not paths:
+        raise UsageError(f"ort_session: paths must be a non-empty subset of {PATHS}, got {list(paths)}")
+    if isinstance(model, (str, Path)) and not Path(model).is_file():
+        raise UsageError(f"ort_session: no such ONNX file {str(model)!r}")
+    _options(sess_options, options, "portable")  # bad options are the caller's error, not a reason to fall back
+    failures: list[tuple[str, str]] = []
+    for path in paths:
+        try:
+            sess = _session(model, sess_options, providers, options, path)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's errors (pybind11 classes) derive from Exception only
+            if path == "portable":  # the file itself does not run: that is the caller's to see
+                raise
+            failures.append((path, _first_line(e)))
+            continue
+        if failures:
+            why = "; ".join(f"{p}: {w}" for p, w in failures)
+            warnings.warn(f"l1fx.ort_session: running the l1 nodes on the {path!r} path ({why})",
+                          OrtFallbackWarning, stacklevel=2)
+        sess.l1fx_path = path
+        return sess
+    raise AssertionError("unreachable: the portable path raises")  # pragma: no cover
+
+
+__all__ = ["ort_session", "native_library", "OrtFallbackWarning", "PATHS"]
