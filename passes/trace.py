@@ -425,6 +425,11 @@ def _build_graph_module(model: nn.Module, graph: fx.Graph, helpers: dict[str, nn
     """A GraphModule whose module hierarchy is the model's own (so every state_dict key survives)."""
     targets = {}
     for node in graph.nodes:
+        # Postponed annotations (`from __future__ import annotations`) reach fx as strings such as
+        # 'Tensor'; a GraphModule with a string type cannot be pickled (torch.save fails), and the
+        # annotation carries nothing the conversion needs.
+        if isinstance(node.type, str):
+            node.type = None
         if node.op in ("get_attr", "call_module"):
             if node.target in helpers:
                 targets[node.target] = helpers[node.target]

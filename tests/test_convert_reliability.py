@@ -302,3 +302,18 @@ def test_convert_errors_are_one_line_conversion_errors_naming_the_layer(monkeypa
         _quiet_convert(_ChecksItsLayer(), example_inputs=(torch.randn(2, 4),))
     assert isinstance(info.value, RuntimeError)
     _one_line(info.value)
+
+
+def test_converted_model_with_postponed_annotations_saves_and_loads(tmp_path):
+    # l1fx.models uses `from __future__ import annotations`: fx saw the string 'Tensor' as a type and
+    # the converted GraphModule could not be pickled.
+    from l1fx import models
+
+    model = models.PointNetPartSeg(num_parts=4, num_categories=2).eval()
+    x, cat = torch.randn(2, 3, 64), torch.zeros(2, dtype=torch.long)
+    l1 = _quiet_convert(model, ratio=1.0, example_inputs=(x, cat)).eval()
+    path = tmp_path / "l1.pt"
+    torch.save(l1, path)
+    loaded = torch.load(path, weights_only=False).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, cat), l1(x, cat))
