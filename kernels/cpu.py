@@ -7,10 +7,13 @@ g++ 12 here), every later call and every shape reuses the library. float32
 and bfloat16 CPU tensors are handled (accumulating in float32); other dtypes
 stay on the reference kernel.
 
-The weight gradient splits along the Mixed Gradient Strategy blend:
-``gw = mix * (g^T x - w * colsum(g)) + (1 - mix) * sum_n g * sign(x - w)``.
-The first half is a matrix product and goes to BLAS (``torch.mm``); the sign
-half and the input gradient come from one C++ pass over the rows.
+Every kernel is exact to float32 rounding of its result: each summand is
+formed from the difference ``x - w`` itself (rounded once), never from an
+identity like ``|x - w| = x + w - 2 min(x, w)`` or ``g^T x - w * colsum(g)``
+whose terms grow with the data's offset (see docs/l1_ops.md, "Numerics").
+The input gradient and the whole MGS weight gradient (both halves of the blend)
+come from one C++ pass over the rows; NaN and infinities land where the
+formula puts them, as in the reference kernel.
 
 Convolutions do not go through im2col on this backend where avoidable:
 the forward is a direct implicit-GEMM kernel. When the last spatial axis has
@@ -22,10 +25,9 @@ input into per-thread panels of ~256 KiB ("packed"). The line buffers total at
 most half the output, so either way the only sizeable allocation is the output
 (:func:`conv_forward_kernel` says which kernel a shape gets). The input gradient
 for stride 1 is a direct kernel too (one thread per input line, no col2im);
-the weight gradient's ``mix`` half is the inner-product conv's weight gradient
-(ATen) minus ``w * sum(g)``. What remains on chunked im2col
-(:mod:`l1fx.kernels.conv`): the input gradient for stride > 1 and the sign
-half of the weight gradient (``mix < 1``).
+What remains on chunked im2col (:mod:`l1fx.kernels.conv`, each chunk through
+this backend's exact linear kernels): the input gradient for stride > 1 and
+the weight gradient.
 
 If no compiler is found or the build fails, ``available()`` says why: under
 ``L1FX_BACKEND=auto`` the ops fall back to the reference kernel with a
@@ -47,12 +49,11 @@ from . import Backend, BackendUnavailable, requested_backend
 from . import conv as _conv
 from . import reference
 from .cpu_build import BuildError, load
+from ..errors import KernelBuildError
 
 SOURCE = Path(__file__).with_name("csrc") / "l1_cpu.cpp"
 LIB_NAME = "l1fx_cpu"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-# Rows per chunk of the bfloat16 weight-gradient matmul (converted to float32).
-BF16_MM_ROWS = 4096
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" or "error", plus "build_seconds"; empty until first use
@@ -132,6 +133,17 @@ def _same_dtype(x: Tensor, *others: Optional[Tensor]) -> bool:
     return all(o is None or (o.dtype == x.dtype and o.device == x.device) for o in others)
 
 
+def _check_rc(rc: int, fn: str) -> None:
+    """Turn a C return code into an exception (not an ``assert``: ``python -O`` would drop it)."""
+    if rc == 0:
+        return
+    why = {1: "unsupported dtype code", 2: "unsupported geometry (stride != 1)"}.get(rc, "unknown error")
+    raise KernelBuildError(
+        f"l1fx cpu kernel {fn} failed with code {rc} ({why}); this is a bug in l1fx, please report it "
+        f"(set L1FX_BACKEND=reference to work around it)"
+    )
+
+
 def linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
     if not _same_dtype(x, w, bias):  # mixed dtypes: the reference promotes per element
         return reference.linear_forward(x, w, bias)
@@ -145,22 +157,8 @@ def linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
     rc = _lib().l1fx_forward(
         DTYPE_CODES[x.dtype], _ptr(x), _ptr(w), _ptr(bias), _ptr(y), n, k, m, torch.get_num_threads()
     )
-    assert rc == 0, f"l1fx_forward failed with code {rc}"
+    _check_rc(rc, "l1fx_forward")
     return y
-
-
-def _gt_x_minus_w_colsum(g: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    """``g^T x - w * colsum(g)`` in float32: the mix=1 weight gradient, by BLAS."""
-    if g.dtype == torch.float32:
-        return torch.addcmul(torch.mm(g.t(), x), w, g.sum(0)[:, None], value=-1.0)
-    # bfloat16: convert bounded row chunks so the product accumulates in float32.
-    out = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-    colsum = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
-    for n0 in range(0, g.shape[0], BF16_MM_ROWS):
-        gc = g[n0:n0 + BF16_MM_ROWS].float()
-        out.addmm_(gc.t(), x[n0:n0 + BF16_MM_ROWS].float())
-        colsum += gc.sum(0)
-    return out.addcmul_(w.float(), colsum[:, None], value=-1.0)
 
 
 def linear_backward(
@@ -173,23 +171,19 @@ def linear_backward(
     mix = float(mix)
     g, x, w = g.contiguous(), x.contiguous(), w.contiguous()
     gx = torch.empty_like(x) if need_x else None
-    sign_w = torch.zeros(m, k, dtype=torch.float32) if need_w and mix < 1.0 else None
-    if n > 0 and m > 0 and k > 0 and (gx is not None or sign_w is not None):
+    # The weight gradient accumulates in float32 (its own dtype for float32, converted after for bfloat16).
+    gw = torch.empty(m, k, dtype=torch.float32) if need_w else None
+    if n > 0 and m > 0 and k > 0 and (gx is not None or gw is not None):
         rc = _lib().l1fx_backward(
-            DTYPE_CODES[x.dtype], _ptr(g), _ptr(x), _ptr(w), _ptr(gx), _ptr(sign_w), mix, n, k, m,
+            DTYPE_CODES[x.dtype], _ptr(g), _ptr(x), _ptr(w), _ptr(gx), _ptr(gw), mix, n, k, m,
             torch.get_num_threads(),
         )
-        assert rc == 0, f"l1fx_backward failed with code {rc}"
-    elif gx is not None:
-        gx.zero_()
-    gw = None
-    if need_w:
-        gw = sign_w if sign_w is not None else torch.zeros(m, k, dtype=torch.float32)
-        if mix > 0.0:
-            linear_part = _gt_x_minus_w_colsum(g, x, w)
-            gw = linear_part if mix == 1.0 else linear_part.mul_(mix).add_(gw, alpha=1.0 - mix)
-        gw = gw.to(w.dtype)
-    return gx, gw
+        _check_rc(rc, "l1fx_backward")
+    else:
+        for t in (gx, gw):
+            if t is not None:
+                t.zero_()
+    return gx, None if gw is None else gw.to(w.dtype)
 
 
 def _geometry_3d(x: Tensor, w: Tensor, stride, padding, dilation) -> tuple[list[int], list[int]]:
@@ -227,7 +221,7 @@ def conv_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, 
         DTYPE_CODES[x.dtype], _ptr(x), _ptr(w), _ptr(bias), _ptr(y), x.shape[0], x.shape[1], w.shape[0], groups,
         ctypes.cast(g, ctypes.c_void_p), torch.get_num_threads(),
     )
-    assert rc == 0, f"l1fx_conv_forward failed with code {rc}"
+    _check_rc(rc, "l1fx_conv_forward")
     return y
 
 
@@ -235,13 +229,13 @@ def conv_backward(
     grad: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, groups: int, mix: float, need_x: bool,
     need_w: bool,
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """MGS conv gradients without im2col where the math allows it.
+    """MGS conv gradients, exact (see docs/l1_ops.md), without im2col where a kernel exists.
 
     * input gradient, stride 1: a direct C++ kernel (each thread owns input
       lines; no patch matrix, no col2im). Other strides: chunked im2col.
-    * weight gradient: its ``mix`` half is ``sum_o g (x_pad - w)`` =
-      the inner-product conv's weight gradient minus ``w * sum_o g``, which
-      ATen computes; the ``1 - mix`` sign half goes through chunked im2col.
+    * weight gradient: chunked im2col through the exact linear backward (the
+      dense identity ``conv_weight_grad(g, x) - w * sum(g)`` cancels
+      catastrophically for data far from zero, so it is not used).
     """
     mix = float(mix)
     if not _same_dtype(x, w, grad) or x.dim() > 5:
@@ -258,21 +252,9 @@ def conv_backward(
             DTYPE_CODES[x.dtype], _ptr(grad), _ptr(x), _ptr(w), _ptr(gx), mix, x.shape[0], x.shape[1], w.shape[0],
             groups, ctypes.cast(g, ctypes.c_void_p), torch.get_num_threads(),
         )
-        assert rc == 0, f"l1fx_conv_input_grad failed with code {rc}"
+        _check_rc(rc, "l1fx_conv_input_grad")
     if need_w:
-        gw = torch.zeros(w.shape, dtype=torch.float32)
-        if mix > 0.0:
-            nd = x.dim() - 2
-            dense = torch.ops.aten.convolution_backward(
-                grad, x, w, None, list(stride), list(padding), list(dilation), False, [0] * nd, groups,
-                [False, True, False],
-            )[1]
-            gsum = grad.sum(dim=[0, *range(2, grad.dim())], dtype=torch.float32)
-            gw.add_(dense, alpha=mix).sub_(w.float() * gsum.view(-1, *[1] * (w.dim() - 1)), alpha=mix)
-        if mix < 1.0:
-            sign = _conv.conv_backward(BACKEND, grad, x, w, stride, padding, dilation, groups, 0.0, False, True)[1]
-            gw.add_(sign, alpha=1.0 - mix)
-        gw = gw.to(w.dtype)
+        gw = _conv.conv_backward(BACKEND, grad, x, w, stride, padding, dilation, groups, mix, False, True)[1]
     return gx, gw
 
 

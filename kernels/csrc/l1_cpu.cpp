@@ -87,6 +87,23 @@ inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+// |a|: clear the sign bit (one AND, any FP pipe); NaN stays NaN, -inf -> inf.
+inline vf vabs(vf a) { return (vf)((vi)a & (vi{} + 0x7fffffff)); }
+// |x - w|, rounded once: the exact summand of the forward.
+inline vf absdiff(vf x, vf w) { return vabs(x - w); }
+// HardTanh, NaN-propagating like torch.clamp (the comparisons are false for NaN).
+inline vf clamp1(vf d) {
+  const vf pone = vf{} + 1.0f, mone = vf{} - 1.0f;
+  d = d > pone ? pone : d;
+  return d < mone ? mone : d;
+}
+// torch.sign on CPU: -1, 0, +1, and 0 for NaN (it is (0 < d) - (d < 0)), as the
+// reference kernel computes it. sign(fl(x - w)) is the exact sign of x - w (a
+// float difference is 0 only when x == w).
+inline vf vsign(vf d) {
+  const vf pone = vf{} + 1.0f, mone = vf{} - 1.0f;
+  return d > vf{} ? pone : d < vf{} ? mone : vf{};
+}
 inline float hsum(vf v) {
   float s = 0.f;
   for (int i = 0; i < VW; ++i) s += v[i];
@@ -175,7 +192,8 @@ int threads_for(int64_t work_items, int nthreads) {
 }
 
 // ---------------------------------------------------------------- forward
-// y = 2 acc + (bias - sum_k wc) - sum_k xc, acc = sum_k min(xc, wc).
+// y = bias - acc, acc = sum_k |x - w| (each difference rounded once, summands >= 0,
+// so the float32 error is at most ~K eps |acc|, whatever the offset of the data).
 // Weights as panels of F = FWD_FV*VW filters: panel p is [K, F] contiguous.
 // Rows are packed GEMM-style into micro-panels of FWD_R rows, [K][FWD_R]
 // contiguous, so the register tile streams both operands in memory order.
@@ -190,13 +208,13 @@ FwdPanels fwd_panels(const T* w, const T* bias, int64_t M, int64_t K) {
   FwdPanels fp;
   fp.n_panels = (M + F - 1) / F;
   const int64_t M_pad = fp.n_panels * F;
-  PackedW pw = pack_w(w, M, K, M_pad, K, /*centred=*/true, false, true);
+  PackedW pw = pack_w(w, M, K, M_pad, K, /*centred=*/false, false, true);
   fp.wp.resize(size_t(fp.n_panels * K * F));  // [K, M_pad] -> panels [p][K][F]
   for (int64_t p = 0; p < fp.n_panels; ++p)
     for (int64_t k = 0; k < K; ++k)
       std::memcpy(&fp.wp[size_t((p * K + k) * F)], &pw.cols[size_t(k * M_pad + p * F)], F * sizeof(float));
   fp.col_term.assign(size_t(M_pad), 0.f);
-  for (int64_t m = 0; m < M; ++m) fp.col_term[size_t(m)] = (bias ? to_f(bias[m]) : 0.f) - pw.sums[size_t(m)];
+  for (int64_t m = 0; m < M; ++m) fp.col_term[size_t(m)] = bias ? to_f(bias[m]) : 0.f;
   fp.centre = std::move(pw.centre);
   return fp;
 }
@@ -204,10 +222,9 @@ FwdPanels fwd_panels(const T* w, const T* bias, int64_t M, int64_t K) {
 // One R x F register tile (F = FV*VW): xp is a micro-panel [K][R], wpp a
 // panel [K][F]; out[r][f] = y.
 template <int R, int FV>
-inline void fwd_micro(const float* xp, const float* wpp, const float* col_term, const float* row_term, int64_t K,
-                      float out[R][FV * VW]) {
+inline void fwd_micro(const float* xp, const float* wpp, const float* col_term, int64_t K, float out[R][FV * VW]) {
   constexpr int F = FV * VW;
-  const vf one = splat(kOpaqueOne), two = splat(2.0f);
+  const vf one = splat(kOpaqueOne);
   vf acc[R][FV];
   for (int r = 0; r < R; ++r)
     for (int f = 0; f < FV; ++f) acc[r][f] = vf{};
@@ -216,32 +233,23 @@ inline void fwd_micro(const float* xp, const float* wpp, const float* col_term, 
     for (int f = 0; f < FV; ++f) wv[f] = load(wpp + k * F + f * VW);
     for (int r = 0; r < R; ++r) {
       const vf xv = splat(xp[k * R + r]);
-      for (int f = 0; f < FV; ++f) acc[r][f] = acc[r][f] + vmin(xv, wv[f]) * one;
+      for (int f = 0; f < FV; ++f) acc[r][f] = acc[r][f] + absdiff(xv, wv[f]) * one;
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int f = 0; f < FV; ++f)
-      store(out[r] + f * VW, two * acc[r][f] + (load(col_term + f * VW) - splat(row_term[r])));
+    for (int f = 0; f < FV; ++f) store(out[r] + f * VW, load(col_term + f * VW) - acc[r][f]);
 }
 
-// Rows [n0, n0+rows) of x [*, K], centred, into micro-panels of R rows
-// (zero padded to a multiple of R); xsum[r] = sum_k of the stored values.
+// Rows [n0, n0+rows) of x [*, K] into micro-panels of R rows (zero padded to a multiple of R).
 template <int R, typename T>
-void pack_row_panels(const T* x, int64_t K, int64_t n0, int64_t rows, const float* centre, float* dst, float* xsum) {
+void pack_row_panels(const T* x, int64_t K, int64_t n0, int64_t rows, float* dst) {
   for (int64_t r0 = 0; r0 < rows; r0 += R) {
     const T* src[R];
     const int live = int(std::min<int64_t>(R, rows - r0));
     for (int j = 0; j < R; ++j) src[j] = x + (n0 + r0 + std::min(j, live - 1)) * K;
     float* d = dst + r0 * K;
-    float sum[R] = {};
-    for (int64_t k = 0; k < K; ++k) {  // one micro-panel row: R rows' k-th values
-      for (int j = 0; j < R; ++j) {
-        const float v = j < live ? to_f(src[j][k]) - centre[k] : 0.f;
-        d[k * R + j] = v;
-        sum[j] += v;
-      }
-    }
-    for (int j = 0; j < R; ++j) xsum[r0 + j] = sum[j];
+    for (int64_t k = 0; k < K; ++k)  // one micro-panel row: R rows' k-th values
+      for (int j = 0; j < R; ++j) d[k * R + j] = j < live ? to_f(src[j][k]) : 0.f;
   }
 }
 
@@ -260,19 +268,18 @@ void forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t K, 
 
 #pragma omp parallel num_threads(threads_for(items, nthreads))
   {
-    std::vector<float> xb(static_cast<size_t>(NB * K)), xsum(static_cast<size_t>(NB));
+    std::vector<float> xb(static_cast<size_t>(NB * K));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t blk = it / groups, grp = it % groups;
       const int64_t n0 = blk * NB, rows = std::min(NB, N - n0);
-      pack_row_panels<R>(x, K, n0, rows, fp.centre.data(), xb.data(), xsum.data());
+      pack_row_panels<R>(x, K, n0, rows, xb.data());
       const int64_t p1 = std::min(n_panels, (grp + 1) * per_group);
       for (int64_t p = grp * per_group; p < p1; ++p) {
         const int64_t m0 = p * F, mcols = std::min<int64_t>(F, M - m0);
         for (int64_t r0 = 0; r0 < rows; r0 += R) {
           float out[R][F];
-          fwd_micro<R, FV>(&xb[size_t(r0 * K)], &fp.wp[size_t(p * K * F)], &fp.col_term[size_t(m0)], &xsum[size_t(r0)], K,
-                    out);
+          fwd_micro<R, FV>(&xb[size_t(r0 * K)], &fp.wp[size_t(p * K * F)], &fp.col_term[size_t(m0)], K, out);
           for (int r = 0; r < R && r0 + r < rows; ++r) {
             T* yr = y + (n0 + r0 + r) * M + m0;
             if (std::is_same<T, float>::value && mcols == F)
@@ -292,31 +299,27 @@ inline vf load_masked(const float* p, int64_t lo, int64_t hi);  // defined with 
 // scalar packing of x into micro-panels and the stack round trip of each
 // output tile cost about as much as the K min+FMA steps themselves (at K = 1
 // they were ~0.23 of 0.29 ms per 32768 x 64 output on one Zen 4 core). Here
-// each register tile centres its R rows (R*K consecutive values) with a few
-// whole-vector subtractions into a stack buffer, broadcasts from it, and
+// each register tile copies its R rows (R*K consecutive values) with a few
+// whole-vector moves into a stack buffer, broadcasts from it, and
 // stores whole tiles straight to y, so x is read once and each output row is
 // written once, in order; each thread owns a contiguous range of rows.
 template <int R, int FV, typename T>
-inline void fwd_direct_tile(const T* xrows, const float* wp, const float* col_term, const float* cpat,
-                            int64_t K, int64_t n_panels, int64_t M, int live, T* yrow) {
+inline void fwd_direct_tile(const T* xrows, const float* wp, const float* col_term, int64_t K, int64_t n_panels,
+                            int64_t M, int live, T* yrow) {
   constexpr int F = FV * VW;
-  const vf one = splat(kOpaqueOne), two = splat(2.0f);
-  // The tile's R rows are R*K consecutive values: centre them with whole-vector
-  // subtractions against the centres repeated R times (cpat), into xs.
+  const vf one = splat(kOpaqueOne);
+  // The tile's R rows are R*K consecutive values: copied (as float32) into xs.
   float xs[R * FWD_DIRECT_MAX_K + VW];
-  float xsum[R] = {};
   const int64_t RK = live * K;
   if (std::is_same<T, float>::value) {
     const float* xf = reinterpret_cast<const float*>(xrows);
     int64_t i = 0;
-    for (; i + VW <= RK; i += VW) store(xs + i, load(xf + i) - load(cpat + i));
-    if (i < RK) store(xs + i, load_masked(xf + i, 0, RK - i) - load(cpat + i));
+    for (; i + VW <= RK; i += VW) store(xs + i, load(xf + i));
+    if (i < RK) store(xs + i, load_masked(xf + i, 0, RK - i));
   } else {
-    for (int64_t i = 0; i < RK; ++i) xs[i] = to_f(xrows[i]) - cpat[i];
+    for (int64_t i = 0; i < RK; ++i) xs[i] = to_f(xrows[i]);
   }
   for (int64_t i = RK; i < R * K; ++i) xs[i] = xs[i - K];  // tail tile: repeat the last live row
-  for (int r = 0; r < R; ++r)
-    for (int64_t k = 0; k < K; ++k) xsum[r] += xs[r * K + k];
   for (int64_t p = 0; p < n_panels; ++p) {
     const float* wpp = wp + p * K * F;
     vf acc[R][FV];
@@ -327,20 +330,19 @@ inline void fwd_direct_tile(const T* xrows, const float* wp, const float* col_te
       for (int f = 0; f < FV; ++f) wv[f] = load(wpp + k * F + f * VW);
       for (int r = 0; r < R; ++r) {
         const vf xv = splat(xs[r * K + k]);
-        for (int f = 0; f < FV; ++f) acc[r][f] = acc[r][f] + vmin(xv, wv[f]) * one;
+        for (int f = 0; f < FV; ++f) acc[r][f] = acc[r][f] + absdiff(xv, wv[f]) * one;
       }
     }
     const int64_t m0 = p * F, mcols = std::min<int64_t>(F, M - m0);
     if (std::is_same<T, float>::value && live == R && mcols == F) {  // whole tile: straight to y
       for (int r = 0; r < R; ++r)
         for (int f = 0; f < FV; ++f)
-          store(reinterpret_cast<float*>(yrow + r * M + m0) + f * VW,
-                two * acc[r][f] + (load(col_term + m0 + f * VW) - splat(xsum[r])));
+          store(reinterpret_cast<float*>(yrow + r * M + m0) + f * VW, load(col_term + m0 + f * VW) - acc[r][f]);
     } else {  // edge tile or bfloat16: through a small buffer
       float out[R][F];
       for (int r = 0; r < R; ++r)
         for (int f = 0; f < FV; ++f)
-          store(out[r] + f * VW, two * acc[r][f] + (load(col_term + m0 + f * VW) - splat(xsum[r])));
+          store(out[r] + f * VW, load(col_term + m0 + f * VW) - acc[r][f]);
       for (int r = 0; r < live; ++r)
         for (int64_t c = 0; c < mcols; ++c) from_f(out[r][c], yrow + r * M + m0 + c);
     }
@@ -351,19 +353,16 @@ template <int R, int FV, typename T>
 void forward_direct(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t K, int64_t M, int nthreads) {
   const FwdPanels fp = fwd_panels<FV>(w, bias, M, K);
   const int64_t tiles = (N + R - 1) / R;
-  std::vector<float> cpat(size_t(R * K + VW), 0.f);  // the centres repeated for R rows
-  for (int64_t i = 0; i < R * K; ++i) cpat[size_t(i)] = fp.centre[size_t(i % K)];
 #pragma omp parallel for schedule(static) num_threads(threads_for(tiles, nthreads))
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t n0 = t * R;
     const int live = int(std::min<int64_t>(R, N - n0));
-    fwd_direct_tile<R, FV>(x + n0 * K, fp.wp.data(), fp.col_term.data(), cpat.data(), K, fp.n_panels, M, live,
-                           y + n0 * M);
+    fwd_direct_tile<R, FV>(x + n0 * K, fp.wp.data(), fp.col_term.data(), K, fp.n_panels, M, live, y + n0 * M);
   }
 }
 
 // Wider filter panels broadcast each x value to more filters (6x4 runs the
-// min+FMA loop ~20% faster than 8x2 on Zen 4) but waste lanes when M is small.
+// inner loop ~10-20% faster than 8x2 on Zen 4) but waste lanes when M is small.
 template <typename T>
 void forward_dispatch(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t K, int64_t M, int nthreads) {
   if (K <= FWD_DIRECT_MAX_K && M > FWD_FV * VW)
@@ -420,11 +419,10 @@ inline vf load_full(const uint16_t* p) {
 }
 
 // Output positions [pos0, pos0+rows) of sample b, group g -> panels
-// [K][CONV_PW] of the centred patches of CONV_PW consecutive positions
-// (padding reads as x = 0), zero rows up to a whole panel; xsum[r] = sum_k.
+// [K][CONV_PW] of the patches of CONV_PW consecutive positions (padding reads
+// as x = 0), zero rows up to a whole panel.
 template <typename T>
-void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int64_t pos0, int64_t rows,
-                      const float* centre, float* dst, float* xsum) {
+void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int64_t pos0, int64_t rows, float* dst) {
   const int64_t K = cg.Kg(), Cg = cg.Cg();
   const int64_t rows_pad = round_up(rows, CONV_PW);
   const T* xg = x + (b * cg.C + g * Cg) * cg.S();
@@ -437,7 +435,6 @@ void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int6
       // Fast path: VW positions on one line read VW consecutive inputs, one
       // (masked at the borders) vector load per k.
       float* d = &at(r, 0);
-      vf sum = vf{};
       int64_t k = 0;
       for (int64_t c = 0; c < Cg; ++c)
         for (int64_t kd = 0; kd < cg.ker[0]; ++kd) {
@@ -456,19 +453,15 @@ void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int6
                 const int64_t jhi = line_ok ? std::max<int64_t>(jlo, std::min<int64_t>(VW, cg.in[2] - base)) : 0;
                 v = load_masked(line + base, jlo, jhi);
               }
-              v -= splat(centre[k]);
               store(d + k * CONV_PW, v);
-              sum += v;
             }
           }
         }
-      store(xsum + r, sum);
       r += VW;
       continue;
     }
     // General: positions up to the line's end or the next vector boundary.
     const int64_t seg = std::min({rows - r, cg.out[2] - ow0, VW - r % VW});
-    for (int64_t j = 0; j < seg; ++j) xsum[r + j] = 0.f;
     for (int64_t c = 0; c < Cg; ++c)
       for (int64_t kd = 0; kd < cg.ker[0]; ++kd) {
         const int64_t id = od * cg.st[0] - cg.pad[0] + kd * cg.dil[0];
@@ -481,9 +474,7 @@ void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int6
             const int64_t base = ow0 * cg.st[2] - cg.pad[2] + kw * cg.dil[2];  // iw of j = 0
             for (int64_t j = 0; j < seg; ++j) {
               const int64_t iw = base + j * cg.st[2];
-              const float v = (line_ok && iw >= 0 && iw < cg.in[2] ? to_f(line[iw]) : 0.f) - centre[k];
-              at(r + j, k) = v;
-              xsum[r + j] += v;
+              at(r + j, k) = line_ok && iw >= 0 && iw < cg.in[2] ? to_f(line[iw]) : 0.f;
             }
           }
         }
@@ -491,7 +482,6 @@ void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int6
     r += seg;
   }
   for (int64_t rr = rows; rr < rows_pad; ++rr) {
-    xsum[rr] = 0.f;
     for (int64_t k = 0; k < K; ++k) at(rr, k) = 0.f;
   }
 }
@@ -508,7 +498,7 @@ inline void conv_micro(const float* xp, const float* wt, int64_t Mg_pad, int64_t
     for (int v = 0; v < CONV_PV; ++v) xv[v] = load(xp + k * CONV_PW + v * VW);
     for (int i = 0; i < CONV_MT; ++i) {
       const vf wb = splat(wt[k * Mg_pad + i]);
-      for (int v = 0; v < CONV_PV; ++v) acc[i][v] = acc[i][v] + vmin(xv[v], wb) * one;
+      for (int v = 0; v < CONV_PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wb) * one;
     }
   }
 }
@@ -517,14 +507,14 @@ template <typename T>
 void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
   const int64_t K = cg.Kg(), Mg = cg.Mg(), P = cg.P();
   const int64_t Mg_pad = round_up(Mg, CONV_MT);
-  // Per group: centre and bias - sum_k wc from the panel packer, weights as [K][Mg_pad].
+  // Per group: the bias from the panel packer, weights as [K][Mg_pad].
   std::vector<FwdPanels> fps;
   std::vector<float> wt(size_t(cg.G * K * Mg_pad), 0.f);
   for (int64_t g = 0; g < cg.G; ++g) {
     fps.push_back(fwd_panels<FWD_FV>(w + g * Mg * K, bias ? bias + g * Mg : nullptr, Mg, K));
     for (int64_t m = 0; m < Mg; ++m)
       for (int64_t k = 0; k < K; ++k)
-        wt[size_t((g * K + k) * Mg_pad + m)] = to_f(w[(g * Mg + m) * K + k]) - fps.back().centre[size_t(k)];
+        wt[size_t((g * K + k) * Mg_pad + m)] = to_f(w[(g * Mg + m) * K + k]);
   }
   // Tiles of positions whose packed patches (~256 KiB) stay in L2.
   const int64_t RT = std::max<int64_t>(CONV_PW, std::min<int64_t>(256, (65536 / std::max<int64_t>(K, 1))) / CONV_PW * CONV_PW);
@@ -532,14 +522,13 @@ void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const Conv
   const int64_t items = cg.B * cg.G * n_tiles;
 #pragma omp parallel num_threads(threads_for(items, nthreads))
   {
-    std::vector<float> xb(static_cast<size_t>(RT * K)), xsum(static_cast<size_t>(RT));
-    const vf two = splat(2.0f);
+    std::vector<float> xb(static_cast<size_t>(RT * K));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t t = it % n_tiles, g = (it / n_tiles) % cg.G, b = it / (n_tiles * cg.G);
       const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
       const FwdPanels& fp = fps[size_t(g)];
-      pack_conv_panels(x, cg, b, g, pos0, rows, fp.centre.data(), xb.data(), xsum.data());
+      pack_conv_panels(x, cg, b, g, pos0, rows, xb.data());
       for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW) {
         for (int64_t m0 = 0; m0 < Mg; m0 += CONV_MT) {
           vf acc[CONV_MT][CONV_PV];
@@ -551,7 +540,7 @@ void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const Conv
               const int64_t n = std::min<int64_t>(VW, rows - r0 - v * VW);
               if (n <= 0) break;
               float out[VW];
-              store(out, two * acc[i][v] + (col - load(&xsum[size_t(r0 + v * VW)])));
+              store(out, col - acc[i][v]);
               if (std::is_same<T, float>::value && n == VW)
                 std::memcpy(yp + v * VW, out, sizeof out);
               else
@@ -572,17 +561,15 @@ void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const Conv
 // VW consecutive inputs of every input line it touches, so the register tile
 // can load its x vectors straight from a copy of those lines. A work item is
 // one tile of DT output planes x TH output rows (b, group fixed): the input
-// lines it needs are copied once, centred and zero padded (x = 0 outside), into
+// lines it needs are copied once, zero padded (x = 0 outside), into
 // a per-thread buffer [c][plane][row][Wp] (at most 256 KiB, and all threads'
 // buffers together at most half the output), and every filter and position of
 // the tile reads from it through a table of per-k offsets. Each input value is
 // copied about (DT + ker0 - 1) / DT times, instead of gathered kvol times.
-// The centre is per channel here (the mean of w[:, c, ...]), so one buffer
-// serves every kernel offset; |x - w| does not change. sum_k xc per position
-// is a box sum over kernel offsets of the buffer's channel sums.
 // Register tile: ROW_MT filters x up to ROW_PV position vectors. Measured on
 // Zen 4 (bare loop, pairs/ns): 4x5 / 4x6 49.5, 6x4 47.4, 8x3 44.0, 8x2 39.5;
-// fewer weight broadcasts per min+FMA pay more than fewer x loads.
+// fewer weight broadcasts per step pay more than fewer x loads (measured with
+// the old min+FMA step; the exact sub+abs+FMA step keeps the same tile).
 constexpr int ROW_MT = VW == 16 ? 4 : 2;
 constexpr int ROW_PV = VW == 16 ? 6 : 4;
 
@@ -600,7 +587,7 @@ inline void row_micro(const float* const* base, const int32_t* koff, const float
     for (int v = 0; v < PV; ++v) xv[v] = load(base[v] + o);
     for (int i = 0; i < ROW_MT; ++i) {
       const vf wv = splat(wb[k * ROW_MT + i]);
-      for (int v = 0; v < PV; ++v) acc[i][v] = acc[i][v] + vmin(xv[v], wv) * one;
+      for (int v = 0; v < PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wv) * one;
     }
   }
 }
@@ -675,13 +662,11 @@ inline void store_first(float* p, vf v, int64_t n) {
 }
 
 // The input of one tile into buf [c][dd][hh][Wp] (input plane od0*st0 - pad0 + dd,
-// row oh0*st1 - pad1 + hh, column j - pad2): x - centre[c], and -centre[c]
-// (x = 0) outside the input; csum [dd][hh][Wp] = the sum over channels.
-// Vectors along the row, masked at the borders, channels innermost so the
-// channel sum stays in a register.
+// row oh0*st1 - pad1 + hh, column j - pad2): x, and 0 outside the input.
+// Vectors along the row, masked at the borders.
 template <typename T>
 void fill_row_buffer(const T* x, const ConvGeom& cg, const RowTiling& t, int64_t b, int64_t g, int64_t od0,
-                     int64_t oh0, const float* centre, float* buf, float* csum) {
+                     int64_t oh0, float* buf) {
   const int64_t Cg = cg.Cg();
   const T* xg = x + (b * cg.C + g * Cg) * cg.S() - cg.pad[2];
   for (int64_t dd = 0; dd < t.DS; ++dd) {
@@ -695,32 +680,22 @@ void fill_row_buffer(const T* x, const ConvGeom& cg, const RowTiling& t, int64_t
         const int64_t n = std::min<int64_t>(VW, t.Wp - j);
         const int64_t lo = inside ? std::min<int64_t>(n, std::max<int64_t>(0, cg.pad[2] - j)) : 0;
         const int64_t hi = inside ? std::max<int64_t>(lo, std::min<int64_t>(n, cg.in[2] + cg.pad[2] - j)) : 0;
-        vf sum = vf{};
         for (int64_t c = 0; c < Cg; ++c) {
           const T* s = src + c * cg.S() + j;
-          vf v = lo == 0 && hi == VW ? load_full(s) : hi > lo ? load_masked(s, lo, hi) : vf{};
-          v -= splat(centre[c]);
+          const vf v = lo == 0 && hi == VW ? load_full(s) : hi > lo ? load_masked(s, lo, hi) : vf{};
           store_first(buf + c * t.cstride + row + j, v, n);
-          sum += v;
         }
-        store_first(csum + row + j, sum, n);
       }
     }
   }
 }
 
 template <int PV, typename T>
-void row_tile_group(const float* buf, const float* csum, const int32_t* koff, const int32_t* qoff, int64_t kv,
-                    const float* wblocks, const float* col_term, int64_t n_mb, int64_t Mg, int64_t K,
-                    const int64_t* slot_off, const int64_t* slot_out, const int64_t* slot_n, T* yg, int64_t P) {
+void row_tile_group(const float* buf, const int32_t* koff, const float* wblocks, const float* col_term, int64_t n_mb,
+                    int64_t Mg, int64_t K, const int64_t* slot_off, const int64_t* slot_out, const int64_t* slot_n,
+                    T* yg, int64_t P) {
   const float* base[PV];
-  vf xsum[PV];
-  for (int v = 0; v < PV; ++v) {
-    base[v] = buf + slot_off[v];
-    xsum[v] = vf{};
-    for (int64_t q = 0; q < kv; ++q) xsum[v] += load(csum + slot_off[v] + qoff[q]);
-  }
-  const vf two = splat(2.0f);
+  for (int v = 0; v < PV; ++v) base[v] = buf + slot_off[v];
   for (int64_t mb = 0; mb < n_mb; ++mb) {
     vf acc[ROW_MT][PV];
     row_micro<PV>(base, koff, wblocks + mb * K * ROW_MT, K, acc);
@@ -729,7 +704,7 @@ void row_tile_group(const float* buf, const float* csum, const int32_t* koff, co
       const vf col = splat(col_term[m]);
       for (int v = 0; v < PV; ++v) {
         T* yp = yg + m * P + slot_out[v];
-        const vf out = two * acc[i][v] + (col - xsum[v]);
+        const vf out = col - acc[i][v];
         if (std::is_same<T, float>::value && slot_n[v] == VW) {
           store(reinterpret_cast<float*>(yp), out);
         } else {
@@ -741,17 +716,17 @@ void row_tile_group(const float* buf, const float* csum, const int32_t* koff, co
 }
 
 template <typename T>
-void row_tile_dispatch(int pv, const float* buf, const float* csum, const int32_t* koff, const int32_t* qoff,
-                       int64_t kv, const float* wb, const float* ct, int64_t n_mb, int64_t Mg, int64_t K,
-                       const int64_t* so, const int64_t* sout, const int64_t* sn, T* yg, int64_t P) {
+void row_tile_dispatch(int pv, const float* buf, const int32_t* koff, const float* wb, const float* ct, int64_t n_mb,
+                       int64_t Mg, int64_t K, const int64_t* so, const int64_t* sout, const int64_t* sn, T* yg,
+                       int64_t P) {
   static_assert(ROW_PV <= 6, "add cases below");
   switch (pv) {  // pv <= ROW_PV; larger cases are never reached on narrow vectors
-    case 1: return row_tile_group<1>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
-    case 2: return row_tile_group<2>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
-    case 3: return row_tile_group<3>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
-    case 4: return row_tile_group<4>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
-    case 5: return row_tile_group<5>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
-    default: return row_tile_group<6>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 1: return row_tile_group<1>(buf, koff, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 2: return row_tile_group<2>(buf, koff, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 3: return row_tile_group<3>(buf, koff, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 4: return row_tile_group<4>(buf, koff, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 5: return row_tile_group<5>(buf, koff, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    default: return row_tile_group<6>(buf, koff, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
   }
 }
 
@@ -766,10 +741,9 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
         qoff[size_t(q)] = int32_t(kd * cg.dil[0] * t.plane + kh * cg.dil[1] * t.Wp + kw * cg.dil[2]);
   for (int64_t c = 0; c < Cg; ++c)
     for (int64_t q = 0; q < kv; ++q) koff[size_t(c * kv + q)] = int32_t(c * t.cstride) + qoff[size_t(q)];
-  // Weights centred per channel, as blocks [group][block][K][ROW_MT] (zero padded).
+  // Weights as blocks [group][block][K][ROW_MT] (zero padded).
   const int64_t n_mb = (Mg + ROW_MT - 1) / ROW_MT;
-  std::vector<float> wb(size_t(cg.G * n_mb * K * ROW_MT), 0.f), centre(size_t(cg.C), 0.f),
-      col_term(size_t(cg.M), 0.f);
+  std::vector<float> wb(size_t(cg.G * n_mb * K * ROW_MT), 0.f), col_term(size_t(cg.M), 0.f);
   const int64_t n_tiles = t.n_dt * t.n_ht;
   const int64_t items = cg.B * cg.G * n_tiles;
   const int nt = threads_for(std::max(items, cg.M), nthreads);
@@ -777,28 +751,13 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
   {
     // The weight preparation is split over the threads too (serial, it was ~3%).
 #pragma omp for schedule(static)
-    for (int64_t gc = 0; gc < cg.C; ++gc) {
-      const int64_t g = gc / Cg, c = gc % Cg;
-      float s = 0.f;
-      for (int64_t m = 0; m < Mg; ++m)
-        for (int64_t q = 0; q < kv; ++q) s += to_f(w[(g * Mg + m) * K + c * kv + q]);
-      centre[size_t(gc)] = Mg * kv > 0 ? s / float(Mg * kv) : 0.f;
-    }  // implied barrier
-#pragma omp for schedule(static)
     for (int64_t gm = 0; gm < cg.M; ++gm) {
       const int64_t g = gm / Mg, m = gm % Mg;
-      double s = 0.0;
       float* blk = &wb[size_t((g * n_mb + m / ROW_MT) * K * ROW_MT + m % ROW_MT)];
-      const float* cen = &centre[size_t(g * Cg)];
-      for (int64_t c = 0, k = 0; c < Cg; ++c)
-        for (int64_t q = 0; q < kv; ++q, ++k) {
-          const float v = to_f(w[gm * K + k]) - cen[c];
-          blk[k * ROW_MT] = v;
-          s += v;
-        }
-      col_term[size_t(gm)] = (bias ? to_f(bias[gm]) : 0.f) - float(s);
+      for (int64_t k = 0; k < K; ++k) blk[k * ROW_MT] = to_f(w[gm * K + k]);
+      col_term[size_t(gm)] = bias ? to_f(bias[gm]) : 0.f;
     }  // implied barrier
-    std::vector<float> buf(static_cast<size_t>(t.buf)), csum(static_cast<size_t>(t.cstride));
+    std::vector<float> buf(static_cast<size_t>(t.buf));
     const size_t max_slots = size_t(t.DT * t.TH * t.nvw);
     std::vector<int64_t> slot_off(max_slots), slot_out(max_slots), slot_n(max_slots);
 #pragma omp for schedule(dynamic, 1)
@@ -807,7 +766,7 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
       const int64_t g = (it / n_tiles) % cg.G, b = it / (n_tiles * cg.G);
       const int64_t oh0 = ht * t.TH, rows = std::min(t.TH, cg.out[1] - oh0);
       const int64_t od0 = dt * t.DT, planes = std::min(t.DT, cg.out[0] - od0);
-      fill_row_buffer(x, cg, t, b, g, od0, oh0, &centre[size_t(g * Cg)], buf.data(), csum.data());
+      fill_row_buffer(x, cg, t, b, g, od0, oh0, buf.data());
       // Slots: vectors of VW outputs on a line, with their buffer and output offsets.
       int64_t n_slots = 0;
       for (int64_t p = 0; p < planes; ++p)
@@ -824,8 +783,8 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
       const int64_t n_groups = (n_slots + ROW_PV - 1) / ROW_PV;
       for (int64_t gi = 0, s = 0; gi < n_groups; ++gi) {
         const int64_t pv = (n_slots - s) / (n_groups - gi) + ((n_slots - s) % (n_groups - gi) != 0);
-        row_tile_dispatch(int(pv), buf.data(), csum.data(), koff.data(), qoff.data(), kv, wg, ct, n_mb, Mg, K,
-                          &slot_off[size_t(s)], &slot_out[size_t(s)], &slot_n[size_t(s)], yg, P);
+        row_tile_dispatch(int(pv), buf.data(), koff.data(), wg, ct, n_mb, Mg, K, &slot_off[size_t(s)],
+                          &slot_out[size_t(s)], &slot_n[size_t(s)], yg, P);
         s += pv;
       }
     }
@@ -859,22 +818,17 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
   const int64_t in2_pad = round_up(cg.in[2], VW);
   const int64_t off = std::max<int64_t>(0, (cg.ker[2] - 1) * cg.dil[2] - cg.pad[2]);
   const int64_t L = off + in2_pad + cg.pad[2] + VW;  // padded g line: index o + off
-  // Weights per group as [koff][m][c_pad], shifted by a per-channel centre for MODE 1.
-  std::vector<float> wt(size_t(cg.G * kv * Mg * Cg_pad), 0.f), centre(size_t(cg.C), 0.f);
+  // Weights per group as [koff][m][c_pad], raw (the differences are formed exactly).
+  std::vector<float> wt(size_t(cg.G * kv * Mg * Cg_pad), 0.f);
   for (int64_t gr = 0; gr < cg.G; ++gr)
-    for (int64_t c = 0; c < Cg; ++c) {
-      double s = 0.0;
-      for (int64_t m = 0; m < Mg; ++m)
-        for (int64_t q = 0; q < kv; ++q) s += to_f(w[((gr * Mg + m) * Cg + c) * kv + q]);
-      const float cen = MODE == 1 && Mg * kv > 0 ? float(s / double(Mg * kv)) : 0.f;
-      centre[size_t(gr * Cg + c)] = cen;
+    for (int64_t c = 0; c < Cg; ++c)
       for (int64_t m = 0; m < Mg; ++m)
         for (int64_t q = 0; q < kv; ++q)
-          wt[size_t(((gr * kv + q) * Mg + m) * Cg_pad + c)] = to_f(w[((gr * Mg + m) * Cg + c) * kv + q]) - cen;
-    }
+          wt[size_t(((gr * kv + q) * Mg + m) * Cg_pad + c)] = to_f(w[((gr * Mg + m) * Cg + c) * kv + q]);
   const int64_t kdh = cg.ker[0] * cg.ker[1];
   const int64_t items = cg.B * cg.G * cg.in[0] * cg.in[1];
-  const vf pone = splat(1.0f), mone = splat(-1.0f), av = splat(a), bv = splat(b);
+  vi lane;
+  for (int i = 0; i < VW; ++i) lane[i] = i;
 
 #pragma omp parallel num_threads(threads_for(items, nthreads))
   {
@@ -901,54 +855,44 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
       T* gx_line = gx + ((bb * cg.C + gr * Cg) * cg.in[0] + id) * cg.in[1] * cg.in[2] + ih * cg.in[2];
       const T* x_line = x + ((bb * cg.C + gr * Cg) * cg.in[0] + id) * cg.in[1] * cg.in[2] + ih * cg.in[2];
       for (int64_t c0 = 0; c0 < Cg_pad; c0 += CONV_CT) {
-        for (int c = 0; c < CONV_CT; ++c) {  // this tile's x lines, centred, zero padded
+        for (int c = 0; c < CONV_CT; ++c) {  // this tile's x lines, zero padded
           float* d = &xl[size_t(c * in2_pad)];
-          const float cen = c0 + c < Cg ? centre[size_t(gr * Cg + c0 + c)] : 0.f;
-          for (int64_t i = 0; i < in2_pad; ++i)
-            d[i] = c0 + c < Cg && i < cg.in[2] ? to_f(x_line[(c0 + c) * S + i]) - cen : 0.f;
+          for (int64_t i = 0; i < in2_pad; ++i) d[i] = c0 + c < Cg && i < cg.in[2] ? to_f(x_line[(c0 + c) * S + i]) : 0.f;
         }
         for (int64_t i0 = 0; i0 < in2_pad; i0 += VW) {
-          vf acc[CONV_CT], neg[CONV_CT], xv[CONV_CT], lo[CONV_CT], hi[CONV_CT];
-          vf gs = vf{};
+          vf acc[CONV_CT], xv[CONV_CT];
           for (int c = 0; c < CONV_CT; ++c) {
-            acc[c] = neg[c] = vf{};
+            acc[c] = vf{};
             xv[c] = load(&xl[size_t(c * in2_pad + i0)]);
-            if (MODE == 1) { lo[c] = xv[c] - pone; hi[c] = xv[c] + pone; }
           }
           for (int64_t j = 0; j < nv; ++j)
             for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
+              // Lanes whose output o = i + pad - kw * dil exists; the others get no
+              // term at all (not 0 * phi, which is NaN for a NaN weight), as in im2col.
+              const int64_t o0 = i0 + cg.pad[2] - kw * cg.dil[2];
+              const int64_t lo = std::max<int64_t>(0, -o0), hi = std::min<int64_t>(VW, cg.out[2] - o0);
+              if (hi <= lo) continue;
+              const bool full = lo == 0 && hi == VW;
+              const vi live = (lane >= int32_t(lo)) & (lane < int32_t(hi));
               const int64_t q = valid[size_t(j)] * cg.ker[2] + kw;
-              const float* gq = &gl[size_t(j * Mg * L + i0 + cg.pad[2] - kw * cg.dil[2] + off)];
+              const float* gq = &gl[size_t(j * Mg * L + o0 + off)];
               const float* wq = &wt[size_t(((gr * kv + q) * Mg) * Cg_pad + c0)];
               for (int64_t m = 0; m < Mg; ++m) {
                 const vf gv = load(gq + m * L);
+                const vf ga = MODE == 2 ? gv * splat(a) : gv, gb = gv * splat(b);
                 const float* wm = wq + m * Cg_pad;
-                if (MODE == 1) {
-                  gs += gv;
-                  for (int c = 0; c < CONV_CT; ++c) acc[c] += vmin(vmax(splat(wm[c]), lo[c]), hi[c]) * gv;
-                } else if (MODE == 0) {
-                  for (int c = 0; c < CONV_CT; ++c) {
-                    const vf wb = splat(wm[c]);
-                    acc[c] = wb > xv[c] ? acc[c] + gv : acc[c];
-                    neg[c] = wb < xv[c] ? neg[c] + gv : neg[c];
-                  }
-                } else {
-                  const vf ga = gv * av, gb = gv * bv;
-                  for (int c = 0; c < CONV_CT; ++c) {
-                    const vf d = splat(wm[c]) - xv[c];
-                    acc[c] += vmin(vmax(d, mone), pone) * ga;
-                    acc[c] = d > vf{} ? acc[c] + gb : acc[c];
-                    neg[c] = d < vf{} ? neg[c] + gb : neg[c];
-                  }
+                for (int c = 0; c < CONV_CT; ++c) {
+                  const vf d = splat(wm[c]) - xv[c];
+                  vf t = MODE == 0 ? vsign(d) * ga : clamp1(d) * ga;
+                  if (MODE == 2) t += vsign(d) * gb;
+                  acc[c] += full ? t : (vf)((vi)t & live);
                 }
               }
             }
           const int64_t n = std::min<int64_t>(VW, cg.in[2] - i0);
           for (int c = 0; c < CONV_CT && c0 + c < Cg; ++c) {
-            vf v = acc[c] - neg[c];
-            if (MODE == 1) v -= xv[c] * gs;
             float out[VW];
-            store(out, v);
+            store(out, acc[c]);
             for (int64_t i = 0; i < n; ++i) from_f(out[i], gx_line + (c0 + c) * S + i0 + i);
           }
         }
@@ -969,76 +913,70 @@ void conv_input_grad_dispatch(const T* g, const T* x, const T* w, T* gx, const C
 }
 
 // ---------------------------------------------------------------- backward
+// Every summand is formed from the exact difference d = fl(x - w) (one
+// rounding; its sign, zero-ness and NaN-ness are those of x - w), so each
+// gradient is a float32 sum of terms each within ~2 eps of the true term:
+// error <= ~(T + 2) eps sum_t |term_t| for T terms, whatever the offset or
+// spread of the data. The MODE selects the blend statically:
+//   MODE 1 (mix 1): phi_x = clamp(d, -1, 1),           phi_w = d
+//   MODE 0 (mix 0): phi_x = sign(d),                   phi_w = sign(d)
+//   MODE 2 (blend): phi_x = a clamp(d) + b sign(d),    phi_w = a d + b sign(d)
+// (d = w - x for the input gradient, x - w for the weight gradient).
+
 // Input gradient of one packed row block, vectorised over k (so the sum over
 // filters is a plain vertical add): xp [rows_pad, K_pad], gp [rows_pad, M],
-// wr [M, K_pad]; gsum[r] = sum_m g[r, m].
-//   MODE 1 (mix 1): xp, wr centred; acc = sum_m g * clamp(w, x-1, x+1); gx = acc - x * gsum
-//   MODE 0 (mix 0): raw; acc = sum_{w>x} g - sum_{w<x} g
-//   MODE 2 (blend): raw; d = w - x; acc = sum_m a*g*clamp(d) + b*g*sign(d)
+// wr [M, K_pad]; gx[n, k] = sum_m g[n, m] phi_x(w[m, k] - x[n, k]).
 template <int MODE, int R, int KV, typename T>
-void input_grad_block(const float* xp, const float* gp, const float* gsum, const float* wr, int64_t rows,
-                      int64_t rows_pad, int64_t K, int64_t K_pad, int64_t M, float a, float b, T* gx,
-                      int64_t n0) {
-  const vf pone = splat(1.0f), mone = splat(-1.0f);
-  const vf av = splat(a), bv = splat(b);
+void input_grad_block(const float* xp, const float* gp, const float* wr, int64_t rows, int64_t rows_pad, int64_t K,
+                      int64_t K_pad, int64_t M, float a, float b, T* gx, int64_t n0) {
   for (int64_t r0 = 0; r0 < rows_pad; r0 += R) {
     for (int64_t k0 = 0; k0 < K_pad; k0 += KV * VW) {
-      vf acc[R][KV], neg[R][KV], xv[R][KV], lo[R][KV], hi[R][KV];
+      vf acc[R][KV], xv[R][KV];
       for (int r = 0; r < R; ++r)
         for (int j = 0; j < KV; ++j) {
-          acc[r][j] = neg[r][j] = vf{};
+          acc[r][j] = vf{};
           xv[r][j] = load(xp + (r0 + r) * K_pad + k0 + j * VW);
-          if (MODE == 1) { lo[r][j] = xv[r][j] - pone; hi[r][j] = xv[r][j] + pone; }
         }
       for (int64_t m = 0; m < M; ++m) {
         vf wv[KV];
         for (int j = 0; j < KV; ++j) wv[j] = load(wr + m * K_pad + k0 + j * VW);
         for (int r = 0; r < R; ++r) {
           const float gs = gp[(r0 + r) * M + m];
-          const vf gv = splat(gs);
+          const vf ga = splat(MODE == 2 ? gs * a : gs), gb = splat(gs * b);
           for (int j = 0; j < KV; ++j) {
-            if (MODE == 1) {
-              acc[r][j] = acc[r][j] + vmin(vmax(wv[j], lo[r][j]), hi[r][j]) * gv;
-            } else if (MODE == 0) {
-              acc[r][j] = wv[j] > xv[r][j] ? acc[r][j] + gv : acc[r][j];
-              neg[r][j] = wv[j] < xv[r][j] ? neg[r][j] + gv : neg[r][j];
-            } else {
-              const vf d = wv[j] - xv[r][j];
-              const vf gb = gv * bv;
-              acc[r][j] = acc[r][j] + vmin(vmax(d, mone), pone) * (gv * av);
-              acc[r][j] = d > vf{} ? acc[r][j] + gb : acc[r][j];
-              neg[r][j] = d < vf{} ? neg[r][j] + gb : neg[r][j];
-            }
+            const vf d = wv[j] - xv[r][j];
+            if (MODE != 0) acc[r][j] += clamp1(d) * ga;
+            if (MODE == 0) acc[r][j] += vsign(d) * ga;
+            if (MODE == 2) acc[r][j] += vsign(d) * gb;
           }
         }
       }
-      for (int r = 0; r < R && r0 + r < rows; ++r) {
-        const vf x_term = splat(MODE == 1 ? gsum[r0 + r] : 0.f);
+      for (int r = 0; r < R && r0 + r < rows; ++r)
         for (int j = 0; j < KV; ++j) {
           float out[VW];
-          vf v = acc[r][j] - neg[r][j];
-          if (MODE == 1) v -= xv[r][j] * x_term;
-          store(out, v);
+          store(out, acc[r][j]);
           for (int i = 0; i < VW && k0 + j * VW + i < K; ++i) from_f(out[i], gx + (n0 + r0 + r) * K + k0 + j * VW + i);
         }
-      }
     }
   }
 }
 
-// S[k, m] += sum over the block's rows of g[n,m] * sign(x[n,k] - w[m,k]), raw
-// values, vectorised over filters: xp [rows, K_pad], gp [rows, M_pad],
-// wt [K_pad, M_pad]. The rows (the reduced dimension) are the innermost loop,
-// read in memory order; the accumulators and weights stay in registers.
-inline void sign_grad_block(const float* xp, const float* gp, const float* wt, int64_t rows, int64_t K_pad,
-                            int64_t M_pad, float* S) {
+// S[k, m] += sum over the block's rows of g[n, m] phi_w(x[n, k] - w[m, k]),
+// vectorised over filters: xp [rows, K_pad], gp [rows, M_pad], wt [K_pad, M_pad].
+// The rows (the reduced dimension) are the innermost loop, read in memory order;
+// the accumulators and weights stay in registers. The blend keeps the d and the
+// sign sums apart (one FMA each) and combines them once per block.
+template <int MODE>
+void weight_grad_block(const float* xp, const float* gp, const float* wt, int64_t rows, int64_t K_pad, int64_t M_pad,
+                       float a, float b, float* S) {
   constexpr int F = GW_FV * VW;
+  const vf av = splat(a), bv = splat(b);
   for (int64_t m0 = 0; m0 < M_pad; m0 += F) {
     for (int64_t k0 = 0; k0 < K_pad; k0 += GW_KB) {
-      vf pos[GW_KB][GW_FV], neg[GW_KB][GW_FV], wv[GW_KB][GW_FV];
+      vf lin[GW_KB][GW_FV], sgn[GW_KB][GW_FV], wv[GW_KB][GW_FV];
       for (int j = 0; j < GW_KB; ++j)
         for (int f = 0; f < GW_FV; ++f) {
-          pos[j][f] = neg[j][f] = vf{};
+          lin[j][f] = sgn[j][f] = vf{};
           wv[j][f] = load(wt + (k0 + j) * M_pad + m0 + f * VW);
         }
       for (int64_t n = 0; n < rows; ++n) {
@@ -1047,22 +985,24 @@ inline void sign_grad_block(const float* xp, const float* gp, const float* wt, i
         for (int j = 0; j < GW_KB; ++j) {
           const vf xv = splat(xp[n * K_pad + k0 + j]);
           for (int f = 0; f < GW_FV; ++f) {
-            pos[j][f] = xv > wv[j][f] ? pos[j][f] + gv[f] : pos[j][f];
-            neg[j][f] = xv < wv[j][f] ? neg[j][f] + gv[f] : neg[j][f];
+            const vf d = xv - wv[j][f];
+            if (MODE != 0) lin[j][f] += d * gv[f];
+            if (MODE != 1) sgn[j][f] += vsign(d) * gv[f];
           }
         }
       }
       for (int j = 0; j < GW_KB; ++j)
         for (int f = 0; f < GW_FV; ++f) {
           float* s = S + (k0 + j) * M_pad + m0 + f * VW;
-          store(s, load(s) + (pos[j][f] - neg[j][f]));
+          const vf v = MODE == 1 ? lin[j][f] : MODE == 0 ? sgn[j][f] : av * lin[j][f] + bv * sgn[j][f];
+          store(s, load(s) + v);
         }
     }
   }
 }
 
-// One pass over row blocks computing gx (if gx != nullptr) and the sign sum
-// (if s_out != nullptr, float32 [M, K]), sharing the packed row blocks.
+// One pass over row blocks computing gx (if gx != nullptr) and the weight
+// gradient (if s_out != nullptr, float32 [M, K]), sharing the packed row blocks.
 template <int MODE, typename T>
 void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, float b, int64_t N, int64_t K,
               int64_t M, int nthreads) {
@@ -1072,9 +1012,7 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
   constexpr int RQ = R > 1 ? R : 1;
   const int64_t K_pad = round_up(std::max<int64_t>(K, 1), KQ);
   const int64_t M_pad = round_up(std::max<int64_t>(M, 1), GW_FV * VW);
-  const bool centred = MODE == 1;  // sign terms need the raw values (exact ties)
-  const PackedW pw = pack_w(w, M, K, M_pad, K_pad, centred, gx != nullptr, s_out != nullptr);
-  const float* centre = centred ? pw.centre.data() : nullptr;
+  const PackedW pw = pack_w(w, M, K, M_pad, K_pad, /*centred=*/false, gx != nullptr, s_out != nullptr);
   const int64_t NB = std::max<int64_t>(RQ, std::min<int64_t>(256, (256 * 1024 / 4) / (K_pad + M_pad)) / RQ * RQ);
   const int64_t n_blocks = (N + NB - 1) / NB;
   const int nt = threads_for(n_blocks, nthreads);
@@ -1087,21 +1025,20 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
 #ifdef _OPENMP
     tid = omp_get_thread_num();
 #endif
-    std::vector<float> xp(static_cast<size_t>(NB * K_pad)), gp(static_cast<size_t>(NB * M_pad)),
-        gsum(static_cast<size_t>(NB));
+    std::vector<float> xp(static_cast<size_t>(NB * K_pad)), gp(static_cast<size_t>(NB * M_pad));
     float* S = s_out ? &s_priv[size_t(tid * K_pad * M_pad)] : nullptr;
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t n0 = blk * NB, rows = std::min(NB, N - n0), rows_pad = round_up(rows, RQ);
-      pack_rows(x, K, n0, rows, rows_pad, K_pad, centre, xp.data(), nullptr);
+      pack_rows(x, K, n0, rows, rows_pad, K_pad, nullptr, xp.data(), nullptr);
       if (gx) {
-        pack_rows(g, M, n0, rows, rows_pad, M, nullptr, gp.data(), gsum.data());
-        input_grad_block<MODE, R, KV>(xp.data(), gp.data(), gsum.data(), pw.rows.data(), rows, rows_pad, K, K_pad, M,
-                                      a, b, gx, n0);
+        pack_rows(g, M, n0, rows, rows_pad, M, nullptr, gp.data(), nullptr);
+        input_grad_block<MODE, R, KV>(xp.data(), gp.data(), pw.rows.data(), rows, rows_pad, K, K_pad, M, a, b, gx,
+                                      n0);
       }
       if (S) {
         pack_rows(g, M, n0, rows, rows, M_pad, nullptr, gp.data(), nullptr);
-        sign_grad_block(xp.data(), gp.data(), pw.cols.data(), rows, K_pad, M_pad, S);
+        weight_grad_block<MODE>(xp.data(), gp.data(), pw.cols.data(), rows, K_pad, M_pad, a, b, S);
       }
     }
 #pragma omp barrier
@@ -1120,16 +1057,12 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
 template <typename T>
 void backward_dispatch(const T* g, const T* x, const T* w, T* gx, float* s, float mix, int64_t N, int64_t K,
                        int64_t M, int nthreads) {
-  if (gx && s && mix != 0.0f) {  // the blend's gx is a different pass from the sign sum
-    backward<2>(g, x, w, gx, nullptr, mix, 1.f - mix, N, K, M, nthreads);
-    backward<0>(g, x, w, (T*)nullptr, s, 0.f, 1.f, N, K, M, nthreads);
-  } else if (gx && mix == 1.0f) {
+  if (mix == 1.0f)
     backward<1>(g, x, w, gx, s, 1.f, 0.f, N, K, M, nthreads);
-  } else if (!gx || mix == 0.0f) {
+  else if (mix == 0.0f)
     backward<0>(g, x, w, gx, s, 0.f, 1.f, N, K, M, nthreads);
-  } else {
+  else
     backward<2>(g, x, w, gx, s, mix, 1.f - mix, N, K, M, nthreads);
-  }
 }
 
 ConvGeom make_geom(int64_t B, int64_t C, int64_t M, int64_t G, const int64_t* geom) {
