@@ -25,9 +25,10 @@ input into per-thread panels of ~256 KiB ("packed"). The line buffers total at
 most half the output, so either way the only sizeable allocation is the output
 (:func:`conv_forward_kernel` says which kernel a shape gets). The input gradient
 for stride 1 is a direct kernel too (one thread per input line, no col2im);
-What remains on chunked im2col (:mod:`l1fx.kernels.conv`, each chunk through
-this backend's exact linear kernels): the input gradient for stride > 1 and
-the weight gradient.
+The weight gradient (both halves of the MGS blend, any geometry) is a direct
+kernel too: patch tiles packed per thread, reduced in registers. What remains
+on chunked im2col (:mod:`l1fx.kernels.conv`, each chunk through this backend's
+exact linear kernels): the input gradient for stride > 1.
 
 If no compiler is found or the build fails, ``available()`` says why: under
 ``L1FX_BACKEND=auto`` the ops fall back to the reference kernel with a
@@ -133,6 +134,16 @@ def _same_dtype(x: Tensor, *others: Optional[Tensor]) -> bool:
     return all(o is None or (o.dtype == x.dtype and o.device == x.device) for o in others)
 
 
+def _conv_weight_grad_fn():
+    """``l1fx_conv_weight_grad`` with its signature (declared here, next to its only caller)."""
+    fn = _lib().l1fx_conv_weight_grad
+    if fn.argtypes is None:
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [ctypes.c_int, vp, vp, vp, vp, ctypes.c_float, i64, i64, i64, i64, vp, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
+
+
 def _check_rc(rc: int, fn: str) -> None:
     """Turn a C return code into an exception (not an ``assert``: ``python -O`` would drop it)."""
     if rc == 0:
@@ -233,13 +244,15 @@ def conv_backward(
 
     * input gradient, stride 1: a direct C++ kernel (each thread owns input
       lines; no patch matrix, no col2im). Other strides: chunked im2col.
-    * weight gradient: chunked im2col through the exact linear backward (the
-      dense identity ``conv_weight_grad(g, x) - w * sum(g)`` cancels
-      catastrophically for data far from zero, so it is not used).
+    * weight gradient: a direct C++ kernel for both halves of the blend (patch
+      tiles packed per thread, reduced in registers; not the dense identity
+      ``conv_weight_grad(g, x) - w * sum(g)``, which cancels catastrophically
+      for data far from zero).
     """
     mix = float(mix)
     if not _same_dtype(x, w, grad) or x.dim() > 5:
         return _conv.conv_backward(BACKEND, grad, x, w, stride, padding, dilation, groups, mix, need_x, need_w)
+    grad, x, w = grad.contiguous(), x.contiguous(), w.contiguous()  # autograd may hand an expanded grad
     direct_x = need_x and all(s == 1 for s in stride)
     gx = gw = None
     if need_x and not direct_x:
@@ -254,7 +267,14 @@ def conv_backward(
         )
         _check_rc(rc, "l1fx_conv_input_grad")
     if need_w:
-        gw = _conv.conv_backward(BACKEND, grad, x, w, stride, padding, dilation, groups, mix, False, True)[1]
+        gw = torch.empty(w.shape, dtype=torch.float32)
+        geom, _ = _geometry_3d(x, w, stride, padding, dilation)
+        g = (ctypes.c_int64 * 18)(*geom)
+        rc = _conv_weight_grad_fn()(
+            DTYPE_CODES[x.dtype], _ptr(grad), _ptr(x), _ptr(w), _ptr(gw), mix, x.shape[0], x.shape[1], w.shape[0], groups, ctypes.cast(g, ctypes.c_void_p), torch.get_num_threads(),
+        )
+        _check_rc(rc, "l1fx_conv_weight_grad")
+        gw = gw.to(w.dtype)
     return gx, gw
 
 

@@ -1065,6 +1065,102 @@ void backward_dispatch(const T* g, const T* x, const T* w, T* gx, float* s, floa
     backward<2>(g, x, w, gx, s, mix, 1.f - mix, N, K, M, nthreads);
 }
 
+// ---------------------------------------------------------------- direct conv weight gradient
+//   gw[m, k] = sum_{b, o} g[b, m, o] * phi_w(patch[b, o, k] - w[m, k])
+// (phi_w as in weight_grad_block, both halves of the MGS blend, exact.)
+// One work item is a tile of output positions of one (sample, group): its
+// patches are packed row-major [rows][K_pad] (padding reads as x = 0) and its
+// output gradients transposed to [rows][M_pad], both in per-thread buffers of
+// ~256 KiB, and weight_grad_block reduces over the tile's positions with the
+// accumulators in registers into a per-thread [K_pad][M_pad] sum. No im2col
+// tensor: the extra memory is those buffers and one weight-sized sum per thread.
+template <typename T>
+void pack_conv_rows(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int64_t pos0, int64_t rows, int64_t K_pad,
+                    float* dst) {
+  const int64_t Cg = cg.Cg(), kv = cg.kvol();
+  const T* xg = x + (b * cg.C + g * Cg) * cg.S();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = pos0 + r;
+    const int64_t ow = pos % cg.out[2], oh = (pos / cg.out[2]) % cg.out[1], od = pos / (cg.out[2] * cg.out[1]);
+    float* d = dst + r * K_pad;
+    for (int64_t kd = 0; kd < cg.ker[0]; ++kd) {
+      const int64_t id = od * cg.st[0] - cg.pad[0] + kd * cg.dil[0];
+      for (int64_t kh = 0; kh < cg.ker[1]; ++kh) {
+        const int64_t ih = oh * cg.st[1] - cg.pad[1] + kh * cg.dil[1];
+        const bool line_ok = id >= 0 && id < cg.in[0] && ih >= 0 && ih < cg.in[1];
+        const int64_t q0 = (kd * cg.ker[1] + kh) * cg.ker[2];
+        for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
+          const int64_t iw = ow * cg.st[2] - cg.pad[2] + kw * cg.dil[2];
+          const bool ok = line_ok && iw >= 0 && iw < cg.in[2];
+          const T* src = xg + (id * cg.in[1] + ih) * cg.in[2] + iw;
+          for (int64_t c = 0; c < Cg; ++c) d[c * kv + q0 + kw] = ok ? to_f(src[c * cg.S()]) : 0.f;
+        }
+      }
+    }
+    for (int64_t k = cg.Kg(); k < K_pad; ++k) d[k] = 0.f;
+  }
+}
+
+template <int MODE, typename T>
+void conv_weight_grad(const T* g, const T* x, const T* w, float* gw, const ConvGeom& cg, float a, float b,
+                      int nthreads) {
+  const int64_t K = cg.Kg(), Mg = cg.Mg(), P = cg.P();
+  const int64_t K_pad = round_up(std::max<int64_t>(K, 1), GW_KB);
+  const int64_t M_pad = round_up(std::max<int64_t>(Mg, 1), GW_FV * VW);
+  // Weights per group, transposed and zero padded: [G][K_pad][M_pad].
+  std::vector<float> wt(size_t(cg.G * K_pad * M_pad), 0.f);
+  for (int64_t gr = 0; gr < cg.G; ++gr)
+    for (int64_t m = 0; m < Mg; ++m)
+      for (int64_t k = 0; k < K; ++k) wt[size_t((gr * K_pad + k) * M_pad + m)] = to_f(w[(gr * Mg + m) * K + k]);
+  const int64_t RT = std::max<int64_t>(16, std::min<int64_t>(512, (256 * 1024 / 4) / (K_pad + M_pad)));
+  const int64_t n_tiles = (P + RT - 1) / RT;
+  const int64_t items = cg.B * cg.G * n_tiles;
+  const int nt = threads_for(items, nthreads);
+  std::vector<float> s_priv(size_t(nt * cg.G * K_pad * M_pad), 0.f);
+#pragma omp parallel num_threads(nt)
+  {
+    int tid = 0;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+#endif
+    std::vector<float> xp(static_cast<size_t>(RT * K_pad)), gp(static_cast<size_t>(RT * M_pad), 0.f);
+    float* S = &s_priv[size_t(tid * cg.G * K_pad * M_pad)];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t t = it % n_tiles, gr = (it / n_tiles) % cg.G, bb = it / (n_tiles * cg.G);
+      const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
+      pack_conv_rows(x, cg, bb, gr, pos0, rows, K_pad, xp.data());
+      for (int64_t m = 0; m < Mg; ++m) {  // g[b, m, pos0 + r] -> gp[r][m]
+        const T* src = g + (bb * cg.M + gr * Mg + m) * P + pos0;
+        for (int64_t r = 0; r < rows; ++r) gp[size_t(r * M_pad + m)] = to_f(src[r]);
+      }
+      weight_grad_block<MODE>(xp.data(), gp.data(), &wt[size_t(gr * K_pad * M_pad)], rows, K_pad, M_pad, a, b,
+                              S + gr * K_pad * M_pad);
+    }
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t gm = 0; gm < cg.M; ++gm) {
+      const int64_t gr = gm / Mg, m = gm % Mg;
+      for (int64_t k = 0; k < K; ++k) {
+        float s = 0.f;
+        for (int th = 0; th < nt; ++th) s += s_priv[size_t(((th * cg.G + gr) * K_pad + k) * M_pad + m)];
+        gw[gm * K + k] = s;
+      }
+    }
+  }
+}
+
+template <typename T>
+void conv_weight_grad_dispatch(const T* g, const T* x, const T* w, float* gw, const ConvGeom& cg, float mix,
+                               int nthreads) {
+  if (mix == 1.0f)
+    conv_weight_grad<1>(g, x, w, gw, cg, 1.f, 0.f, nthreads);
+  else if (mix == 0.0f)
+    conv_weight_grad<0>(g, x, w, gw, cg, 0.f, 1.f, nthreads);
+  else
+    conv_weight_grad<2>(g, x, w, gw, cg, mix, 1.f - mix, nthreads);
+}
+
 ConvGeom make_geom(int64_t B, int64_t C, int64_t M, int64_t G, const int64_t* geom) {
   ConvGeom cg{B, C, M, G, {}, {}, {}, {}, {}, {}};
   for (int i = 0; i < 3; ++i) {
@@ -1138,6 +1234,19 @@ int l1fx_conv_input_grad(int dtype, const void* g, const void* x, const void* w,
   else if (dtype == 1)
     conv_input_grad_dispatch((const uint16_t*)g, (const uint16_t*)x, (const uint16_t*)w, (uint16_t*)gx, cg, mix,
                              nthreads);
+  else
+    return 1;
+  return 0;
+}
+
+// Direct conv weight gradient (any geometry): g [B, M, out...], gw float32 [M, C/G, k...].
+int l1fx_conv_weight_grad(int dtype, const void* g, const void* x, const void* w, float* gw, float mix, int64_t B,
+                          int64_t C, int64_t M, int64_t G, const int64_t* geom, int nthreads) {
+  const ConvGeom cg = make_geom(B, C, M, G, geom);
+  if (dtype == 0)
+    conv_weight_grad_dispatch((const float*)g, (const float*)x, (const float*)w, gw, cg, mix, nthreads);
+  else if (dtype == 1)
+    conv_weight_grad_dispatch((const uint16_t*)g, (const uint16_t*)x, (const uint16_t*)w, gw, cg, mix, nthreads);
   else
     return 1;
   return 0;
