@@ -995,13 +995,14 @@ void input_grad_block(const float* xp, const float* gp, const float* wr, int64_t
 }
 
 // S[k, m] += sum over the block's rows of g[n, m] phi_w(x[n, k] - w[m, k]),
-// vectorised over filters: xp [rows, K_pad], gp [rows, M_pad], wt [K_pad, M_pad].
+// vectorised over filters: x[n, k] = xp[n * xs_n + k * xs_k] (row-major packed
+// rows, or the conv's [k][position] panels), gp [rows, M_pad], wt [K_pad, M_pad].
 // The rows (the reduced dimension) are the innermost loop, read in memory order;
 // the accumulators and weights stay in registers. The blend keeps the d and the
 // sign sums apart (one FMA each) and combines them once per block.
 template <int MODE>
-void weight_grad_block(const float* xp, const float* gp, const float* wt, int64_t rows, int64_t K_pad, int64_t M_pad,
-                       float a, float b, float* S) {
+void weight_grad_block(const float* xp, int64_t xs_n, int64_t xs_k, const float* gp, const float* wt, int64_t rows,
+                       int64_t K_pad, int64_t M_pad, float a, float b, float* S) {
   constexpr int F = GW_FV * VW;
   const vf av = splat(a), bv = splat(b);
   for (int64_t m0 = 0; m0 < M_pad; m0 += F) {
@@ -1016,7 +1017,7 @@ void weight_grad_block(const float* xp, const float* gp, const float* wt, int64_
         vf gv[GW_FV];
         for (int f = 0; f < GW_FV; ++f) gv[f] = load(gp + n * M_pad + m0 + f * VW);
         for (int j = 0; j < GW_KB; ++j) {
-          const vf xv = splat(xp[n * K_pad + k0 + j]);
+          const vf xv = splat(xp[n * xs_n + (k0 + j) * xs_k]);
           for (int f = 0; f < GW_FV; ++f) {
             const vf d = xv - wv[j][f];
             if (MODE != 0) lin[j][f] += d * gv[f];
@@ -1071,7 +1072,7 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
       }
       if (S) {
         pack_rows(g, M, n0, rows, rows, M_pad, nullptr, gp.data(), nullptr);
-        weight_grad_block<MODE>(xp.data(), gp.data(), pw.cols.data(), rows, K_pad, M_pad, a, b, S);
+        weight_grad_block<MODE>(xp.data(), K_pad, 1, gp.data(), pw.cols.data(), rows, K_pad, M_pad, a, b, S);
       }
     }
 #pragma omp barrier
@@ -1102,38 +1103,12 @@ void backward_dispatch(const T* g, const T* x, const T* w, T* gx, float* s, floa
 //   gw[m, k] = sum_{b, o} g[b, m, o] * phi_w(patch[b, o, k] - w[m, k])
 // (phi_w as in weight_grad_block, both halves of the MGS blend, exact.)
 // One work item is a tile of output positions of one (sample, group): its
-// patches are packed row-major [rows][K_pad] (padding reads as x = 0) and its
-// output gradients transposed to [rows][M_pad], both in per-thread buffers of
-// ~256 KiB, and weight_grad_block reduces over the tile's positions with the
-// accumulators in registers into a per-thread [K_pad][M_pad] sum. No im2col
-// tensor: the extra memory is those buffers and one weight-sized sum per thread.
-template <typename T>
-void pack_conv_rows(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int64_t pos0, int64_t rows, int64_t K_pad,
-                    float* dst) {
-  const int64_t Cg = cg.Cg(), kv = cg.kvol();
-  const T* xg = x + (b * cg.C + g * Cg) * cg.S();
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t pos = pos0 + r;
-    const int64_t ow = pos % cg.out[2], oh = (pos / cg.out[2]) % cg.out[1], od = pos / (cg.out[2] * cg.out[1]);
-    float* d = dst + r * K_pad;
-    for (int64_t kd = 0; kd < cg.ker[0]; ++kd) {
-      const int64_t id = od * cg.st[0] - cg.pad[0] + kd * cg.dil[0];
-      for (int64_t kh = 0; kh < cg.ker[1]; ++kh) {
-        const int64_t ih = oh * cg.st[1] - cg.pad[1] + kh * cg.dil[1];
-        const bool line_ok = id >= 0 && id < cg.in[0] && ih >= 0 && ih < cg.in[1];
-        const int64_t q0 = (kd * cg.ker[1] + kh) * cg.ker[2];
-        for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
-          const int64_t iw = ow * cg.st[2] - cg.pad[2] + kw * cg.dil[2];
-          const bool ok = line_ok && iw >= 0 && iw < cg.in[2];
-          const T* src = xg + (id * cg.in[1] + ih) * cg.in[2] + iw;
-          for (int64_t c = 0; c < Cg; ++c) d[c * kv + q0 + kw] = ok ? to_f(src[c * cg.S()]) : 0.f;
-        }
-      }
-    }
-    for (int64_t k = cg.Kg(); k < K_pad; ++k) d[k] = 0.f;
-  }
-}
-
+// patches are packed by the forward's panel packer (vector loads along lines,
+// padding reads as x = 0) and its output gradients transposed to [rows][M_pad],
+// both in per-thread buffers of ~256 KiB, and weight_grad_block reduces over the
+// tile's positions panel by panel with the accumulators in registers into a
+// per-thread [K_pad][M_pad] sum. No im2col tensor: the extra memory is those
+// buffers and one weight-sized sum per thread.
 template <int MODE, typename T>
 void conv_weight_grad(const T* g, const T* x, const T* w, float* gw, const ConvGeom& cg, float a, float b,
                       int nthreads) {
@@ -1145,7 +1120,7 @@ void conv_weight_grad(const T* g, const T* x, const T* w, float* gw, const ConvG
   for (int64_t gr = 0; gr < cg.G; ++gr)
     for (int64_t m = 0; m < Mg; ++m)
       for (int64_t k = 0; k < K; ++k) wt[size_t((gr * K_pad + k) * M_pad + m)] = to_f(w[(gr * Mg + m) * K + k]);
-  const int64_t RT = std::max<int64_t>(16, std::min<int64_t>(512, (256 * 1024 / 4) / (K_pad + M_pad)));
+  const int64_t RT = std::max<int64_t>(1, std::min<int64_t>(512, (256 * 1024 / 4) / (K_pad + M_pad)) / CONV_PW) * CONV_PW;
   const int64_t n_tiles = (P + RT - 1) / RT;
   const int64_t items = cg.B * cg.G * n_tiles;
   const int nt = threads_for(items, nthreads);
@@ -1156,19 +1131,23 @@ void conv_weight_grad(const T* g, const T* x, const T* w, float* gw, const ConvG
 #ifdef _OPENMP
     tid = omp_get_thread_num();
 #endif
-    std::vector<float> xp(static_cast<size_t>(RT * K_pad)), gp(static_cast<size_t>(RT * M_pad), 0.f);
+    // Panels [RT / CONV_PW][K][CONV_PW], plus one panel's worth of zeros: the k
+    // blocks of weight_grad_block may run up to K_pad > K (those sums are dropped).
+    std::vector<float> xp(static_cast<size_t>((RT + CONV_PW) * K_pad), 0.f), gp(static_cast<size_t>(RT * M_pad), 0.f);
     float* S = &s_priv[size_t(tid * cg.G * K_pad * M_pad)];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t t = it % n_tiles, gr = (it / n_tiles) % cg.G, bb = it / (n_tiles * cg.G);
       const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
-      pack_conv_rows(x, cg, bb, gr, pos0, rows, K_pad, xp.data());
+      pack_conv_panels(x, cg, bb, gr, pos0, rows, xp.data());
       for (int64_t m = 0; m < Mg; ++m) {  // g[b, m, pos0 + r] -> gp[r][m]
         const T* src = g + (bb * cg.M + gr * Mg + m) * P + pos0;
         for (int64_t r = 0; r < rows; ++r) gp[size_t(r * M_pad + m)] = to_f(src[r]);
       }
-      weight_grad_block<MODE>(xp.data(), gp.data(), &wt[size_t(gr * K_pad * M_pad)], rows, K_pad, M_pad, a, b,
-                              S + gr * K_pad * M_pad);
+      for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW)
+        weight_grad_block<MODE>(&xp[size_t(r0 * K)], 1, CONV_PW, &gp[size_t(r0 * M_pad)],
+                                &wt[size_t(gr * K_pad * M_pad)], std::min<int64_t>(CONV_PW, rows - r0), K_pad, M_pad, a,
+                                b, S + gr * K_pad * M_pad);
     }
 #pragma omp barrier
 #pragma omp for schedule(static)
