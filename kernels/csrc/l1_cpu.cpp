@@ -905,22 +905,33 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
               const int64_t o0 = i0 + cg.pad[2] - kw * cg.dil[2];
               const int64_t lo = std::max<int64_t>(0, -o0), hi = std::min<int64_t>(VW, cg.out[2] - o0);
               if (hi <= lo) continue;
-              const bool full = lo == 0 && hi == VW;
               const vi live = (lane >= int32_t(lo)) & (lane < int32_t(hi));
               const int64_t q = valid[size_t(j)] * cg.ker[2] + kw;
               const float* gq = &gl[size_t(j * Mg * L + o0 + off)];
               const float* wq = &wt[size_t(((gr * kv + q) * Mg) * Cg_pad + c0)];
-              for (int64_t m = 0; m < Mg; ++m) {
-                const vf gv = load(gq + m * L);
-                const vf ga = MODE == 2 ? gv * splat(a) : gv, gb = gv * splat(b);
-                const float* wm = wq + m * Cg_pad;
-                for (int c = 0; c < CONV_CT; ++c) {
-                  const vf d = splat(wm[c]) - xv[c];
-                  vf t = MODE == 0 ? vsign(d) * ga : clamp1(d) * ga;
-                  if (MODE == 2) t += vsign(d) * gb;
-                  acc[c] += full ? t : (vf)((vi)t & live);
+              // Two copies of the loop, so the interior (every lane live) has no mask.
+              auto reduce = [&](auto full) {
+                for (int64_t m = 0; m < Mg; ++m) {
+                  const vf gv = load(gq + m * L);
+                  const vf ga = MODE == 2 ? gv * splat(a) : gv, gb = gv * splat(b);
+                  const float* wm = wq + m * Cg_pad;
+                  for (int c = 0; c < CONV_CT; ++c) {
+                    const vf d = splat(wm[c]) - xv[c];
+                    if (decltype(full)::value) {
+                      acc[c] += (MODE == 0 ? vsign(d) : clamp1(d)) * ga;
+                      if (MODE == 2) acc[c] += vsign(d) * gb;
+                    } else {
+                      vf t = (MODE == 0 ? vsign(d) : clamp1(d)) * ga;
+                      if (MODE == 2) t += vsign(d) * gb;
+                      acc[c] += (vf)((vi)t & live);
+                    }
+                  }
                 }
-              }
+              };
+              if (lo == 0 && hi == VW)
+                reduce(std::true_type{});
+              else
+                reduce(std::false_type{});
             }
           const int64_t n = std::min<int64_t>(VW, cg.in[2] - i0);
           for (int c = 0; c < CONV_CT && c0 + c < Cg; ++c) {
