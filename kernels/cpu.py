@@ -50,7 +50,6 @@ from . import Backend, BackendUnavailable, requested_backend
 from . import conv as _conv
 from . import reference
 from .cpu_build import BuildError, load
-from ..errors import KernelBuildError
 
 SOURCE = Path(__file__).with_name("csrc") / "l1_cpu.cpp"
 LIB_NAME = "l1fx_cpu"
@@ -148,6 +147,8 @@ def _check_rc(rc: int, fn: str) -> None:
     """Turn a C return code into an exception (not an ``assert``: ``python -O`` would drop it)."""
     if rc == 0:
         return
+    from ..errors import KernelBuildError  # here, not at the top: the loader's imports are another module's concern
+
     why = {1: "unsupported dtype code", 2: "unsupported geometry (stride != 1)"}.get(rc, "unknown error")
     raise KernelBuildError(
         f"l1fx cpu kernel {fn} failed with code {rc} ({why}); this is a bug in l1fx, please report it "
