@@ -505,9 +505,20 @@ void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int6
           for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
             const int64_t k = ((c * cg.ker[0] + kd) * cg.ker[1] + kh) * cg.ker[2] + kw;
             const int64_t base = ow0 * cg.st[2] - cg.pad[2] + kw * cg.dil[2];  // iw of j = 0
-            for (int64_t j = 0; j < seg; ++j) {
-              const int64_t iw = base + j * cg.st[2];
-              at(r + j, k) = line_ok && iw >= 0 && iw < cg.in[2] ? to_f(line[iw]) : 0.f;
+            // The segment never crosses a vector (so never a panel) boundary: its
+            // destination is contiguous. Interior segments copy without checks.
+            float* dst_k = &at(r, k);
+            const int64_t st2 = cg.st[2];
+            if (!line_ok) {
+              for (int64_t j = 0; j < seg; ++j) dst_k[j] = 0.f;
+            } else if (base >= 0 && base + (seg - 1) * st2 < cg.in[2]) {
+              const T* src = line + base;
+              for (int64_t j = 0; j < seg; ++j) dst_k[j] = to_f(src[j * st2]);
+            } else {
+              for (int64_t j = 0; j < seg; ++j) {
+                const int64_t iw = base + j * st2;
+                dst_k[j] = iw >= 0 && iw < cg.in[2] ? to_f(line[iw]) : 0.f;
+              }
             }
           }
         }
