@@ -147,7 +147,7 @@ def _check_rc(rc: int, fn: str) -> None:
     """Turn a C return code into an exception (not an ``assert``: ``python -O`` would drop it)."""
     if rc == 0:
         return
-    from ..errors import KernelBuildError  # here, not at the top: the loader's imports are another module's concern
+    from ..errors import KernelBuildError  # local: leaves the module's import block to the loader
 
     why = {1: "unsupported dtype code", 2: "unsupported geometry (stride != 1)"}.get(rc, "unknown error")
     raise KernelBuildError(

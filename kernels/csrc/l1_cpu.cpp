@@ -2,36 +2,31 @@
 //
 //   forward   y[n,m]  = bias[m] - sum_k |x[n,k] - w[m,k]|
 //   input     gx[n,k] = sum_m g[n,m] * (a*clamp(w-x,-1,1) + b*sign(w-x))
-//   weight    S[m,k]  = sum_n g[n,m] * sign(x[n,k] - w[m,k])
-//             (the sign half of the weight gradient; the a*(x-w) half is a
-//             matmul, g^T x - w * colsum(g), which the Python side hands to BLAS)
+//   weight    gw[m,k] = sum_n g[n,m] * (a*(x-w) + b*sign(x-w))
 //
-// with a = mix, b = 1 - mix. Convolutions (N-d as 3-d) have two direct
-// kernels: the forward as an implicit GEMM (reading patches from per-thread
-// copies of the input lines a tile of output rows needs when the last axis
-// has stride 1, else from patch tiles packed from NC(D)HW x) and, for stride 1,
-// the input gradient (vectorised along input lines, reducing over filters
-// and kernel offsets).
+// with a = mix, b = 1 - mix. Convolutions (N-d as 3-d) have direct kernels:
+// the forward as an implicit GEMM (reading patches from per-thread copies of
+// the input lines a tile of output rows needs when the last axis has stride 1,
+// else from patch tiles packed from NC(D)HW x), the input gradient for stride
+// 1 (vectorised along input lines, reducing over filters and kernel offsets)
+// and the weight gradient (patch tiles packed per thread, reduced in registers).
+//
+// Exactness first: every summand is formed from the difference x - w itself,
+// rounded once to float32 (|fl(x - w)| for the forward: sub, AND off the sign
+// bit, FMA), so each output is within ~(T + 2) eps sum_t |term_t| of the exact
+// value for T terms, whatever the offset or spread of the data (for the
+// forward without bias that is (K + 2) eps |y|). Cheaper identities whose
+// terms grow with the data's offset (|x - w| = x + w - 2 min(x, w), centring,
+// g^T x - w * colsum(g)) are not used. NaN/inf follow the formula per element,
+// as the reference kernel computes it (sign(NaN) = 0, as torch.sign on CPU).
 //
 // Written like a GEMM: weights are repacked once, a register tile of rows x
 // filters (or rows x k) is accumulated with the reduced dimension innermost,
 // and rows are processed in blocks copied (and converted from bfloat16) into
 // small per-thread float buffers. No N x M x K tensor exists; the extra memory
-// is the packed weights plus a few row blocks per thread (plus, for S, one
-// M x K accumulator per thread). Accumulation is float32 for both dtypes.
-//
-// Fewer vector ops per (row, filter, k) triple is what makes the l1 layer cost
-// about what a matmul costs (a matmul needs one FMA per triple):
-// * forward: |x - w| = x + w - 2 min(x, w), so the inner loop is one min and
-//   one FMA (acc += min * 1 keeps the add on the FMA ports, min uses the
-//   adder ports) instead of sub + abs + add. sum_k x and sum_k w are added
-//   back per row / filter. To keep that cancellation harmless for data far
-//   from zero, x and w are first shifted by the same per-column centre c_k
-//   (the mean of w[:, k]); |x - w| does not change.
-// * input gradient, mix = 1: clamp(w - x, -1, 1) = clamp(w, x - 1, x + 1) - x,
-//   so the inner loop is min, max, FMA and x * sum_m g is subtracted once.
-// * sign terms compare the raw (unshifted) values, so ties x == w give
-//   exactly 0 like torch.sign, using masked adds.
+// is the packed weights plus a few row blocks per thread (plus, for the weight
+// gradient, one M x K accumulator per thread). Accumulation is float32 for
+// both dtypes.
 //
 // Plain C ABI (called through ctypes) and GCC/Clang vector extensions, so the
 // file needs no PyTorch headers and compiles in a few seconds. The vector
@@ -166,57 +161,36 @@ inline void from_f(float v, uint16_t* dst) {  // round to nearest even, like tor
   *dst = uint16_t(u >> 16);
 }
 
-// Rows [n0, n0+rows) of a [*, cols] matrix minus the column centres (may be
-// null) into a float buffer [rows_pad, cols_pad], zero padded; row sums of
-// the stored values into rsum (may be null).
+// Rows [n0, n0+rows) of a [*, cols] matrix into a float buffer [rows_pad, cols_pad], zero padded.
 template <typename T>
-void pack_rows(const T* src, int64_t cols, int64_t n0, int64_t rows, int64_t rows_pad, int64_t cols_pad,
-               const float* centre, float* dst, float* rsum) {
+void pack_rows(const T* src, int64_t cols, int64_t n0, int64_t rows, int64_t rows_pad, int64_t cols_pad, float* dst) {
   for (int64_t r = 0; r < rows_pad; ++r) {
     float* d = dst + r * cols_pad;
-    double s = 0.0;
     if (r < rows) {
       const T* src_row = src + (n0 + r) * cols;
-      for (int64_t c = 0; c < cols; ++c) {
-        d[c] = centre ? to_f(src_row[c]) - centre[c] : to_f(src_row[c]);
-        s += d[c];
-      }
+      for (int64_t c = 0; c < cols; ++c) d[c] = to_f(src_row[c]);
     }
     for (int64_t c = r < rows ? cols : 0; c < cols_pad; ++c) d[c] = 0.f;
-    if (rsum) rsum[r] = float(s);
   }
 }
 
-// Packed weights, float32: wc = w - centre as [M, K_pad] (rows) and/or
-// [K_pad, M_pad] (transposed, filters contiguous), zero padded.
+// Packed weights, float32, as [M, K_pad] (rows) and/or [K_pad, M_pad]
+// (transposed, filters contiguous), zero padded.
 struct PackedW {
-  std::vector<float> centre, rows, cols, sums;  // sums[m] = sum_k wc[m, k]
+  std::vector<float> rows, cols;
 };
 
 template <typename T>
-PackedW pack_w(const T* w, int64_t M, int64_t K, int64_t M_pad, int64_t K_pad, bool centred, bool want_rows,
-               bool want_cols) {
+PackedW pack_w(const T* w, int64_t M, int64_t K, int64_t M_pad, int64_t K_pad, bool want_rows, bool want_cols) {
   PackedW p;
-  p.centre.assign(size_t(K), 0.f);
-  if (centred && M > 0) {
-    std::vector<double> c(size_t(K), 0.0);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) c[size_t(k)] += to_f(w[m * K + k]);
-    for (int64_t k = 0; k < K; ++k) p.centre[size_t(k)] = float(c[size_t(k)] / double(M));
-  }
   if (want_rows) p.rows.assign(size_t(M * K_pad), 0.f);
   if (want_cols) p.cols.assign(size_t(K_pad * M_pad), 0.f);
-  p.sums.assign(size_t(M_pad), 0.f);
-  for (int64_t m = 0; m < M; ++m) {
-    double s = 0.0;
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) {
-      const float v = to_f(w[m * K + k]) - p.centre[size_t(k)];
-      s += v;
+      const float v = to_f(w[m * K + k]);
       if (want_rows) p.rows[size_t(m * K_pad + k)] = v;
       if (want_cols) p.cols[size_t(k * M_pad + m)] = v;
     }
-    p.sums[size_t(m)] = float(s);
-  }
   return p;
 }
 
@@ -232,7 +206,7 @@ int threads_for(int64_t work_items, int nthreads) {
 // contiguous, so the register tile streams both operands in memory order.
 struct FwdPanels {
   int64_t n_panels = 0;
-  std::vector<float> wp, col_term, centre;
+  std::vector<float> wp, col_term;  // col_term[m] = bias[m] (0 without bias)
 };
 
 template <int FV, typename T>
@@ -241,14 +215,13 @@ FwdPanels fwd_panels(const T* w, const T* bias, int64_t M, int64_t K) {
   FwdPanels fp;
   fp.n_panels = (M + F - 1) / F;
   const int64_t M_pad = fp.n_panels * F;
-  PackedW pw = pack_w(w, M, K, M_pad, K, /*centred=*/false, false, true);
+  PackedW pw = pack_w(w, M, K, M_pad, K, false, true);
   fp.wp.resize(size_t(fp.n_panels * K * F));  // [K, M_pad] -> panels [p][K][F]
   for (int64_t p = 0; p < fp.n_panels; ++p)
     for (int64_t k = 0; k < K; ++k)
       std::memcpy(&fp.wp[size_t((p * K + k) * F)], &pw.cols[size_t(k * M_pad + p * F)], F * sizeof(float));
   fp.col_term.assign(size_t(M_pad), 0.f);
   for (int64_t m = 0; m < M; ++m) fp.col_term[size_t(m)] = bias ? to_f(bias[m]) : 0.f;
-  fp.centre = std::move(pw.centre);
   return fp;
 }
 
@@ -1068,7 +1041,7 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
   constexpr int RQ = R > 1 ? R : 1;
   const int64_t K_pad = round_up(std::max<int64_t>(K, 1), KQ);
   const int64_t M_pad = round_up(std::max<int64_t>(M, 1), GW_FV * VW);
-  const PackedW pw = pack_w(w, M, K, M_pad, K_pad, /*centred=*/false, gx != nullptr, s_out != nullptr);
+  const PackedW pw = pack_w(w, M, K, M_pad, K_pad, gx != nullptr, s_out != nullptr);
   const int64_t NB = std::max<int64_t>(RQ, std::min<int64_t>(256, (256 * 1024 / 4) / (K_pad + M_pad)) / RQ * RQ);
   const int64_t n_blocks = (N + NB - 1) / NB;
   const int nt = threads_for(n_blocks, nthreads);
@@ -1086,14 +1059,14 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t n0 = blk * NB, rows = std::min(NB, N - n0), rows_pad = round_up(rows, RQ);
-      pack_rows(x, K, n0, rows, rows_pad, K_pad, nullptr, xp.data(), nullptr);
+      pack_rows(x, K, n0, rows, rows_pad, K_pad, xp.data());
       if (gx) {
-        pack_rows(g, M, n0, rows, rows_pad, M, nullptr, gp.data(), nullptr);
+        pack_rows(g, M, n0, rows, rows_pad, M, gp.data());
         input_grad_block<MODE, R, KV>(xp.data(), gp.data(), pw.rows.data(), rows, rows_pad, K, K_pad, M, a, b, gx,
                                       n0);
       }
       if (S) {
-        pack_rows(g, M, n0, rows, rows, M_pad, nullptr, gp.data(), nullptr);
+        pack_rows(g, M, n0, rows, rows, M_pad, gp.data());
         weight_grad_block<MODE>(xp.data(), K_pad, 1, gp.data(), pw.cols.data(), rows, K_pad, M_pad, a, b, S);
       }
     }
