@@ -18,17 +18,16 @@ formula puts them, as in the reference kernel.
 Convolutions do not go through im2col on this backend where avoidable:
 the forward is a direct implicit-GEMM kernel. When the last spatial axis has
 stride 1 and the output is large next to the per-thread buffers, it copies the
-input lines a tile of output rows needs (centred, zero padded) into a per-thread
+input lines a tile of output rows needs (zero padded) into a per-thread
 buffer of at most 256 KiB and reads the patches straight from it ("rows");
 otherwise patches are packed per tile of output positions from the NC...
 input into per-thread panels of ~256 KiB ("packed"). The line buffers total at
 most half the output, so either way the only sizeable allocation is the output
 (:func:`conv_forward_kernel` says which kernel a shape gets). The input gradient
-for stride 1 is a direct kernel too (one thread per input line, no col2im);
+(any stride) is a direct kernel too (one thread per input line, no col2im).
 The weight gradient (both halves of the MGS blend, any geometry) is a direct
-kernel too: patch tiles packed per thread, reduced in registers. What remains
-on chunked im2col (:mod:`l1fx.kernels.conv`, each chunk through this backend's
-exact linear kernels): the input gradient for stride > 1.
+kernel too: patch tiles packed per thread, reduced in registers. Chunked im2col
+(:mod:`l1fx.kernels.conv`) is left for mixed dtypes and > 3-d convolutions.
 
 If no compiler is found or the build fails, ``available()`` says why: under
 ``L1FX_BACKEND=auto`` the ops fall back to the reference kernel with a
@@ -243,8 +242,8 @@ def conv_backward(
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """MGS conv gradients, exact (see docs/l1_ops.md), without im2col where a kernel exists.
 
-    * input gradient, stride 1: a direct C++ kernel (each thread owns input
-      lines; no patch matrix, no col2im). Other strides: chunked im2col.
+    * input gradient, any stride: a direct C++ kernel (each thread owns input
+      lines; no patch matrix, no col2im).
     * weight gradient: a direct C++ kernel for both halves of the blend (patch
       tiles packed per thread, reduced in registers; not the dense identity
       ``conv_weight_grad(g, x) - w * sum(g)``, which cancels catastrophically
@@ -254,11 +253,8 @@ def conv_backward(
     if not _same_dtype(x, w, grad) or x.dim() > 5:
         return _conv.conv_backward(BACKEND, grad, x, w, stride, padding, dilation, groups, mix, need_x, need_w)
     grad, x, w = grad.contiguous(), x.contiguous(), w.contiguous()  # autograd may hand an expanded grad
-    direct_x = need_x and all(s == 1 for s in stride)
     gx = gw = None
-    if need_x and not direct_x:
-        gx = _conv.conv_backward(BACKEND, grad, x, w, stride, padding, dilation, groups, mix, True, False)[0]
-    elif direct_x:
+    if need_x:
         gx = torch.empty_like(x)
         geom, _ = _geometry_3d(x, w, stride, padding, dilation)
         g = (ctypes.c_int64 * 18)(*geom)

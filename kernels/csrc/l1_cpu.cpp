@@ -817,9 +817,13 @@ void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& c
 }
 
 // ---------------------------------------------------------------- direct conv input gradient
-// Stride 1: input position i receives from output o = i + pad - koff * dil, so
+// Input position i receives from output o = (i + pad - koff * dil) / stride
+// when that is a whole number inside the output, so
 //   gx[b, c, i] = sum_{m, koff} g[b, m, o] * phi(w[m, c, koff] - x[b, c, i])
-// (phi as in input_grad_block; o outside the output contributes nothing).
+// (phi as in input_grad_block; an o that does not exist contributes no term).
+// Stride > 1 along the line: the g lines are zero-stuffed to stride 1 and the
+// lanes without an output are masked off (along the outer axes, kernel offsets
+// without an output line are skipped).
 // One work item is one input line (b, group, id, ih): the output-gradient
 // lines it needs are copied once into zero-padded buffers, then register tiles
 // of CONV_CT channels x VW positions along the line reduce over (koff, m)
@@ -858,14 +862,16 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
       int64_t nv = 0;
       for (int64_t kd = 0; kd < cg.ker[0]; ++kd)
         for (int64_t kh = 0; kh < cg.ker[1]; ++kh) {
-          const int64_t od = id + cg.pad[0] - kd * cg.dil[0], oh = ih + cg.pad[1] - kh * cg.dil[1];
-          if (od < 0 || od >= cg.out[0] || oh < 0 || oh >= cg.out[1]) continue;
-          for (int64_t m = 0; m < Mg; ++m) {
+          // Output plane/row this kernel offset reaches from here, if any (stride st: only multiples).
+          const int64_t td = id + cg.pad[0] - kd * cg.dil[0], th = ih + cg.pad[1] - kh * cg.dil[1];
+          if (td < 0 || th < 0 || td % cg.st[0] != 0 || th % cg.st[1] != 0) continue;
+          const int64_t od = td / cg.st[0], oh = th / cg.st[1];
+          if (od >= cg.out[0] || oh >= cg.out[1]) continue;
+          for (int64_t m = 0; m < Mg; ++m) {  // the g line, zero-stuffed to stride 1: dl[off + o * st2] = g[o]
             float* dl = &gl[size_t((nv * Mg + m) * L)];
             std::fill(dl, dl + L, 0.f);
             const T* src = g + ((bb * cg.M + gr * Mg + m) * P) + (od * cg.out[1] + oh) * cg.out[2];
-            const int64_t n = std::min(cg.out[2], L - off);
-            for (int64_t o = 0; o < n; ++o) dl[off + o] = to_f(src[o]);
+            for (int64_t o = 0; o < cg.out[2] && off + o * cg.st[2] < L; ++o) dl[off + o * cg.st[2]] = to_f(src[o]);
           }
           valid[size_t(nv++)] = kd * cg.ker[1] + kh;
         }
@@ -886,10 +892,13 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
             for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
               // Lanes whose output o = i + pad - kw * dil exists; the others get no
               // term at all (not 0 * phi, which is NaN for a NaN weight), as in im2col.
-              const int64_t o0 = i0 + cg.pad[2] - kw * cg.dil[2];
-              const int64_t lo = std::max<int64_t>(0, -o0), hi = std::min<int64_t>(VW, cg.out[2] - o0);
+              // Lane l reaches t = o0 + l = o * st2: an output exists iff t >= 0, t % st2 == 0, o < out2.
+              const int64_t o0 = i0 + cg.pad[2] - kw * cg.dil[2], st2 = cg.st[2];
+              const int64_t lo = std::max<int64_t>(0, -o0), hi = std::min<int64_t>(VW, (cg.out[2] - 1) * st2 + 1 - o0);
               if (hi <= lo) continue;
-              const vi live = (lane >= int32_t(lo)) & (lane < int32_t(hi));
+              vi live = (lane >= int32_t(lo)) & (lane < int32_t(hi));
+              if (st2 != 1)
+                for (int l = 0; l < VW; ++l) live[l] = ((o0 + l) % st2 + st2) % st2 == 0 ? live[l] : 0;
               const int64_t q = valid[size_t(j)] * cg.ker[2] + kw;
               const float* gq = &gl[size_t(j * Mg * L + o0 + off)];
               const float* wq = &wt[size_t(((gr * kv + q) * Mg) * Cg_pad + c0)];
@@ -912,7 +921,7 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
                   }
                 }
               };
-              if (lo == 0 && hi == VW)
+              if (lo == 0 && hi == VW && st2 == 1)
                 reduce(std::true_type{});
               else
                 reduce(std::false_type{});
@@ -1230,12 +1239,10 @@ int l1fx_conv_forward_uses_rows(int64_t B, int64_t C, int64_t M, int64_t G, cons
   return row_tiles_fit(make_geom(B, C, M, G, geom), nthreads) ? 1 : 0;
 }
 
-// Direct conv input gradient (stride 1 only; the caller checks): g [B, M, out...], gx like x.
+// Direct conv input gradient (any geometry): g [B, M, out...], gx like x.
 int l1fx_conv_input_grad(int dtype, const void* g, const void* x, const void* w, void* gx, float mix, int64_t B,
                          int64_t C, int64_t M, int64_t G, const int64_t* geom, int nthreads) {
   ConvGeom cg = make_geom(B, C, M, G, geom);
-  for (int i = 0; i < 3; ++i)
-    if (cg.st[i] != 1) return 2;
   if (dtype == 0)
     conv_input_grad_dispatch((const float*)g, (const float*)x, (const float*)w, (float*)gx, cg, mix, nthreads);
   else if (dtype == 1)
