@@ -524,15 +524,12 @@ template <typename T>
 void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
   const int64_t K = cg.Kg(), Mg = cg.Mg(), P = cg.P();
   const int64_t Mg_pad = round_up(Mg, CONV_MT);
-  // Per group: the bias from the panel packer, weights as [K][Mg_pad].
-  std::vector<FwdPanels> fps;
-  std::vector<float> wt(size_t(cg.G * K * Mg_pad), 0.f);
-  for (int64_t g = 0; g < cg.G; ++g) {
-    fps.push_back(fwd_panels<FWD_FV>(w + g * Mg * K, bias ? bias + g * Mg : nullptr, Mg, K));
+  // Per group: weights as [K][Mg_pad]; the bias as floats.
+  std::vector<float> wt(size_t(cg.G * K * Mg_pad), 0.f), col_term(size_t(cg.M), 0.f);
+  for (int64_t g = 0; g < cg.G; ++g)
     for (int64_t m = 0; m < Mg; ++m)
-      for (int64_t k = 0; k < K; ++k)
-        wt[size_t((g * K + k) * Mg_pad + m)] = to_f(w[(g * Mg + m) * K + k]);
-  }
+      for (int64_t k = 0; k < K; ++k) wt[size_t((g * K + k) * Mg_pad + m)] = to_f(w[(g * Mg + m) * K + k]);
+  for (int64_t m = 0; m < cg.M; ++m) col_term[size_t(m)] = bias ? to_f(bias[m]) : 0.f;
   // Tiles of positions whose packed patches (~256 KiB) stay in L2.
   const int64_t RT = std::max<int64_t>(CONV_PW, std::min<int64_t>(256, (65536 / std::max<int64_t>(K, 1))) / CONV_PW * CONV_PW);
   const int64_t n_tiles = (P + RT - 1) / RT;
@@ -544,14 +541,13 @@ void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const Conv
     for (int64_t it = 0; it < items; ++it) {
       const int64_t t = it % n_tiles, g = (it / n_tiles) % cg.G, b = it / (n_tiles * cg.G);
       const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
-      const FwdPanels& fp = fps[size_t(g)];
       pack_conv_panels(x, cg, b, g, pos0, rows, xb.data());
       for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW) {
         for (int64_t m0 = 0; m0 < Mg; m0 += CONV_MT) {
           vf acc[CONV_MT][CONV_PV];
           conv_micro(&xb[size_t(r0 * K)], &wt[size_t(g * K * Mg_pad + m0)], Mg_pad, K, acc);
           for (int i = 0; i < CONV_MT && m0 + i < Mg; ++i) {
-            const vf col = splat(fp.col_term[size_t(m0 + i)]);
+            const vf col = splat(col_term[size_t(g * Mg + m0 + i)]);
             T* yp = y + (b * cg.M + g * Mg + m0 + i) * P + pos0 + r0;
             for (int v = 0; v < CONV_PV; ++v) {
               const int64_t n = std::min<int64_t>(VW, rows - r0 - v * VW);
