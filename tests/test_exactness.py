@@ -39,7 +39,7 @@ EPS32 = torch.finfo(torch.float32).eps
 # the generated case as is, quickly.
 _COMMON = dict(deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-SETTINGS = settings(max_examples=25, **_COMMON)
+SETTINGS = settings(max_examples=20, **_COMMON)
 
 
 def _out_eps(dtype):
@@ -179,7 +179,7 @@ def _conv_call(backend, which, *args):
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}d-s{c[6]}-p{c[7]}-d{c[8]}-g{c[9]}")
 @given(offset=offsets, spread=spreads, near=st.booleans(), bias=st.booleans(), bf16=st.booleans(),
        mix=st.sampled_from([0.0, 0.5, 1.0]), seed=st.integers(0, 2**16))
-@settings(max_examples=6, **_COMMON)
+@settings(max_examples=5, **_COMMON)
 def test_conv_exact(backend, case, offset, spread, near, bias, bf16, mix, seed):
     nd, B, C, M, spatial, kernel, stride, padding, dilation, groups = case
     dtype = torch.bfloat16 if bf16 else torch.float32
