@@ -121,9 +121,13 @@ def conv_backward(
     batch, c, m = x.shape[0], x.shape[1], w.shape[0]
     out = list(grad.shape[2:])
     cg, mg = c // groups, m // groups
+    # 16-bit inputs: the chunks go to the linear core as float32 and the sums over
+    # chunks and kernel offsets stay float32, so the result is rounded once
+    # (summing rounded bfloat16 partial sums would not be exact to bfloat16).
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     xcl = _channels_last_padded(x, padding)
-    gxcl = torch.zeros_like(xcl) if need_x else None
-    wg = _filters(w, groups)
+    gxcl = torch.zeros(xcl.shape, dtype=acc, device=x.device) if need_x else None
+    wg = _filters(w, groups).to(acc)
     kg = wg.shape[2]
     gwg = torch.zeros_like(wg) if need_w else None
     if grad.numel() and (need_x or need_w):
@@ -132,18 +136,18 @@ def conv_backward(
         budget = _chunk_budget(grad.numel() * grad.element_size())
         for bsl, osl in _row_chunks(batch, out, (kg + mg) * x.element_size(), budget):
             for g in range(groups):
-                cols = pv[bsl, osl][..., g, :].reshape(-1, kg)
-                gb = g_rows[bsl, osl][..., g, :].reshape(-1, mg)
+                cols = pv[bsl, osl][..., g, :].reshape(-1, kg).to(acc)
+                gb = g_rows[bsl, osl][..., g, :].reshape(-1, mg).to(acc)
                 gcols, gwb = backend.linear_backward(gb, cols, wg[g], mix, need_x, need_w)
                 if need_w:
                     gwg[g] += gwb
                 if need_x:
                     _fold_add(gxcl[bsl, ..., g * cg:(g + 1) * cg], gcols, osl, out, kernel, stride, dilation)
-    gx = _unpad(gxcl.movedim(-1, 1), padding) if need_x else None
+    gx = _unpad(gxcl.movedim(-1, 1), padding).to(x.dtype) if need_x else None
     gw = None
     if need_w:
         # Back from (kernel offset, channel) order to the weight's [M, C_g, *kernel].
-        gw = gwg.reshape(groups, mg, -1, cg).transpose(2, 3).reshape(w.shape)
+        gw = gwg.reshape(groups, mg, -1, cg).transpose(2, 3).reshape(w.shape).to(w.dtype)
     return gx, gw
 
 

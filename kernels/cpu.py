@@ -7,25 +7,27 @@ g++ 12 here), every later call and every shape reuses the library. float32
 and bfloat16 CPU tensors are handled (accumulating in float32); other dtypes
 stay on the reference kernel.
 
-The weight gradient splits along the Mixed Gradient Strategy blend:
-``gw = mix * (g^T x - w * colsum(g)) + (1 - mix) * sum_n g * sign(x - w)``.
-The first half is a matrix product and goes to BLAS (``torch.mm``); the sign
-half and the input gradient come from one C++ pass over the rows.
+Every kernel is exact to float32 rounding of its result: each summand is
+formed from the difference ``x - w`` itself (rounded once), never from an
+identity like ``|x - w| = x + w - 2 min(x, w)`` or ``g^T x - w * colsum(g)``
+whose terms grow with the data's offset (see docs/l1_ops.md, "Numerics").
+The input gradient and the whole MGS weight gradient (both halves of the blend)
+come from one C++ pass over the rows; NaN and infinities land where the
+formula puts them, as in the reference kernel.
 
 Convolutions do not go through im2col on this backend where avoidable:
 the forward is a direct implicit-GEMM kernel. When the last spatial axis has
 stride 1 and the output is large next to the per-thread buffers, it copies the
-input lines a tile of output rows needs (centred, zero padded) into a per-thread
+input lines a tile of output rows needs (zero padded) into a per-thread
 buffer of at most 256 KiB and reads the patches straight from it ("rows");
 otherwise patches are packed per tile of output positions from the NC...
 input into per-thread panels of ~256 KiB ("packed"). The line buffers total at
 most half the output, so either way the only sizeable allocation is the output
 (:func:`conv_forward_kernel` says which kernel a shape gets). The input gradient
-for stride 1 is a direct kernel too (one thread per input line, no col2im);
-the weight gradient's ``mix`` half is the inner-product conv's weight gradient
-(ATen) minus ``w * sum(g)``. What remains on chunked im2col
-(:mod:`l1fx.kernels.conv`): the input gradient for stride > 1 and the sign
-half of the weight gradient (``mix < 1``).
+(any stride) is a direct kernel too (one thread per input line, no col2im).
+The weight gradient (both halves of the MGS blend, any geometry) is a direct
+kernel too: patch tiles packed per thread, reduced in registers. Chunked im2col
+(:mod:`l1fx.kernels.conv`) is left for mixed dtypes and > 3-d convolutions.
 
 If no compiler is found or the build fails, ``available()`` says why: under
 ``L1FX_BACKEND=auto`` the ops fall back to the reference kernel with a
@@ -52,8 +54,6 @@ from .cpu_build import load
 SOURCE = Path(__file__).with_name("csrc") / "l1_cpu.cpp"
 LIB_NAME = "l1fx_cpu"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-# Rows per chunk of the bfloat16 weight-gradient matmul (converted to float32).
-BF16_MM_ROWS = 4096
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" and "path", or "error"; plus "build_seconds"; empty until first use
@@ -134,6 +134,29 @@ def _same_dtype(x: Tensor, *others: Optional[Tensor]) -> bool:
     return all(o is None or (o.dtype == x.dtype and o.device == x.device) for o in others)
 
 
+def _conv_weight_grad_fn():
+    """``l1fx_conv_weight_grad`` with its signature (declared here, next to its only caller)."""
+    fn = _lib().l1fx_conv_weight_grad
+    if fn.argtypes is None:
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [ctypes.c_int, vp, vp, vp, vp, ctypes.c_float, i64, i64, i64, i64, vp, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def _check_rc(rc: int, fn: str) -> None:
+    """Turn a C return code into an exception (not an ``assert``: ``python -O`` would drop it)."""
+    if rc == 0:
+        return
+    from ..errors import KernelBuildError  # local: leaves the module's import block to the loader
+
+    why = {1: "unsupported dtype code", 2: "unsupported geometry (stride != 1)"}.get(rc, "unknown error")
+    raise KernelBuildError(
+        f"l1fx cpu kernel {fn} failed with code {rc} ({why}); this is a bug in l1fx, please report it "
+        f"(set L1FX_BACKEND=reference to work around it)"
+    )
+
+
 def linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
     if not _same_dtype(x, w, bias):  # mixed dtypes: the reference promotes per element
         return reference.linear_forward(x, w, bias)
@@ -147,22 +170,8 @@ def linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
     rc = _lib().l1fx_forward(
         DTYPE_CODES[x.dtype], _ptr(x), _ptr(w), _ptr(bias), _ptr(y), n, k, m, torch.get_num_threads()
     )
-    assert rc == 0, f"l1fx_forward failed with code {rc}"
+    _check_rc(rc, "l1fx_forward")
     return y
-
-
-def _gt_x_minus_w_colsum(g: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    """``g^T x - w * colsum(g)`` in float32: the mix=1 weight gradient, by BLAS."""
-    if g.dtype == torch.float32:
-        return torch.addcmul(torch.mm(g.t(), x), w, g.sum(0)[:, None], value=-1.0)
-    # bfloat16: convert bounded row chunks so the product accumulates in float32.
-    out = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-    colsum = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
-    for n0 in range(0, g.shape[0], BF16_MM_ROWS):
-        gc = g[n0:n0 + BF16_MM_ROWS].float()
-        out.addmm_(gc.t(), x[n0:n0 + BF16_MM_ROWS].float())
-        colsum += gc.sum(0)
-    return out.addcmul_(w.float(), colsum[:, None], value=-1.0)
 
 
 def linear_backward(
@@ -175,23 +184,19 @@ def linear_backward(
     mix = float(mix)
     g, x, w = g.contiguous(), x.contiguous(), w.contiguous()
     gx = torch.empty_like(x) if need_x else None
-    sign_w = torch.zeros(m, k, dtype=torch.float32) if need_w and mix < 1.0 else None
-    if n > 0 and m > 0 and k > 0 and (gx is not None or sign_w is not None):
+    # The weight gradient accumulates in float32 (its own dtype for float32, converted after for bfloat16).
+    gw = torch.empty(m, k, dtype=torch.float32) if need_w else None
+    if n > 0 and m > 0 and k > 0 and (gx is not None or gw is not None):
         rc = _lib().l1fx_backward(
-            DTYPE_CODES[x.dtype], _ptr(g), _ptr(x), _ptr(w), _ptr(gx), _ptr(sign_w), mix, n, k, m,
+            DTYPE_CODES[x.dtype], _ptr(g), _ptr(x), _ptr(w), _ptr(gx), _ptr(gw), mix, n, k, m,
             torch.get_num_threads(),
         )
-        assert rc == 0, f"l1fx_backward failed with code {rc}"
-    elif gx is not None:
-        gx.zero_()
-    gw = None
-    if need_w:
-        gw = sign_w if sign_w is not None else torch.zeros(m, k, dtype=torch.float32)
-        if mix > 0.0:
-            linear_part = _gt_x_minus_w_colsum(g, x, w)
-            gw = linear_part if mix == 1.0 else linear_part.mul_(mix).add_(gw, alpha=1.0 - mix)
-        gw = gw.to(w.dtype)
-    return gx, gw
+        _check_rc(rc, "l1fx_backward")
+    else:
+        for t in (gx, gw):
+            if t is not None:
+                t.zero_()
+    return gx, None if gw is None else gw.to(w.dtype)
 
 
 def _geometry_3d(x: Tensor, w: Tensor, stride, padding, dilation) -> tuple[list[int], list[int]]:
@@ -229,7 +234,7 @@ def conv_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, 
         DTYPE_CODES[x.dtype], _ptr(x), _ptr(w), _ptr(bias), _ptr(y), x.shape[0], x.shape[1], w.shape[0], groups,
         ctypes.cast(g, ctypes.c_void_p), torch.get_num_threads(),
     )
-    assert rc == 0, f"l1fx_conv_forward failed with code {rc}"
+    _check_rc(rc, "l1fx_conv_forward")
     return y
 
 
@@ -237,22 +242,21 @@ def conv_backward(
     grad: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, groups: int, mix: float, need_x: bool,
     need_w: bool,
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """MGS conv gradients without im2col where the math allows it.
+    """MGS conv gradients, exact (see docs/l1_ops.md), without im2col where a kernel exists.
 
-    * input gradient, stride 1: a direct C++ kernel (each thread owns input
-      lines; no patch matrix, no col2im). Other strides: chunked im2col.
-    * weight gradient: its ``mix`` half is ``sum_o g (x_pad - w)`` =
-      the inner-product conv's weight gradient minus ``w * sum_o g``, which
-      ATen computes; the ``1 - mix`` sign half goes through chunked im2col.
+    * input gradient, any stride: a direct C++ kernel (each thread owns input
+      lines; no patch matrix, no col2im).
+    * weight gradient: a direct C++ kernel for both halves of the blend (patch
+      tiles packed per thread, reduced in registers; not the dense identity
+      ``conv_weight_grad(g, x) - w * sum(g)``, which cancels catastrophically
+      for data far from zero).
     """
     mix = float(mix)
     if not _same_dtype(x, w, grad) or x.dim() > 5:
         return _conv.conv_backward(BACKEND, grad, x, w, stride, padding, dilation, groups, mix, need_x, need_w)
-    direct_x = need_x and all(s == 1 for s in stride)
+    grad, x, w = grad.contiguous(), x.contiguous(), w.contiguous()  # autograd may hand an expanded grad
     gx = gw = None
-    if need_x and not direct_x:
-        gx = _conv.conv_backward(BACKEND, grad, x, w, stride, padding, dilation, groups, mix, True, False)[0]
-    elif direct_x:
+    if need_x:
         gx = torch.empty_like(x)
         geom, _ = _geometry_3d(x, w, stride, padding, dilation)
         g = (ctypes.c_int64 * 18)(*geom)
@@ -260,20 +264,15 @@ def conv_backward(
             DTYPE_CODES[x.dtype], _ptr(grad), _ptr(x), _ptr(w), _ptr(gx), mix, x.shape[0], x.shape[1], w.shape[0],
             groups, ctypes.cast(g, ctypes.c_void_p), torch.get_num_threads(),
         )
-        assert rc == 0, f"l1fx_conv_input_grad failed with code {rc}"
+        _check_rc(rc, "l1fx_conv_input_grad")
     if need_w:
-        gw = torch.zeros(w.shape, dtype=torch.float32)
-        if mix > 0.0:
-            nd = x.dim() - 2
-            dense = torch.ops.aten.convolution_backward(
-                grad, x, w, None, list(stride), list(padding), list(dilation), False, [0] * nd, groups,
-                [False, True, False],
-            )[1]
-            gsum = grad.sum(dim=[0, *range(2, grad.dim())], dtype=torch.float32)
-            gw.add_(dense, alpha=mix).sub_(w.float() * gsum.view(-1, *[1] * (w.dim() - 1)), alpha=mix)
-        if mix < 1.0:
-            sign = _conv.conv_backward(BACKEND, grad, x, w, stride, padding, dilation, groups, 0.0, False, True)[1]
-            gw.add_(sign, alpha=1.0 - mix)
+        gw = torch.empty(w.shape, dtype=torch.float32)
+        geom, _ = _geometry_3d(x, w, stride, padding, dilation)
+        g = (ctypes.c_int64 * 18)(*geom)
+        rc = _conv_weight_grad_fn()(
+            DTYPE_CODES[x.dtype], _ptr(grad), _ptr(x), _ptr(w), _ptr(gw), mix, x.shape[0], x.shape[1], w.shape[0], groups, ctypes.cast(g, ctypes.c_void_p), torch.get_num_threads(),
+        )
+        _check_rc(rc, "l1fx_conv_weight_grad")
         gw = gw.to(w.dtype)
     return gx, gw
 

@@ -72,8 +72,8 @@ def test_ties_follow_torch_sign(mix):
 
 
 def test_data_far_from_zero_stays_accurate():
-    # Shifting x and w by the same centre must not cost float32 accuracy
-    # (the forward uses |x - w| = x + w - 2 min(x, w) internally).
+    # Data far from zero keeps float32 accuracy (the kernels form x - w itself;
+    # tests/test_exactness.py checks the per-element bound at offsets up to 1e6).
     x, w = 1000 + torch.randn(200, 48), 1000 + torch.randn(24, 48)
     g = torch.randn(200, 24)
     exact = reference.linear_forward(x.double(), w.double(), None)
@@ -279,3 +279,31 @@ def test_conv_forward_kernel_choice():
     assert cpu.conv_forward_kernel(x, w, [1, 1, 2], [1, 1, 1], [1, 1, 1], 1) == "packed"
     assert cpu.conv_forward_kernel(x[:, :, :1, :1], w[:1], [1, 1, 1], [1, 1, 1], [1, 1, 1], 1) == "packed"
     assert cpu.conv_forward_kernel(x, torch.randn(64, 4, 3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], 1) == "rows"
+
+
+def test_kernel_return_codes_raise_real_exceptions():
+    # Not an assert (python -O removes those): a failing C call raises KernelBuildError.
+    from l1fx.errors import KernelBuildError
+
+    cpu._check_rc(0, "l1fx_forward")
+    with pytest.raises(KernelBuildError, match="l1fx_forward failed with code 1"):
+        cpu._check_rc(1, "l1fx_forward")
+    # And a real call into the library with an unknown dtype code returns non-zero.
+    lib = cpu._lib()
+    x = torch.zeros(2, 3)
+    rc = lib.l1fx_forward(7, cpu._ptr(x), cpu._ptr(x), None, cpu._ptr(torch.empty(2, 2)), 2, 3, 2, 1)
+    assert rc != 0
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_conv_backward_takes_expanded_grad(mix):
+    # autograd hands an expanded (stride-0) gradient for y.sum(): the direct kernels must not read it raw.
+    torch.manual_seed(3)
+    x, w = torch.randn(2, 4, 5, 6, 5), torch.randn(3, 4, 3, 3, 3)
+    args = ((1, 1, 1), (1, 1, 1), (1, 1, 1), 1)
+    y = cpu.conv_forward(x, w, None, *args)
+    g = torch.ones(()).expand(y.shape)
+    got = cpu.conv_backward(g, x, w, *args, mix, True, True)
+    want = cpu.conv_backward(g.contiguous(), x, w, *args, mix, True, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

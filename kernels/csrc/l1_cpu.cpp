@@ -2,36 +2,31 @@
 //
 //   forward   y[n,m]  = bias[m] - sum_k |x[n,k] - w[m,k]|
 //   input     gx[n,k] = sum_m g[n,m] * (a*clamp(w-x,-1,1) + b*sign(w-x))
-//   weight    S[m,k]  = sum_n g[n,m] * sign(x[n,k] - w[m,k])
-//             (the sign half of the weight gradient; the a*(x-w) half is a
-//             matmul, g^T x - w * colsum(g), which the Python side hands to BLAS)
+//   weight    gw[m,k] = sum_n g[n,m] * (a*(x-w) + b*sign(x-w))
 //
-// with a = mix, b = 1 - mix. Convolutions (N-d as 3-d) have two direct
-// kernels: the forward as an implicit GEMM (reading patches from per-thread
-// copies of the input lines a tile of output rows needs when the last axis
-// has stride 1, else from patch tiles packed from NC(D)HW x) and, for stride 1,
-// the input gradient (vectorised along input lines, reducing over filters
-// and kernel offsets).
+// with a = mix, b = 1 - mix. Convolutions (N-d as 3-d) have direct kernels:
+// the forward as an implicit GEMM (reading patches from per-thread copies of
+// the input lines a tile of output rows needs when the last axis has stride 1,
+// else from patch tiles packed from NC(D)HW x), the input gradient for stride
+// 1 (vectorised along input lines, reducing over filters and kernel offsets)
+// and the weight gradient (patch tiles packed per thread, reduced in registers).
+//
+// Exactness first: every summand is formed from the difference x - w itself,
+// rounded once to float32 (|fl(x - w)| for the forward: sub, AND off the sign
+// bit, FMA), so each output is within ~(T + 2) eps sum_t |term_t| of the exact
+// value for T terms, whatever the offset or spread of the data (for the
+// forward without bias that is (K + 2) eps |y|). Cheaper identities whose
+// terms grow with the data's offset (|x - w| = x + w - 2 min(x, w), centring,
+// g^T x - w * colsum(g)) are not used. NaN/inf follow the formula per element,
+// as the reference kernel computes it (sign(NaN) = 0, as torch.sign on CPU).
 //
 // Written like a GEMM: weights are repacked once, a register tile of rows x
 // filters (or rows x k) is accumulated with the reduced dimension innermost,
 // and rows are processed in blocks copied (and converted from bfloat16) into
 // small per-thread float buffers. No N x M x K tensor exists; the extra memory
-// is the packed weights plus a few row blocks per thread (plus, for S, one
-// M x K accumulator per thread). Accumulation is float32 for both dtypes.
-//
-// Fewer vector ops per (row, filter, k) triple is what makes the l1 layer cost
-// about what a matmul costs (a matmul needs one FMA per triple):
-// * forward: |x - w| = x + w - 2 min(x, w), so the inner loop is one min and
-//   one FMA (acc += min * 1 keeps the add on the FMA ports, min uses the
-//   adder ports) instead of sub + abs + add. sum_k x and sum_k w are added
-//   back per row / filter. To keep that cancellation harmless for data far
-//   from zero, x and w are first shifted by the same per-column centre c_k
-//   (the mean of w[:, k]); |x - w| does not change.
-// * input gradient, mix = 1: clamp(w - x, -1, 1) = clamp(w, x - 1, x + 1) - x,
-//   so the inner loop is min, max, FMA and x * sum_m g is subtracted once.
-// * sign terms compare the raw (unshifted) values, so ties x == w give
-//   exactly 0 like torch.sign, using masked adds.
+// is the packed weights plus a few row blocks per thread (plus, for the weight
+// gradient, one M x K accumulator per thread). Accumulation is float32 for
+// both dtypes.
 //
 // Plain C ABI (called through ctypes) and GCC/Clang vector extensions, so the
 // file needs no PyTorch headers and compiles in a few seconds. The vector
@@ -49,7 +44,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512VL__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -62,7 +57,7 @@ constexpr int WIDE_R = 6, WIDE_FV = 4;  // forward tile for M > 32: fewer broadc
 constexpr int CONV_MT = 6, CONV_PV = 4;  // conv forward tile: 6 filters x 4 vectors of positions
 constexpr int GX1_R = 4, GX1_KV = 2;  // input grad, mix 1: 4 rows x 2 vectors of k
 constexpr int GXS_R = 4, GXS_KV = 2;  // input grad, mix 0
-constexpr int GXB_R = 2, GXB_KV = 2;  // input grad, blended mix
+constexpr int GXB_R = 4, GXB_KV = 2;  // input grad, blended mix (acc + x per tile element)
 constexpr int GW_KB = 4, GW_FV = 2;   // sign sum: 4 k x 2 vectors of filters
 #else
 constexpr int VW = 8;  // AVX2 / NEON-pairs: 16 registers
@@ -85,8 +80,58 @@ typedef int32_t vi __attribute__((vector_size(VW * 4)));
 inline vf splat(float a) { return a - vf{}; }
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf vmin(vf a, vf b) { return a < b ? a : b; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+// a < b ? a : b and a > b ? a : b (b when either is NaN): MINPS / MAXPS. Spelled
+// with intrinsics on AVX-512, where GCC 12 leaves the vector select as compare + blend.
+inline vf vmin(vf a, vf b) {
+#if defined(__AVX512F__)
+  if (VW == 16) {
+    __m512 x, y;
+    std::memcpy(&x, &a, sizeof x);
+    std::memcpy(&y, &b, sizeof y);
+    x = _mm512_min_ps(x, y);
+    std::memcpy(&a, &x, sizeof a);
+    return a;
+  }
+#endif
+  return a < b ? a : b;
+}
+inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__)
+  if (VW == 16) {
+    __m512 x, y;
+    std::memcpy(&x, &a, sizeof x);
+    std::memcpy(&y, &b, sizeof y);
+    x = _mm512_max_ps(x, y);
+    std::memcpy(&a, &x, sizeof a);
+    return a;
+  }
+#endif
+  return a > b ? a : b;
+}
+// |a|: clear the sign bit (one AND, any FP pipe); NaN stays NaN, -inf -> inf.
+inline vf vabs(vf a) { return (vf)((vi)a & (vi{} + 0x7fffffff)); }
+// |x - w|, rounded once: the exact summand of the forward.
+inline vf absdiff(vf x, vf w) { return vabs(x - w); }
+// HardTanh, NaN-propagating like torch.clamp: MINPS/MAXPS return their second
+// operand (d) when either is NaN.
+inline vf clamp1(vf d) { return vmax(vf{} - 1.0f, vmin(vf{} + 1.0f, d)); }
+// torch.sign on CPU: -1, 0, +1, and 0 for NaN (it is (0 < d) - (d < 0)), as the
+// reference kernel computes it. sign(fl(x - w)) is the exact sign of x - w (a
+// float difference is 0 only when x == w).
+inline vf vsign(vf d) {
+#if defined(__AVX512F__)
+  if (VW == 16) {  // one VFIXUPIMMPS: per class of d, NaN/zero -> +0, negative/-inf -> -1, positive/+inf/+1 -> +1
+    __m512 r, in;
+    std::memcpy(&in, &d, sizeof in);
+    r = _mm512_fixupimm_ps(in, in, _mm512_set1_epi32(int32_t(0xA9A9A888u)), 0);
+    vf v;
+    std::memcpy(&v, &r, sizeof v);
+    return v;
+  }
+#endif
+  const vf pone = vf{} + 1.0f, mone = vf{} - 1.0f;
+  return d > vf{} ? pone : d < vf{} ? mone : vf{};
+}
 inline float hsum(vf v) {
   float s = 0.f;
   for (int i = 0; i < VW; ++i) s += v[i];
@@ -116,57 +161,36 @@ inline void from_f(float v, uint16_t* dst) {  // round to nearest even, like tor
   *dst = uint16_t(u >> 16);
 }
 
-// Rows [n0, n0+rows) of a [*, cols] matrix minus the column centres (may be
-// null) into a float buffer [rows_pad, cols_pad], zero padded; row sums of
-// the stored values into rsum (may be null).
+// Rows [n0, n0+rows) of a [*, cols] matrix into a float buffer [rows_pad, cols_pad], zero padded.
 template <typename T>
-void pack_rows(const T* src, int64_t cols, int64_t n0, int64_t rows, int64_t rows_pad, int64_t cols_pad,
-               const float* centre, float* dst, float* rsum) {
+void pack_rows(const T* src, int64_t cols, int64_t n0, int64_t rows, int64_t rows_pad, int64_t cols_pad, float* dst) {
   for (int64_t r = 0; r < rows_pad; ++r) {
     float* d = dst + r * cols_pad;
-    double s = 0.0;
     if (r < rows) {
       const T* src_row = src + (n0 + r) * cols;
-      for (int64_t c = 0; c < cols; ++c) {
-        d[c] = centre ? to_f(src_row[c]) - centre[c] : to_f(src_row[c]);
-        s += d[c];
-      }
+      for (int64_t c = 0; c < cols; ++c) d[c] = to_f(src_row[c]);
     }
     for (int64_t c = r < rows ? cols : 0; c < cols_pad; ++c) d[c] = 0.f;
-    if (rsum) rsum[r] = float(s);
   }
 }
 
-// Packed weights, float32: wc = w - centre as [M, K_pad] (rows) and/or
-// [K_pad, M_pad] (transposed, filters contiguous), zero padded.
+// Packed weights, float32, as [M, K_pad] (rows) and/or [K_pad, M_pad]
+// (transposed, filters contiguous), zero padded.
 struct PackedW {
-  std::vector<float> centre, rows, cols, sums;  // sums[m] = sum_k wc[m, k]
+  std::vector<float> rows, cols;
 };
 
 template <typename T>
-PackedW pack_w(const T* w, int64_t M, int64_t K, int64_t M_pad, int64_t K_pad, bool centred, bool want_rows,
-               bool want_cols) {
+PackedW pack_w(const T* w, int64_t M, int64_t K, int64_t M_pad, int64_t K_pad, bool want_rows, bool want_cols) {
   PackedW p;
-  p.centre.assign(size_t(K), 0.f);
-  if (centred && M > 0) {
-    std::vector<double> c(size_t(K), 0.0);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) c[size_t(k)] += to_f(w[m * K + k]);
-    for (int64_t k = 0; k < K; ++k) p.centre[size_t(k)] = float(c[size_t(k)] / double(M));
-  }
   if (want_rows) p.rows.assign(size_t(M * K_pad), 0.f);
   if (want_cols) p.cols.assign(size_t(K_pad * M_pad), 0.f);
-  p.sums.assign(size_t(M_pad), 0.f);
-  for (int64_t m = 0; m < M; ++m) {
-    double s = 0.0;
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) {
-      const float v = to_f(w[m * K + k]) - p.centre[size_t(k)];
-      s += v;
+      const float v = to_f(w[m * K + k]);
       if (want_rows) p.rows[size_t(m * K_pad + k)] = v;
       if (want_cols) p.cols[size_t(k * M_pad + m)] = v;
     }
-    p.sums[size_t(m)] = float(s);
-  }
   return p;
 }
 
@@ -175,13 +199,14 @@ int threads_for(int64_t work_items, int nthreads) {
 }
 
 // ---------------------------------------------------------------- forward
-// y = 2 acc + (bias - sum_k wc) - sum_k xc, acc = sum_k min(xc, wc).
+// y = bias - acc, acc = sum_k |x - w| (each difference rounded once, summands >= 0,
+// so the float32 error is at most ~K eps |acc|, whatever the offset of the data).
 // Weights as panels of F = FWD_FV*VW filters: panel p is [K, F] contiguous.
 // Rows are packed GEMM-style into micro-panels of FWD_R rows, [K][FWD_R]
 // contiguous, so the register tile streams both operands in memory order.
 struct FwdPanels {
   int64_t n_panels = 0;
-  std::vector<float> wp, col_term, centre;
+  std::vector<float> wp, col_term;  // col_term[m] = bias[m] (0 without bias)
 };
 
 template <int FV, typename T>
@@ -190,24 +215,22 @@ FwdPanels fwd_panels(const T* w, const T* bias, int64_t M, int64_t K) {
   FwdPanels fp;
   fp.n_panels = (M + F - 1) / F;
   const int64_t M_pad = fp.n_panels * F;
-  PackedW pw = pack_w(w, M, K, M_pad, K, /*centred=*/true, false, true);
+  PackedW pw = pack_w(w, M, K, M_pad, K, false, true);
   fp.wp.resize(size_t(fp.n_panels * K * F));  // [K, M_pad] -> panels [p][K][F]
   for (int64_t p = 0; p < fp.n_panels; ++p)
     for (int64_t k = 0; k < K; ++k)
       std::memcpy(&fp.wp[size_t((p * K + k) * F)], &pw.cols[size_t(k * M_pad + p * F)], F * sizeof(float));
   fp.col_term.assign(size_t(M_pad), 0.f);
-  for (int64_t m = 0; m < M; ++m) fp.col_term[size_t(m)] = (bias ? to_f(bias[m]) : 0.f) - pw.sums[size_t(m)];
-  fp.centre = std::move(pw.centre);
+  for (int64_t m = 0; m < M; ++m) fp.col_term[size_t(m)] = bias ? to_f(bias[m]) : 0.f;
   return fp;
 }
 
 // One R x F register tile (F = FV*VW): xp is a micro-panel [K][R], wpp a
 // panel [K][F]; out[r][f] = y.
 template <int R, int FV>
-inline void fwd_micro(const float* xp, const float* wpp, const float* col_term, const float* row_term, int64_t K,
-                      float out[R][FV * VW]) {
+inline void fwd_micro(const float* xp, const float* wpp, const float* col_term, int64_t K, float out[R][FV * VW]) {
   constexpr int F = FV * VW;
-  const vf one = splat(kOpaqueOne), two = splat(2.0f);
+  const vf one = splat(kOpaqueOne);
   vf acc[R][FV];
   for (int r = 0; r < R; ++r)
     for (int f = 0; f < FV; ++f) acc[r][f] = vf{};
@@ -216,32 +239,23 @@ inline void fwd_micro(const float* xp, const float* wpp, const float* col_term, 
     for (int f = 0; f < FV; ++f) wv[f] = load(wpp + k * F + f * VW);
     for (int r = 0; r < R; ++r) {
       const vf xv = splat(xp[k * R + r]);
-      for (int f = 0; f < FV; ++f) acc[r][f] = acc[r][f] + vmin(xv, wv[f]) * one;
+      for (int f = 0; f < FV; ++f) acc[r][f] = acc[r][f] + absdiff(xv, wv[f]) * one;
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int f = 0; f < FV; ++f)
-      store(out[r] + f * VW, two * acc[r][f] + (load(col_term + f * VW) - splat(row_term[r])));
+    for (int f = 0; f < FV; ++f) store(out[r] + f * VW, load(col_term + f * VW) - acc[r][f]);
 }
 
-// Rows [n0, n0+rows) of x [*, K], centred, into micro-panels of R rows
-// (zero padded to a multiple of R); xsum[r] = sum_k of the stored values.
+// Rows [n0, n0+rows) of x [*, K] into micro-panels of R rows (zero padded to a multiple of R).
 template <int R, typename T>
-void pack_row_panels(const T* x, int64_t K, int64_t n0, int64_t rows, const float* centre, float* dst, float* xsum) {
+void pack_row_panels(const T* x, int64_t K, int64_t n0, int64_t rows, float* dst) {
   for (int64_t r0 = 0; r0 < rows; r0 += R) {
     const T* src[R];
     const int live = int(std::min<int64_t>(R, rows - r0));
     for (int j = 0; j < R; ++j) src[j] = x + (n0 + r0 + std::min(j, live - 1)) * K;
     float* d = dst + r0 * K;
-    float sum[R] = {};
-    for (int64_t k = 0; k < K; ++k) {  // one micro-panel row: R rows' k-th values
-      for (int j = 0; j < R; ++j) {
-        const float v = j < live ? to_f(src[j][k]) - centre[k] : 0.f;
-        d[k * R + j] = v;
-        sum[j] += v;
-      }
-    }
-    for (int j = 0; j < R; ++j) xsum[r0 + j] = sum[j];
+    for (int64_t k = 0; k < K; ++k)  // one micro-panel row: R rows' k-th values
+      for (int j = 0; j < R; ++j) d[k * R + j] = j < live ? to_f(src[j][k]) : 0.f;
   }
 }
 
@@ -260,19 +274,18 @@ void forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t K, 
 
 #pragma omp parallel num_threads(threads_for(items, nthreads))
   {
-    std::vector<float> xb(static_cast<size_t>(NB * K)), xsum(static_cast<size_t>(NB));
+    std::vector<float> xb(static_cast<size_t>(NB * K));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t blk = it / groups, grp = it % groups;
       const int64_t n0 = blk * NB, rows = std::min(NB, N - n0);
-      pack_row_panels<R>(x, K, n0, rows, fp.centre.data(), xb.data(), xsum.data());
+      pack_row_panels<R>(x, K, n0, rows, xb.data());
       const int64_t p1 = std::min(n_panels, (grp + 1) * per_group);
       for (int64_t p = grp * per_group; p < p1; ++p) {
         const int64_t m0 = p * F, mcols = std::min<int64_t>(F, M - m0);
         for (int64_t r0 = 0; r0 < rows; r0 += R) {
           float out[R][F];
-          fwd_micro<R, FV>(&xb[size_t(r0 * K)], &fp.wp[size_t(p * K * F)], &fp.col_term[size_t(m0)], &xsum[size_t(r0)], K,
-                    out);
+          fwd_micro<R, FV>(&xb[size_t(r0 * K)], &fp.wp[size_t(p * K * F)], &fp.col_term[size_t(m0)], K, out);
           for (int r = 0; r < R && r0 + r < rows; ++r) {
             T* yr = y + (n0 + r0 + r) * M + m0;
             if (std::is_same<T, float>::value && mcols == F)
@@ -292,31 +305,27 @@ inline vf load_masked(const float* p, int64_t lo, int64_t hi);  // defined with 
 // scalar packing of x into micro-panels and the stack round trip of each
 // output tile cost about as much as the K min+FMA steps themselves (at K = 1
 // they were ~0.23 of 0.29 ms per 32768 x 64 output on one Zen 4 core). Here
-// each register tile centres its R rows (R*K consecutive values) with a few
-// whole-vector subtractions into a stack buffer, broadcasts from it, and
+// each register tile copies its R rows (R*K consecutive values) with a few
+// whole-vector moves into a stack buffer, broadcasts from it, and
 // stores whole tiles straight to y, so x is read once and each output row is
 // written once, in order; each thread owns a contiguous range of rows.
 template <int R, int FV, typename T>
-inline void fwd_direct_tile(const T* xrows, const float* wp, const float* col_term, const float* cpat,
-                            int64_t K, int64_t n_panels, int64_t M, int live, T* yrow) {
+inline void fwd_direct_tile(const T* xrows, const float* wp, const float* col_term, int64_t K, int64_t n_panels,
+                            int64_t M, int live, T* yrow) {
   constexpr int F = FV * VW;
-  const vf one = splat(kOpaqueOne), two = splat(2.0f);
-  // The tile's R rows are R*K consecutive values: centre them with whole-vector
-  // subtractions against the centres repeated R times (cpat), into xs.
+  const vf one = splat(kOpaqueOne);
+  // The tile's R rows are R*K consecutive values: copied (as float32) into xs.
   float xs[R * FWD_DIRECT_MAX_K + VW];
-  float xsum[R] = {};
   const int64_t RK = live * K;
   if (std::is_same<T, float>::value) {
     const float* xf = reinterpret_cast<const float*>(xrows);
     int64_t i = 0;
-    for (; i + VW <= RK; i += VW) store(xs + i, load(xf + i) - load(cpat + i));
-    if (i < RK) store(xs + i, load_masked(xf + i, 0, RK - i) - load(cpat + i));
+    for (; i + VW <= RK; i += VW) store(xs + i, load(xf + i));
+    if (i < RK) store(xs + i, load_masked(xf + i, 0, RK - i));
   } else {
-    for (int64_t i = 0; i < RK; ++i) xs[i] = to_f(xrows[i]) - cpat[i];
+    for (int64_t i = 0; i < RK; ++i) xs[i] = to_f(xrows[i]);
   }
   for (int64_t i = RK; i < R * K; ++i) xs[i] = xs[i - K];  // tail tile: repeat the last live row
-  for (int r = 0; r < R; ++r)
-    for (int64_t k = 0; k < K; ++k) xsum[r] += xs[r * K + k];
   for (int64_t p = 0; p < n_panels; ++p) {
     const float* wpp = wp + p * K * F;
     vf acc[R][FV];
@@ -327,20 +336,19 @@ inline void fwd_direct_tile(const T* xrows, const float* wp, const float* col_te
       for (int f = 0; f < FV; ++f) wv[f] = load(wpp + k * F + f * VW);
       for (int r = 0; r < R; ++r) {
         const vf xv = splat(xs[r * K + k]);
-        for (int f = 0; f < FV; ++f) acc[r][f] = acc[r][f] + vmin(xv, wv[f]) * one;
+        for (int f = 0; f < FV; ++f) acc[r][f] = acc[r][f] + absdiff(xv, wv[f]) * one;
       }
     }
     const int64_t m0 = p * F, mcols = std::min<int64_t>(F, M - m0);
     if (std::is_same<T, float>::value && live == R && mcols == F) {  // whole tile: straight to y
       for (int r = 0; r < R; ++r)
         for (int f = 0; f < FV; ++f)
-          store(reinterpret_cast<float*>(yrow + r * M + m0) + f * VW,
-                two * acc[r][f] + (load(col_term + m0 + f * VW) - splat(xsum[r])));
+          store(reinterpret_cast<float*>(yrow + r * M + m0) + f * VW, load(col_term + m0 + f * VW) - acc[r][f]);
     } else {  // edge tile or bfloat16: through a small buffer
       float out[R][F];
       for (int r = 0; r < R; ++r)
         for (int f = 0; f < FV; ++f)
-          store(out[r] + f * VW, two * acc[r][f] + (load(col_term + m0 + f * VW) - splat(xsum[r])));
+          store(out[r] + f * VW, load(col_term + m0 + f * VW) - acc[r][f]);
       for (int r = 0; r < live; ++r)
         for (int64_t c = 0; c < mcols; ++c) from_f(out[r][c], yrow + r * M + m0 + c);
     }
@@ -351,19 +359,16 @@ template <int R, int FV, typename T>
 void forward_direct(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t K, int64_t M, int nthreads) {
   const FwdPanels fp = fwd_panels<FV>(w, bias, M, K);
   const int64_t tiles = (N + R - 1) / R;
-  std::vector<float> cpat(size_t(R * K + VW), 0.f);  // the centres repeated for R rows
-  for (int64_t i = 0; i < R * K; ++i) cpat[size_t(i)] = fp.centre[size_t(i % K)];
 #pragma omp parallel for schedule(static) num_threads(threads_for(tiles, nthreads))
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t n0 = t * R;
     const int live = int(std::min<int64_t>(R, N - n0));
-    fwd_direct_tile<R, FV>(x + n0 * K, fp.wp.data(), fp.col_term.data(), cpat.data(), K, fp.n_panels, M, live,
-                           y + n0 * M);
+    fwd_direct_tile<R, FV>(x + n0 * K, fp.wp.data(), fp.col_term.data(), K, fp.n_panels, M, live, y + n0 * M);
   }
 }
 
 // Wider filter panels broadcast each x value to more filters (6x4 runs the
-// min+FMA loop ~20% faster than 8x2 on Zen 4) but waste lanes when M is small.
+// inner loop ~10-20% faster than 8x2 on Zen 4) but waste lanes when M is small.
 template <typename T>
 void forward_dispatch(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t K, int64_t M, int nthreads) {
   if (K <= FWD_DIRECT_MAX_K && M > FWD_FV * VW)
@@ -420,11 +425,10 @@ inline vf load_full(const uint16_t* p) {
 }
 
 // Output positions [pos0, pos0+rows) of sample b, group g -> panels
-// [K][CONV_PW] of the centred patches of CONV_PW consecutive positions
-// (padding reads as x = 0), zero rows up to a whole panel; xsum[r] = sum_k.
+// [K][CONV_PW] of the patches of CONV_PW consecutive positions (padding reads
+// as x = 0), zero rows up to a whole panel.
 template <typename T>
-void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int64_t pos0, int64_t rows,
-                      const float* centre, float* dst, float* xsum) {
+void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int64_t pos0, int64_t rows, float* dst) {
   const int64_t K = cg.Kg(), Cg = cg.Cg();
   const int64_t rows_pad = round_up(rows, CONV_PW);
   const T* xg = x + (b * cg.C + g * Cg) * cg.S();
@@ -437,7 +441,6 @@ void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int6
       // Fast path: VW positions on one line read VW consecutive inputs, one
       // (masked at the borders) vector load per k.
       float* d = &at(r, 0);
-      vf sum = vf{};
       int64_t k = 0;
       for (int64_t c = 0; c < Cg; ++c)
         for (int64_t kd = 0; kd < cg.ker[0]; ++kd) {
@@ -456,19 +459,15 @@ void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int6
                 const int64_t jhi = line_ok ? std::max<int64_t>(jlo, std::min<int64_t>(VW, cg.in[2] - base)) : 0;
                 v = load_masked(line + base, jlo, jhi);
               }
-              v -= splat(centre[k]);
               store(d + k * CONV_PW, v);
-              sum += v;
             }
           }
         }
-      store(xsum + r, sum);
       r += VW;
       continue;
     }
     // General: positions up to the line's end or the next vector boundary.
     const int64_t seg = std::min({rows - r, cg.out[2] - ow0, VW - r % VW});
-    for (int64_t j = 0; j < seg; ++j) xsum[r + j] = 0.f;
     for (int64_t c = 0; c < Cg; ++c)
       for (int64_t kd = 0; kd < cg.ker[0]; ++kd) {
         const int64_t id = od * cg.st[0] - cg.pad[0] + kd * cg.dil[0];
@@ -479,11 +478,20 @@ void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int6
           for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
             const int64_t k = ((c * cg.ker[0] + kd) * cg.ker[1] + kh) * cg.ker[2] + kw;
             const int64_t base = ow0 * cg.st[2] - cg.pad[2] + kw * cg.dil[2];  // iw of j = 0
-            for (int64_t j = 0; j < seg; ++j) {
-              const int64_t iw = base + j * cg.st[2];
-              const float v = (line_ok && iw >= 0 && iw < cg.in[2] ? to_f(line[iw]) : 0.f) - centre[k];
-              at(r + j, k) = v;
-              xsum[r + j] += v;
+            // The segment never crosses a vector (so never a panel) boundary: its
+            // destination is contiguous. Interior segments copy without checks.
+            float* dst_k = &at(r, k);
+            const int64_t st2 = cg.st[2];
+            if (!line_ok) {
+              for (int64_t j = 0; j < seg; ++j) dst_k[j] = 0.f;
+            } else if (base >= 0 && base + (seg - 1) * st2 < cg.in[2]) {
+              const T* src = line + base;
+              for (int64_t j = 0; j < seg; ++j) dst_k[j] = to_f(src[j * st2]);
+            } else {
+              for (int64_t j = 0; j < seg; ++j) {
+                const int64_t iw = base + j * st2;
+                dst_k[j] = iw >= 0 && iw < cg.in[2] ? to_f(line[iw]) : 0.f;
+              }
             }
           }
         }
@@ -491,7 +499,6 @@ void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int6
     r += seg;
   }
   for (int64_t rr = rows; rr < rows_pad; ++rr) {
-    xsum[rr] = 0.f;
     for (int64_t k = 0; k < K; ++k) at(rr, k) = 0.f;
   }
 }
@@ -508,7 +515,7 @@ inline void conv_micro(const float* xp, const float* wt, int64_t Mg_pad, int64_t
     for (int v = 0; v < CONV_PV; ++v) xv[v] = load(xp + k * CONV_PW + v * VW);
     for (int i = 0; i < CONV_MT; ++i) {
       const vf wb = splat(wt[k * Mg_pad + i]);
-      for (int v = 0; v < CONV_PV; ++v) acc[i][v] = acc[i][v] + vmin(xv[v], wb) * one;
+      for (int v = 0; v < CONV_PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wb) * one;
     }
   }
 }
@@ -517,41 +524,36 @@ template <typename T>
 void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
   const int64_t K = cg.Kg(), Mg = cg.Mg(), P = cg.P();
   const int64_t Mg_pad = round_up(Mg, CONV_MT);
-  // Per group: centre and bias - sum_k wc from the panel packer, weights as [K][Mg_pad].
-  std::vector<FwdPanels> fps;
-  std::vector<float> wt(size_t(cg.G * K * Mg_pad), 0.f);
-  for (int64_t g = 0; g < cg.G; ++g) {
-    fps.push_back(fwd_panels<FWD_FV>(w + g * Mg * K, bias ? bias + g * Mg : nullptr, Mg, K));
+  // Per group: weights as [K][Mg_pad]; the bias as floats.
+  std::vector<float> wt(size_t(cg.G * K * Mg_pad), 0.f), col_term(size_t(cg.M), 0.f);
+  for (int64_t g = 0; g < cg.G; ++g)
     for (int64_t m = 0; m < Mg; ++m)
-      for (int64_t k = 0; k < K; ++k)
-        wt[size_t((g * K + k) * Mg_pad + m)] = to_f(w[(g * Mg + m) * K + k]) - fps.back().centre[size_t(k)];
-  }
+      for (int64_t k = 0; k < K; ++k) wt[size_t((g * K + k) * Mg_pad + m)] = to_f(w[(g * Mg + m) * K + k]);
+  for (int64_t m = 0; m < cg.M; ++m) col_term[size_t(m)] = bias ? to_f(bias[m]) : 0.f;
   // Tiles of positions whose packed patches (~256 KiB) stay in L2.
   const int64_t RT = std::max<int64_t>(CONV_PW, std::min<int64_t>(256, (65536 / std::max<int64_t>(K, 1))) / CONV_PW * CONV_PW);
   const int64_t n_tiles = (P + RT - 1) / RT;
   const int64_t items = cg.B * cg.G * n_tiles;
 #pragma omp parallel num_threads(threads_for(items, nthreads))
   {
-    std::vector<float> xb(static_cast<size_t>(RT * K)), xsum(static_cast<size_t>(RT));
-    const vf two = splat(2.0f);
+    std::vector<float> xb(static_cast<size_t>(RT * K));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t t = it % n_tiles, g = (it / n_tiles) % cg.G, b = it / (n_tiles * cg.G);
       const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
-      const FwdPanels& fp = fps[size_t(g)];
-      pack_conv_panels(x, cg, b, g, pos0, rows, fp.centre.data(), xb.data(), xsum.data());
+      pack_conv_panels(x, cg, b, g, pos0, rows, xb.data());
       for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW) {
         for (int64_t m0 = 0; m0 < Mg; m0 += CONV_MT) {
           vf acc[CONV_MT][CONV_PV];
           conv_micro(&xb[size_t(r0 * K)], &wt[size_t(g * K * Mg_pad + m0)], Mg_pad, K, acc);
           for (int i = 0; i < CONV_MT && m0 + i < Mg; ++i) {
-            const vf col = splat(fp.col_term[size_t(m0 + i)]);
+            const vf col = splat(col_term[size_t(g * Mg + m0 + i)]);
             T* yp = y + (b * cg.M + g * Mg + m0 + i) * P + pos0 + r0;
             for (int v = 0; v < CONV_PV; ++v) {
               const int64_t n = std::min<int64_t>(VW, rows - r0 - v * VW);
               if (n <= 0) break;
               float out[VW];
-              store(out, two * acc[i][v] + (col - load(&xsum[size_t(r0 + v * VW)])));
+              store(out, col - acc[i][v]);
               if (std::is_same<T, float>::value && n == VW)
                 std::memcpy(yp + v * VW, out, sizeof out);
               else
@@ -572,17 +574,15 @@ void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const Conv
 // VW consecutive inputs of every input line it touches, so the register tile
 // can load its x vectors straight from a copy of those lines. A work item is
 // one tile of DT output planes x TH output rows (b, group fixed): the input
-// lines it needs are copied once, centred and zero padded (x = 0 outside), into
+// lines it needs are copied once, zero padded (x = 0 outside), into
 // a per-thread buffer [c][plane][row][Wp] (at most 256 KiB, and all threads'
 // buffers together at most half the output), and every filter and position of
 // the tile reads from it through a table of per-k offsets. Each input value is
 // copied about (DT + ker0 - 1) / DT times, instead of gathered kvol times.
-// The centre is per channel here (the mean of w[:, c, ...]), so one buffer
-// serves every kernel offset; |x - w| does not change. sum_k xc per position
-// is a box sum over kernel offsets of the buffer's channel sums.
 // Register tile: ROW_MT filters x up to ROW_PV position vectors. Measured on
 // Zen 4 (bare loop, pairs/ns): 4x5 / 4x6 49.5, 6x4 47.4, 8x3 44.0, 8x2 39.5;
-// fewer weight broadcasts per min+FMA pay more than fewer x loads.
+// fewer weight broadcasts per step pay more than fewer x loads (measured with
+// the old min+FMA step; the exact sub+abs+FMA step keeps the same tile).
 constexpr int ROW_MT = VW == 16 ? 4 : 2;
 constexpr int ROW_PV = VW == 16 ? 6 : 4;
 
@@ -600,7 +600,7 @@ inline void row_micro(const float* const* base, const int32_t* koff, const float
     for (int v = 0; v < PV; ++v) xv[v] = load(base[v] + o);
     for (int i = 0; i < ROW_MT; ++i) {
       const vf wv = splat(wb[k * ROW_MT + i]);
-      for (int v = 0; v < PV; ++v) acc[i][v] = acc[i][v] + vmin(xv[v], wv) * one;
+      for (int v = 0; v < PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wv) * one;
     }
   }
 }
@@ -675,13 +675,11 @@ inline void store_first(float* p, vf v, int64_t n) {
 }
 
 // The input of one tile into buf [c][dd][hh][Wp] (input plane od0*st0 - pad0 + dd,
-// row oh0*st1 - pad1 + hh, column j - pad2): x - centre[c], and -centre[c]
-// (x = 0) outside the input; csum [dd][hh][Wp] = the sum over channels.
-// Vectors along the row, masked at the borders, channels innermost so the
-// channel sum stays in a register.
+// row oh0*st1 - pad1 + hh, column j - pad2): x, and 0 outside the input.
+// Vectors along the row, masked at the borders.
 template <typename T>
 void fill_row_buffer(const T* x, const ConvGeom& cg, const RowTiling& t, int64_t b, int64_t g, int64_t od0,
-                     int64_t oh0, const float* centre, float* buf, float* csum) {
+                     int64_t oh0, float* buf) {
   const int64_t Cg = cg.Cg();
   const T* xg = x + (b * cg.C + g * Cg) * cg.S() - cg.pad[2];
   for (int64_t dd = 0; dd < t.DS; ++dd) {
@@ -695,32 +693,22 @@ void fill_row_buffer(const T* x, const ConvGeom& cg, const RowTiling& t, int64_t
         const int64_t n = std::min<int64_t>(VW, t.Wp - j);
         const int64_t lo = inside ? std::min<int64_t>(n, std::max<int64_t>(0, cg.pad[2] - j)) : 0;
         const int64_t hi = inside ? std::max<int64_t>(lo, std::min<int64_t>(n, cg.in[2] + cg.pad[2] - j)) : 0;
-        vf sum = vf{};
         for (int64_t c = 0; c < Cg; ++c) {
           const T* s = src + c * cg.S() + j;
-          vf v = lo == 0 && hi == VW ? load_full(s) : hi > lo ? load_masked(s, lo, hi) : vf{};
-          v -= splat(centre[c]);
+          const vf v = lo == 0 && hi == VW ? load_full(s) : hi > lo ? load_masked(s, lo, hi) : vf{};
           store_first(buf + c * t.cstride + row + j, v, n);
-          sum += v;
         }
-        store_first(csum + row + j, sum, n);
       }
     }
   }
 }
 
 template <int PV, typename T>
-void row_tile_group(const float* buf, const float* csum, const int32_t* koff, const int32_t* qoff, int64_t kv,
-                    const float* wblocks, const float* col_term, int64_t n_mb, int64_t Mg, int64_t K,
-                    const int64_t* slot_off, const int64_t* slot_out, const int64_t* slot_n, T* yg, int64_t P) {
+void row_tile_group(const float* buf, const int32_t* koff, const float* wblocks, const float* col_term, int64_t n_mb,
+                    int64_t Mg, int64_t K, const int64_t* slot_off, const int64_t* slot_out, const int64_t* slot_n,
+                    T* yg, int64_t P) {
   const float* base[PV];
-  vf xsum[PV];
-  for (int v = 0; v < PV; ++v) {
-    base[v] = buf + slot_off[v];
-    xsum[v] = vf{};
-    for (int64_t q = 0; q < kv; ++q) xsum[v] += load(csum + slot_off[v] + qoff[q]);
-  }
-  const vf two = splat(2.0f);
+  for (int v = 0; v < PV; ++v) base[v] = buf + slot_off[v];
   for (int64_t mb = 0; mb < n_mb; ++mb) {
     vf acc[ROW_MT][PV];
     row_micro<PV>(base, koff, wblocks + mb * K * ROW_MT, K, acc);
@@ -729,7 +717,7 @@ void row_tile_group(const float* buf, const float* csum, const int32_t* koff, co
       const vf col = splat(col_term[m]);
       for (int v = 0; v < PV; ++v) {
         T* yp = yg + m * P + slot_out[v];
-        const vf out = two * acc[i][v] + (col - xsum[v]);
+        const vf out = col - acc[i][v];
         if (std::is_same<T, float>::value && slot_n[v] == VW) {
           store(reinterpret_cast<float*>(yp), out);
         } else {
@@ -741,17 +729,17 @@ void row_tile_group(const float* buf, const float* csum, const int32_t* koff, co
 }
 
 template <typename T>
-void row_tile_dispatch(int pv, const float* buf, const float* csum, const int32_t* koff, const int32_t* qoff,
-                       int64_t kv, const float* wb, const float* ct, int64_t n_mb, int64_t Mg, int64_t K,
-                       const int64_t* so, const int64_t* sout, const int64_t* sn, T* yg, int64_t P) {
+void row_tile_dispatch(int pv, const float* buf, const int32_t* koff, const float* wb, const float* ct, int64_t n_mb,
+                       int64_t Mg, int64_t K, const int64_t* so, const int64_t* sout, const int64_t* sn, T* yg,
+                       int64_t P) {
   static_assert(ROW_PV <= 6, "add cases below");
   switch (pv) {  // pv <= ROW_PV; larger cases are never reached on narrow vectors
-    case 1: return row_tile_group<1>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
-    case 2: return row_tile_group<2>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
-    case 3: return row_tile_group<3>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
-    case 4: return row_tile_group<4>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
-    case 5: return row_tile_group<5>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
-    default: return row_tile_group<6>(buf, csum, koff, qoff, kv, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 1: return row_tile_group<1>(buf, koff, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 2: return row_tile_group<2>(buf, koff, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 3: return row_tile_group<3>(buf, koff, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 4: return row_tile_group<4>(buf, koff, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    case 5: return row_tile_group<5>(buf, koff, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
+    default: return row_tile_group<6>(buf, koff, wb, ct, n_mb, Mg, K, so, sout, sn, yg, P);
   }
 }
 
@@ -766,10 +754,9 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
         qoff[size_t(q)] = int32_t(kd * cg.dil[0] * t.plane + kh * cg.dil[1] * t.Wp + kw * cg.dil[2]);
   for (int64_t c = 0; c < Cg; ++c)
     for (int64_t q = 0; q < kv; ++q) koff[size_t(c * kv + q)] = int32_t(c * t.cstride) + qoff[size_t(q)];
-  // Weights centred per channel, as blocks [group][block][K][ROW_MT] (zero padded).
+  // Weights as blocks [group][block][K][ROW_MT] (zero padded).
   const int64_t n_mb = (Mg + ROW_MT - 1) / ROW_MT;
-  std::vector<float> wb(size_t(cg.G * n_mb * K * ROW_MT), 0.f), centre(size_t(cg.C), 0.f),
-      col_term(size_t(cg.M), 0.f);
+  std::vector<float> wb(size_t(cg.G * n_mb * K * ROW_MT), 0.f), col_term(size_t(cg.M), 0.f);
   const int64_t n_tiles = t.n_dt * t.n_ht;
   const int64_t items = cg.B * cg.G * n_tiles;
   const int nt = threads_for(std::max(items, cg.M), nthreads);
@@ -777,28 +764,13 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
   {
     // The weight preparation is split over the threads too (serial, it was ~3%).
 #pragma omp for schedule(static)
-    for (int64_t gc = 0; gc < cg.C; ++gc) {
-      const int64_t g = gc / Cg, c = gc % Cg;
-      float s = 0.f;
-      for (int64_t m = 0; m < Mg; ++m)
-        for (int64_t q = 0; q < kv; ++q) s += to_f(w[(g * Mg + m) * K + c * kv + q]);
-      centre[size_t(gc)] = Mg * kv > 0 ? s / float(Mg * kv) : 0.f;
-    }  // implied barrier
-#pragma omp for schedule(static)
     for (int64_t gm = 0; gm < cg.M; ++gm) {
       const int64_t g = gm / Mg, m = gm % Mg;
-      double s = 0.0;
       float* blk = &wb[size_t((g * n_mb + m / ROW_MT) * K * ROW_MT + m % ROW_MT)];
-      const float* cen = &centre[size_t(g * Cg)];
-      for (int64_t c = 0, k = 0; c < Cg; ++c)
-        for (int64_t q = 0; q < kv; ++q, ++k) {
-          const float v = to_f(w[gm * K + k]) - cen[c];
-          blk[k * ROW_MT] = v;
-          s += v;
-        }
-      col_term[size_t(gm)] = (bias ? to_f(bias[gm]) : 0.f) - float(s);
+      for (int64_t k = 0; k < K; ++k) blk[k * ROW_MT] = to_f(w[gm * K + k]);
+      col_term[size_t(gm)] = bias ? to_f(bias[gm]) : 0.f;
     }  // implied barrier
-    std::vector<float> buf(static_cast<size_t>(t.buf)), csum(static_cast<size_t>(t.cstride));
+    std::vector<float> buf(static_cast<size_t>(t.buf));
     const size_t max_slots = size_t(t.DT * t.TH * t.nvw);
     std::vector<int64_t> slot_off(max_slots), slot_out(max_slots), slot_n(max_slots);
 #pragma omp for schedule(dynamic, 1)
@@ -807,7 +779,7 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
       const int64_t g = (it / n_tiles) % cg.G, b = it / (n_tiles * cg.G);
       const int64_t oh0 = ht * t.TH, rows = std::min(t.TH, cg.out[1] - oh0);
       const int64_t od0 = dt * t.DT, planes = std::min(t.DT, cg.out[0] - od0);
-      fill_row_buffer(x, cg, t, b, g, od0, oh0, &centre[size_t(g * Cg)], buf.data(), csum.data());
+      fill_row_buffer(x, cg, t, b, g, od0, oh0, buf.data());
       // Slots: vectors of VW outputs on a line, with their buffer and output offsets.
       int64_t n_slots = 0;
       for (int64_t p = 0; p < planes; ++p)
@@ -824,8 +796,8 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
       const int64_t n_groups = (n_slots + ROW_PV - 1) / ROW_PV;
       for (int64_t gi = 0, s = 0; gi < n_groups; ++gi) {
         const int64_t pv = (n_slots - s) / (n_groups - gi) + ((n_slots - s) % (n_groups - gi) != 0);
-        row_tile_dispatch(int(pv), buf.data(), csum.data(), koff.data(), qoff.data(), kv, wg, ct, n_mb, Mg, K,
-                          &slot_off[size_t(s)], &slot_out[size_t(s)], &slot_n[size_t(s)], yg, P);
+        row_tile_dispatch(int(pv), buf.data(), koff.data(), wg, ct, n_mb, Mg, K, &slot_off[size_t(s)],
+                          &slot_out[size_t(s)], &slot_n[size_t(s)], yg, P);
         s += pv;
       }
     }
@@ -841,9 +813,13 @@ void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& c
 }
 
 // ---------------------------------------------------------------- direct conv input gradient
-// Stride 1: input position i receives from output o = i + pad - koff * dil, so
+// Input position i receives from output o = (i + pad - koff * dil) / stride
+// when that is a whole number inside the output, so
 //   gx[b, c, i] = sum_{m, koff} g[b, m, o] * phi(w[m, c, koff] - x[b, c, i])
-// (phi as in input_grad_block; o outside the output contributes nothing).
+// (phi as in input_grad_block; an o that does not exist contributes no term).
+// Stride > 1 along the line: the g lines are zero-stuffed to stride 1 and the
+// lanes without an output are masked off (along the outer axes, kernel offsets
+// without an output line are skipped).
 // One work item is one input line (b, group, id, ih): the output-gradient
 // lines it needs are copied once into zero-padded buffers, then register tiles
 // of CONV_CT channels x VW positions along the line reduce over (koff, m)
@@ -859,22 +835,17 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
   const int64_t in2_pad = round_up(cg.in[2], VW);
   const int64_t off = std::max<int64_t>(0, (cg.ker[2] - 1) * cg.dil[2] - cg.pad[2]);
   const int64_t L = off + in2_pad + cg.pad[2] + VW;  // padded g line: index o + off
-  // Weights per group as [koff][m][c_pad], shifted by a per-channel centre for MODE 1.
-  std::vector<float> wt(size_t(cg.G * kv * Mg * Cg_pad), 0.f), centre(size_t(cg.C), 0.f);
+  // Weights per group as [koff][m][c_pad], raw (the differences are formed exactly).
+  std::vector<float> wt(size_t(cg.G * kv * Mg * Cg_pad), 0.f);
   for (int64_t gr = 0; gr < cg.G; ++gr)
-    for (int64_t c = 0; c < Cg; ++c) {
-      double s = 0.0;
-      for (int64_t m = 0; m < Mg; ++m)
-        for (int64_t q = 0; q < kv; ++q) s += to_f(w[((gr * Mg + m) * Cg + c) * kv + q]);
-      const float cen = MODE == 1 && Mg * kv > 0 ? float(s / double(Mg * kv)) : 0.f;
-      centre[size_t(gr * Cg + c)] = cen;
+    for (int64_t c = 0; c < Cg; ++c)
       for (int64_t m = 0; m < Mg; ++m)
         for (int64_t q = 0; q < kv; ++q)
-          wt[size_t(((gr * kv + q) * Mg + m) * Cg_pad + c)] = to_f(w[((gr * Mg + m) * Cg + c) * kv + q]) - cen;
-    }
+          wt[size_t(((gr * kv + q) * Mg + m) * Cg_pad + c)] = to_f(w[((gr * Mg + m) * Cg + c) * kv + q]);
   const int64_t kdh = cg.ker[0] * cg.ker[1];
   const int64_t items = cg.B * cg.G * cg.in[0] * cg.in[1];
-  const vf pone = splat(1.0f), mone = splat(-1.0f), av = splat(a), bv = splat(b);
+  vi lane;
+  for (int i = 0; i < VW; ++i) lane[i] = i;
 
 #pragma omp parallel num_threads(threads_for(items, nthreads))
   {
@@ -887,68 +858,74 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
       int64_t nv = 0;
       for (int64_t kd = 0; kd < cg.ker[0]; ++kd)
         for (int64_t kh = 0; kh < cg.ker[1]; ++kh) {
-          const int64_t od = id + cg.pad[0] - kd * cg.dil[0], oh = ih + cg.pad[1] - kh * cg.dil[1];
-          if (od < 0 || od >= cg.out[0] || oh < 0 || oh >= cg.out[1]) continue;
-          for (int64_t m = 0; m < Mg; ++m) {
+          // Output plane/row this kernel offset reaches from here, if any (stride st: only multiples).
+          const int64_t td = id + cg.pad[0] - kd * cg.dil[0], th = ih + cg.pad[1] - kh * cg.dil[1];
+          if (td < 0 || th < 0 || td % cg.st[0] != 0 || th % cg.st[1] != 0) continue;
+          const int64_t od = td / cg.st[0], oh = th / cg.st[1];
+          if (od >= cg.out[0] || oh >= cg.out[1]) continue;
+          for (int64_t m = 0; m < Mg; ++m) {  // the g line, zero-stuffed to stride 1: dl[off + o * st2] = g[o]
             float* dl = &gl[size_t((nv * Mg + m) * L)];
             std::fill(dl, dl + L, 0.f);
             const T* src = g + ((bb * cg.M + gr * Mg + m) * P) + (od * cg.out[1] + oh) * cg.out[2];
-            const int64_t n = std::min(cg.out[2], L - off);
-            for (int64_t o = 0; o < n; ++o) dl[off + o] = to_f(src[o]);
+            for (int64_t o = 0; o < cg.out[2] && off + o * cg.st[2] < L; ++o) dl[off + o * cg.st[2]] = to_f(src[o]);
           }
           valid[size_t(nv++)] = kd * cg.ker[1] + kh;
         }
       T* gx_line = gx + ((bb * cg.C + gr * Cg) * cg.in[0] + id) * cg.in[1] * cg.in[2] + ih * cg.in[2];
       const T* x_line = x + ((bb * cg.C + gr * Cg) * cg.in[0] + id) * cg.in[1] * cg.in[2] + ih * cg.in[2];
       for (int64_t c0 = 0; c0 < Cg_pad; c0 += CONV_CT) {
-        for (int c = 0; c < CONV_CT; ++c) {  // this tile's x lines, centred, zero padded
+        for (int c = 0; c < CONV_CT; ++c) {  // this tile's x lines, zero padded
           float* d = &xl[size_t(c * in2_pad)];
-          const float cen = c0 + c < Cg ? centre[size_t(gr * Cg + c0 + c)] : 0.f;
-          for (int64_t i = 0; i < in2_pad; ++i)
-            d[i] = c0 + c < Cg && i < cg.in[2] ? to_f(x_line[(c0 + c) * S + i]) - cen : 0.f;
+          for (int64_t i = 0; i < in2_pad; ++i) d[i] = c0 + c < Cg && i < cg.in[2] ? to_f(x_line[(c0 + c) * S + i]) : 0.f;
         }
         for (int64_t i0 = 0; i0 < in2_pad; i0 += VW) {
-          vf acc[CONV_CT], neg[CONV_CT], xv[CONV_CT], lo[CONV_CT], hi[CONV_CT];
-          vf gs = vf{};
+          vf acc[CONV_CT], xv[CONV_CT];
           for (int c = 0; c < CONV_CT; ++c) {
-            acc[c] = neg[c] = vf{};
+            acc[c] = vf{};
             xv[c] = load(&xl[size_t(c * in2_pad + i0)]);
-            if (MODE == 1) { lo[c] = xv[c] - pone; hi[c] = xv[c] + pone; }
           }
           for (int64_t j = 0; j < nv; ++j)
             for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
+              // Lanes whose output o = i + pad - kw * dil exists; the others get no
+              // term at all (not 0 * phi, which is NaN for a NaN weight), as in im2col.
+              // Lane l reaches t = o0 + l = o * st2: an output exists iff t >= 0, t % st2 == 0, o < out2.
+              const int64_t o0 = i0 + cg.pad[2] - kw * cg.dil[2], st2 = cg.st[2];
+              const int64_t lo = std::max<int64_t>(0, -o0), hi = std::min<int64_t>(VW, (cg.out[2] - 1) * st2 + 1 - o0);
+              if (hi <= lo) continue;
+              vi live = (lane >= int32_t(lo)) & (lane < int32_t(hi));
+              if (st2 != 1)
+                for (int l = 0; l < VW; ++l) live[l] = ((o0 + l) % st2 + st2) % st2 == 0 ? live[l] : 0;
               const int64_t q = valid[size_t(j)] * cg.ker[2] + kw;
-              const float* gq = &gl[size_t(j * Mg * L + i0 + cg.pad[2] - kw * cg.dil[2] + off)];
+              const float* gq = &gl[size_t(j * Mg * L + o0 + off)];
               const float* wq = &wt[size_t(((gr * kv + q) * Mg) * Cg_pad + c0)];
-              for (int64_t m = 0; m < Mg; ++m) {
-                const vf gv = load(gq + m * L);
-                const float* wm = wq + m * Cg_pad;
-                if (MODE == 1) {
-                  gs += gv;
-                  for (int c = 0; c < CONV_CT; ++c) acc[c] += vmin(vmax(splat(wm[c]), lo[c]), hi[c]) * gv;
-                } else if (MODE == 0) {
-                  for (int c = 0; c < CONV_CT; ++c) {
-                    const vf wb = splat(wm[c]);
-                    acc[c] = wb > xv[c] ? acc[c] + gv : acc[c];
-                    neg[c] = wb < xv[c] ? neg[c] + gv : neg[c];
-                  }
-                } else {
-                  const vf ga = gv * av, gb = gv * bv;
+              // Two copies of the loop, so the interior (every lane live) has no mask.
+              auto reduce = [&](auto full) {
+                for (int64_t m = 0; m < Mg; ++m) {
+                  const vf gv = load(gq + m * L);
+                  const vf ga = MODE == 2 ? gv * splat(a) : gv, gb = gv * splat(b);
+                  const float* wm = wq + m * Cg_pad;
                   for (int c = 0; c < CONV_CT; ++c) {
                     const vf d = splat(wm[c]) - xv[c];
-                    acc[c] += vmin(vmax(d, mone), pone) * ga;
-                    acc[c] = d > vf{} ? acc[c] + gb : acc[c];
-                    neg[c] = d < vf{} ? neg[c] + gb : neg[c];
+                    if (decltype(full)::value) {
+                      acc[c] += (MODE == 0 ? vsign(d) : clamp1(d)) * ga;
+                      if (MODE == 2) acc[c] += vsign(d) * gb;
+                    } else {
+                      vf t = (MODE == 0 ? vsign(d) : clamp1(d)) * ga;
+                      if (MODE == 2) t += vsign(d) * gb;
+                      acc[c] += (vf)((vi)t & live);
+                    }
                   }
                 }
-              }
+              };
+              if (lo == 0 && hi == VW && st2 == 1)
+                reduce(std::true_type{});
+              else
+                reduce(std::false_type{});
             }
           const int64_t n = std::min<int64_t>(VW, cg.in[2] - i0);
           for (int c = 0; c < CONV_CT && c0 + c < Cg; ++c) {
-            vf v = acc[c] - neg[c];
-            if (MODE == 1) v -= xv[c] * gs;
             float out[VW];
-            store(out, v);
+            store(out, acc[c]);
             for (int64_t i = 0; i < n; ++i) from_f(out[i], gx_line + (c0 + c) * S + i0 + i);
           }
         }
@@ -969,100 +946,97 @@ void conv_input_grad_dispatch(const T* g, const T* x, const T* w, T* gx, const C
 }
 
 // ---------------------------------------------------------------- backward
+// Every summand is formed from the exact difference d = fl(x - w) (one
+// rounding; its sign, zero-ness and NaN-ness are those of x - w), so each
+// gradient is a float32 sum of terms each within ~2 eps of the true term:
+// error <= ~(T + 2) eps sum_t |term_t| for T terms, whatever the offset or
+// spread of the data. The MODE selects the blend statically:
+//   MODE 1 (mix 1): phi_x = clamp(d, -1, 1),           phi_w = d
+//   MODE 0 (mix 0): phi_x = sign(d),                   phi_w = sign(d)
+//   MODE 2 (blend): phi_x = a clamp(d) + b sign(d),    phi_w = a d + b sign(d)
+// (d = w - x for the input gradient, x - w for the weight gradient).
+
 // Input gradient of one packed row block, vectorised over k (so the sum over
 // filters is a plain vertical add): xp [rows_pad, K_pad], gp [rows_pad, M],
-// wr [M, K_pad]; gsum[r] = sum_m g[r, m].
-//   MODE 1 (mix 1): xp, wr centred; acc = sum_m g * clamp(w, x-1, x+1); gx = acc - x * gsum
-//   MODE 0 (mix 0): raw; acc = sum_{w>x} g - sum_{w<x} g
-//   MODE 2 (blend): raw; d = w - x; acc = sum_m a*g*clamp(d) + b*g*sign(d)
+// wr [M, K_pad]; gx[n, k] = sum_m g[n, m] phi_x(w[m, k] - x[n, k]).
 template <int MODE, int R, int KV, typename T>
-void input_grad_block(const float* xp, const float* gp, const float* gsum, const float* wr, int64_t rows,
-                      int64_t rows_pad, int64_t K, int64_t K_pad, int64_t M, float a, float b, T* gx,
-                      int64_t n0) {
-  const vf pone = splat(1.0f), mone = splat(-1.0f);
-  const vf av = splat(a), bv = splat(b);
+void input_grad_block(const float* xp, const float* gp, const float* wr, int64_t rows, int64_t rows_pad, int64_t K,
+                      int64_t K_pad, int64_t M, float a, float b, T* gx, int64_t n0) {
   for (int64_t r0 = 0; r0 < rows_pad; r0 += R) {
     for (int64_t k0 = 0; k0 < K_pad; k0 += KV * VW) {
-      vf acc[R][KV], neg[R][KV], xv[R][KV], lo[R][KV], hi[R][KV];
+      vf acc[R][KV], xv[R][KV];
       for (int r = 0; r < R; ++r)
         for (int j = 0; j < KV; ++j) {
-          acc[r][j] = neg[r][j] = vf{};
+          acc[r][j] = vf{};
           xv[r][j] = load(xp + (r0 + r) * K_pad + k0 + j * VW);
-          if (MODE == 1) { lo[r][j] = xv[r][j] - pone; hi[r][j] = xv[r][j] + pone; }
         }
       for (int64_t m = 0; m < M; ++m) {
         vf wv[KV];
         for (int j = 0; j < KV; ++j) wv[j] = load(wr + m * K_pad + k0 + j * VW);
         for (int r = 0; r < R; ++r) {
           const float gs = gp[(r0 + r) * M + m];
-          const vf gv = splat(gs);
+          const vf ga = splat(MODE == 2 ? gs * a : gs), gb = splat(gs * b);
           for (int j = 0; j < KV; ++j) {
-            if (MODE == 1) {
-              acc[r][j] = acc[r][j] + vmin(vmax(wv[j], lo[r][j]), hi[r][j]) * gv;
-            } else if (MODE == 0) {
-              acc[r][j] = wv[j] > xv[r][j] ? acc[r][j] + gv : acc[r][j];
-              neg[r][j] = wv[j] < xv[r][j] ? neg[r][j] + gv : neg[r][j];
-            } else {
-              const vf d = wv[j] - xv[r][j];
-              const vf gb = gv * bv;
-              acc[r][j] = acc[r][j] + vmin(vmax(d, mone), pone) * (gv * av);
-              acc[r][j] = d > vf{} ? acc[r][j] + gb : acc[r][j];
-              neg[r][j] = d < vf{} ? neg[r][j] + gb : neg[r][j];
-            }
+            const vf d = wv[j] - xv[r][j];
+            if (MODE != 0) acc[r][j] += clamp1(d) * ga;
+            if (MODE == 0) acc[r][j] += vsign(d) * ga;
+            if (MODE == 2) acc[r][j] += vsign(d) * gb;
           }
         }
       }
-      for (int r = 0; r < R && r0 + r < rows; ++r) {
-        const vf x_term = splat(MODE == 1 ? gsum[r0 + r] : 0.f);
+      for (int r = 0; r < R && r0 + r < rows; ++r)
         for (int j = 0; j < KV; ++j) {
           float out[VW];
-          vf v = acc[r][j] - neg[r][j];
-          if (MODE == 1) v -= xv[r][j] * x_term;
-          store(out, v);
+          store(out, acc[r][j]);
           for (int i = 0; i < VW && k0 + j * VW + i < K; ++i) from_f(out[i], gx + (n0 + r0 + r) * K + k0 + j * VW + i);
         }
-      }
     }
   }
 }
 
-// S[k, m] += sum over the block's rows of g[n,m] * sign(x[n,k] - w[m,k]), raw
-// values, vectorised over filters: xp [rows, K_pad], gp [rows, M_pad],
-// wt [K_pad, M_pad]. The rows (the reduced dimension) are the innermost loop,
-// read in memory order; the accumulators and weights stay in registers.
-inline void sign_grad_block(const float* xp, const float* gp, const float* wt, int64_t rows, int64_t K_pad,
-                            int64_t M_pad, float* S) {
+// S[k, m] += sum over the block's rows of g[n, m] phi_w(x[n, k] - w[m, k]),
+// vectorised over filters: x[n, k] = xp[n * xs_n + k * xs_k] (row-major packed
+// rows, or the conv's [k][position] panels), gp [rows, M_pad], wt [K_pad, M_pad].
+// The rows (the reduced dimension) are the innermost loop, read in memory order;
+// the accumulators and weights stay in registers. The blend keeps the d and the
+// sign sums apart (one FMA each) and combines them once per block.
+template <int MODE>
+void weight_grad_block(const float* xp, int64_t xs_n, int64_t xs_k, const float* gp, const float* wt, int64_t rows,
+                       int64_t K_pad, int64_t M_pad, float a, float b, float* S) {
   constexpr int F = GW_FV * VW;
+  const vf av = splat(a), bv = splat(b);
   for (int64_t m0 = 0; m0 < M_pad; m0 += F) {
     for (int64_t k0 = 0; k0 < K_pad; k0 += GW_KB) {
-      vf pos[GW_KB][GW_FV], neg[GW_KB][GW_FV], wv[GW_KB][GW_FV];
+      vf lin[GW_KB][GW_FV], sgn[GW_KB][GW_FV], wv[GW_KB][GW_FV];
       for (int j = 0; j < GW_KB; ++j)
         for (int f = 0; f < GW_FV; ++f) {
-          pos[j][f] = neg[j][f] = vf{};
+          lin[j][f] = sgn[j][f] = vf{};
           wv[j][f] = load(wt + (k0 + j) * M_pad + m0 + f * VW);
         }
       for (int64_t n = 0; n < rows; ++n) {
         vf gv[GW_FV];
         for (int f = 0; f < GW_FV; ++f) gv[f] = load(gp + n * M_pad + m0 + f * VW);
         for (int j = 0; j < GW_KB; ++j) {
-          const vf xv = splat(xp[n * K_pad + k0 + j]);
+          const vf xv = splat(xp[n * xs_n + (k0 + j) * xs_k]);
           for (int f = 0; f < GW_FV; ++f) {
-            pos[j][f] = xv > wv[j][f] ? pos[j][f] + gv[f] : pos[j][f];
-            neg[j][f] = xv < wv[j][f] ? neg[j][f] + gv[f] : neg[j][f];
+            const vf d = xv - wv[j][f];
+            if (MODE != 0) lin[j][f] += d * gv[f];
+            if (MODE != 1) sgn[j][f] += vsign(d) * gv[f];
           }
         }
       }
       for (int j = 0; j < GW_KB; ++j)
         for (int f = 0; f < GW_FV; ++f) {
           float* s = S + (k0 + j) * M_pad + m0 + f * VW;
-          store(s, load(s) + (pos[j][f] - neg[j][f]));
+          const vf v = MODE == 1 ? lin[j][f] : MODE == 0 ? sgn[j][f] : av * lin[j][f] + bv * sgn[j][f];
+          store(s, load(s) + v);
         }
     }
   }
 }
 
-// One pass over row blocks computing gx (if gx != nullptr) and the sign sum
-// (if s_out != nullptr, float32 [M, K]), sharing the packed row blocks.
+// One pass over row blocks computing gx (if gx != nullptr) and the weight
+// gradient (if s_out != nullptr, float32 [M, K]), sharing the packed row blocks.
 template <int MODE, typename T>
 void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, float b, int64_t N, int64_t K,
               int64_t M, int nthreads) {
@@ -1072,9 +1046,7 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
   constexpr int RQ = R > 1 ? R : 1;
   const int64_t K_pad = round_up(std::max<int64_t>(K, 1), KQ);
   const int64_t M_pad = round_up(std::max<int64_t>(M, 1), GW_FV * VW);
-  const bool centred = MODE == 1;  // sign terms need the raw values (exact ties)
-  const PackedW pw = pack_w(w, M, K, M_pad, K_pad, centred, gx != nullptr, s_out != nullptr);
-  const float* centre = centred ? pw.centre.data() : nullptr;
+  const PackedW pw = pack_w(w, M, K, M_pad, K_pad, gx != nullptr, s_out != nullptr);
   const int64_t NB = std::max<int64_t>(RQ, std::min<int64_t>(256, (256 * 1024 / 4) / (K_pad + M_pad)) / RQ * RQ);
   const int64_t n_blocks = (N + NB - 1) / NB;
   const int nt = threads_for(n_blocks, nthreads);
@@ -1087,21 +1059,20 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
 #ifdef _OPENMP
     tid = omp_get_thread_num();
 #endif
-    std::vector<float> xp(static_cast<size_t>(NB * K_pad)), gp(static_cast<size_t>(NB * M_pad)),
-        gsum(static_cast<size_t>(NB));
+    std::vector<float> xp(static_cast<size_t>(NB * K_pad)), gp(static_cast<size_t>(NB * M_pad));
     float* S = s_out ? &s_priv[size_t(tid * K_pad * M_pad)] : nullptr;
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t n0 = blk * NB, rows = std::min(NB, N - n0), rows_pad = round_up(rows, RQ);
-      pack_rows(x, K, n0, rows, rows_pad, K_pad, centre, xp.data(), nullptr);
+      pack_rows(x, K, n0, rows, rows_pad, K_pad, xp.data());
       if (gx) {
-        pack_rows(g, M, n0, rows, rows_pad, M, nullptr, gp.data(), gsum.data());
-        input_grad_block<MODE, R, KV>(xp.data(), gp.data(), gsum.data(), pw.rows.data(), rows, rows_pad, K, K_pad, M,
-                                      a, b, gx, n0);
+        pack_rows(g, M, n0, rows, rows_pad, M, gp.data());
+        input_grad_block<MODE, R, KV>(xp.data(), gp.data(), pw.rows.data(), rows, rows_pad, K, K_pad, M, a, b, gx,
+                                      n0);
       }
       if (S) {
-        pack_rows(g, M, n0, rows, rows, M_pad, nullptr, gp.data(), nullptr);
-        sign_grad_block(xp.data(), gp.data(), pw.cols.data(), rows, K_pad, M_pad, S);
+        pack_rows(g, M, n0, rows, rows, M_pad, gp.data());
+        weight_grad_block<MODE>(xp.data(), K_pad, 1, gp.data(), pw.cols.data(), rows, K_pad, M_pad, a, b, S);
       }
     }
 #pragma omp barrier
@@ -1120,16 +1091,86 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
 template <typename T>
 void backward_dispatch(const T* g, const T* x, const T* w, T* gx, float* s, float mix, int64_t N, int64_t K,
                        int64_t M, int nthreads) {
-  if (gx && s && mix != 0.0f) {  // the blend's gx is a different pass from the sign sum
-    backward<2>(g, x, w, gx, nullptr, mix, 1.f - mix, N, K, M, nthreads);
-    backward<0>(g, x, w, (T*)nullptr, s, 0.f, 1.f, N, K, M, nthreads);
-  } else if (gx && mix == 1.0f) {
+  if (mix == 1.0f)
     backward<1>(g, x, w, gx, s, 1.f, 0.f, N, K, M, nthreads);
-  } else if (!gx || mix == 0.0f) {
+  else if (mix == 0.0f)
     backward<0>(g, x, w, gx, s, 0.f, 1.f, N, K, M, nthreads);
-  } else {
+  else
     backward<2>(g, x, w, gx, s, mix, 1.f - mix, N, K, M, nthreads);
+}
+
+// ---------------------------------------------------------------- direct conv weight gradient
+//   gw[m, k] = sum_{b, o} g[b, m, o] * phi_w(patch[b, o, k] - w[m, k])
+// (phi_w as in weight_grad_block, both halves of the MGS blend, exact.)
+// One work item is a tile of output positions of one (sample, group): its
+// patches are packed by the forward's panel packer (vector loads along lines,
+// padding reads as x = 0) and its output gradients transposed to [rows][M_pad],
+// both in per-thread buffers of ~256 KiB, and weight_grad_block reduces over the
+// tile's positions panel by panel with the accumulators in registers into a
+// per-thread [K_pad][M_pad] sum. No im2col tensor: the extra memory is those
+// buffers and one weight-sized sum per thread.
+template <int MODE, typename T>
+void conv_weight_grad(const T* g, const T* x, const T* w, float* gw, const ConvGeom& cg, float a, float b,
+                      int nthreads) {
+  const int64_t K = cg.Kg(), Mg = cg.Mg(), P = cg.P();
+  const int64_t K_pad = round_up(std::max<int64_t>(K, 1), GW_KB);
+  const int64_t M_pad = round_up(std::max<int64_t>(Mg, 1), GW_FV * VW);
+  // Weights per group, transposed and zero padded: [G][K_pad][M_pad].
+  std::vector<float> wt(size_t(cg.G * K_pad * M_pad), 0.f);
+  for (int64_t gr = 0; gr < cg.G; ++gr)
+    for (int64_t m = 0; m < Mg; ++m)
+      for (int64_t k = 0; k < K; ++k) wt[size_t((gr * K_pad + k) * M_pad + m)] = to_f(w[(gr * Mg + m) * K + k]);
+  const int64_t RT = std::max<int64_t>(1, std::min<int64_t>(512, (256 * 1024 / 4) / (K_pad + M_pad)) / CONV_PW) * CONV_PW;
+  const int64_t n_tiles = (P + RT - 1) / RT;
+  const int64_t items = cg.B * cg.G * n_tiles;
+  const int nt = threads_for(items, nthreads);
+  std::vector<float> s_priv(size_t(nt * cg.G * K_pad * M_pad), 0.f);
+#pragma omp parallel num_threads(nt)
+  {
+    int tid = 0;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+#endif
+    // Panels [RT / CONV_PW][K][CONV_PW], plus one panel's worth of zeros: the k
+    // blocks of weight_grad_block may run up to K_pad > K (those sums are dropped).
+    std::vector<float> xp(static_cast<size_t>((RT + CONV_PW) * K_pad), 0.f), gp(static_cast<size_t>(RT * M_pad), 0.f);
+    float* S = &s_priv[size_t(tid * cg.G * K_pad * M_pad)];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t t = it % n_tiles, gr = (it / n_tiles) % cg.G, bb = it / (n_tiles * cg.G);
+      const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
+      pack_conv_panels(x, cg, bb, gr, pos0, rows, xp.data());
+      for (int64_t m = 0; m < Mg; ++m) {  // g[b, m, pos0 + r] -> gp[r][m]
+        const T* src = g + (bb * cg.M + gr * Mg + m) * P + pos0;
+        for (int64_t r = 0; r < rows; ++r) gp[size_t(r * M_pad + m)] = to_f(src[r]);
+      }
+      for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW)
+        weight_grad_block<MODE>(&xp[size_t(r0 * K)], 1, CONV_PW, &gp[size_t(r0 * M_pad)],
+                                &wt[size_t(gr * K_pad * M_pad)], std::min<int64_t>(CONV_PW, rows - r0), K_pad, M_pad, a,
+                                b, S + gr * K_pad * M_pad);
+    }
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t gm = 0; gm < cg.M; ++gm) {
+      const int64_t gr = gm / Mg, m = gm % Mg;
+      for (int64_t k = 0; k < K; ++k) {
+        float s = 0.f;
+        for (int th = 0; th < nt; ++th) s += s_priv[size_t(((th * cg.G + gr) * K_pad + k) * M_pad + m)];
+        gw[gm * K + k] = s;
+      }
+    }
   }
+}
+
+template <typename T>
+void conv_weight_grad_dispatch(const T* g, const T* x, const T* w, float* gw, const ConvGeom& cg, float mix,
+                               int nthreads) {
+  if (mix == 1.0f)
+    conv_weight_grad<1>(g, x, w, gw, cg, 1.f, 0.f, nthreads);
+  else if (mix == 0.0f)
+    conv_weight_grad<0>(g, x, w, gw, cg, 0.f, 1.f, nthreads);
+  else
+    conv_weight_grad<2>(g, x, w, gw, cg, mix, 1.f - mix, nthreads);
 }
 
 ConvGeom make_geom(int64_t B, int64_t C, int64_t M, int64_t G, const int64_t* geom) {
@@ -1194,17 +1235,28 @@ int l1fx_conv_forward_uses_rows(int64_t B, int64_t C, int64_t M, int64_t G, cons
   return row_tiles_fit(make_geom(B, C, M, G, geom), nthreads) ? 1 : 0;
 }
 
-// Direct conv input gradient (stride 1 only; the caller checks): g [B, M, out...], gx like x.
+// Direct conv input gradient (any geometry): g [B, M, out...], gx like x.
 int l1fx_conv_input_grad(int dtype, const void* g, const void* x, const void* w, void* gx, float mix, int64_t B,
                          int64_t C, int64_t M, int64_t G, const int64_t* geom, int nthreads) {
   ConvGeom cg = make_geom(B, C, M, G, geom);
-  for (int i = 0; i < 3; ++i)
-    if (cg.st[i] != 1) return 2;
   if (dtype == 0)
     conv_input_grad_dispatch((const float*)g, (const float*)x, (const float*)w, (float*)gx, cg, mix, nthreads);
   else if (dtype == 1)
     conv_input_grad_dispatch((const uint16_t*)g, (const uint16_t*)x, (const uint16_t*)w, (uint16_t*)gx, cg, mix,
                              nthreads);
+  else
+    return 1;
+  return 0;
+}
+
+// Direct conv weight gradient (any geometry): g [B, M, out...], gw float32 [M, C/G, k...].
+int l1fx_conv_weight_grad(int dtype, const void* g, const void* x, const void* w, float* gw, float mix, int64_t B,
+                          int64_t C, int64_t M, int64_t G, const int64_t* geom, int nthreads) {
+  const ConvGeom cg = make_geom(B, C, M, G, geom);
+  if (dtype == 0)
+    conv_weight_grad_dispatch((const float*)g, (const float*)x, (const float*)w, gw, cg, mix, nthreads);
+  else if (dtype == 1)
+    conv_weight_grad_dispatch((const uint16_t*)g, (const uint16_t*)x, (const uint16_t*)w, gw, cg, mix, nthreads);
   else
     return 1;
   return 0;
