@@ -85,7 +85,7 @@ def _session(onnx_file: str, path):
     """A session on one l1 path (``None``: whatever ``ort_session`` picks)."""
     import onnxruntime as ort
 
-    from l1fx.ort_session import PATHS, ort_session
+    from l1fx.ort_runtime import PATHS, ort_session
 
     if path == "plain":
         return ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"]), "plain"

@@ -23,7 +23,7 @@ side gets a contiguous float32 array and copies it once. The kernel that runs
 is the active l1fx backend's (the compiled ``cpu`` one where it builds).
 
 The native custom-op library (:mod:`l1fx.kernels.ort_build`) needs no copy at
-all; :func:`l1fx.ort_session.ort_session` picks the fastest path available.
+all; :func:`l1fx.ort_session` (in :mod:`l1fx.ort_runtime`) picks the fastest path available.
 
     from l1fx.ort_ops import fast_session
     sess = fast_session("model.onnx")

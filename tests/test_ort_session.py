@@ -13,7 +13,7 @@ from torch import nn
 
 from l1fx import nn as L
 from l1fx import ort_ops
-from l1fx import ort_session as S
+from l1fx import ort_runtime as S
 from l1fx.errors import KernelBuildError, UsageError
 from l1fx.export import export_onnx
 from l1fx.kernels import ort_build
