@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: F401,E402
     BackendUnavailable, CheckpointError, ConversionError, ConversionFailed, ConversionTypeError, ExportError,
-    KernelBuildError, L1fxError, RewriteError, TrainingError, UsageError, VerificationError,
+    KernelBuildError, KernelError, L1fxError, RewriteError, TrainingError, UsageError, VerificationError,
 )
 from . import functional, kernels, nn, ops, passes, train  # noqa: F401,E402
 from .convert import ConvertConfig, convert, summary  # noqa: F401,E402

@@ -12,7 +12,7 @@ arguments or input files), 1 otherwise; see :mod:`l1fx._cli`.
 from __future__ import annotations
 
 __all__ = [
-    "L1fxError", "UsageError", "ConversionError", "ConversionFailed", "ConversionTypeError", "BackendUnavailable", "KernelBuildError",
+    "L1fxError", "UsageError", "ConversionError", "ConversionFailed", "ConversionTypeError", "BackendUnavailable", "KernelBuildError", "KernelError",
     "ExportError", "VerificationError", "RewriteError", "TrainingError", "CheckpointError",
 ]
 
@@ -43,6 +43,10 @@ class BackendUnavailable(L1fxError, RuntimeError):
 
 class KernelBuildError(L1fxError, RuntimeError):
     """A compiled kernel library could not be built or loaded."""
+
+
+class KernelError(L1fxError, RuntimeError):
+    """A compiled kernel reported an error while running (not while being built)."""
 
 
 class ExportError(L1fxError, RuntimeError):
