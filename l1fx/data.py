@@ -481,3 +481,4 @@ def devoxelize(features: Tensor, index: Tensor) -> Tensor:
     b, c = features.shape[:2]
     flat = features.reshape(b, c, -1)
     return flat.gather(2, index[:, None].expand(b, c, index.shape[1]))
+from .s3dis import S3DIS, S3DIS_CLASSES, evaluate_scenes, generate_scenes, scene_segmentation_metrics  # noqa: E402,F401
