@@ -127,14 +127,20 @@ def to_l1(model: nn.Module, ratio: float, init="dense", example_inputs=None) -> 
         return _convert(model, ratio=ratio, init=init, example_inputs=example_inputs if init == "data" else None)
     if init != "dense":
         raise RuntimeError(f"--init {init} needs l1fx.convert, which is not installed")
-    from l1fx.nn import DENSE_TO_L1
+    from l1fx import layers
+    from l1fx.nn import L1Module
+    from l1fx.passes.select import nearest_count
+
+    def convertible(m: nn.Module) -> bool:  # a dense layer of a registered kind that has an l1 layer
+        spec = layers.spec_for_module(m)
+        return spec is not None and spec.l1_class is not None and not isinstance(m, L1Module)
 
     model = copy.deepcopy(model)
-    names = [n for n, m in model.named_modules() if type(m) in DENSE_TO_L1]
-    for name in names[: round(ratio * len(names))]:
+    names = [n for n, m in model.named_modules() if convertible(m)]
+    for name in names[: nearest_count(ratio, len(names))]:  # halves round up, as convert's ratio does
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, DENSE_TO_L1[type(getattr(owner, child))].from_dense(getattr(owner, child)))
+        setattr(owner, child, layers.build_replacement(getattr(owner, child)))
     return model
 
 

@@ -17,9 +17,9 @@ from .ort_runtime import OrtFallbackWarning, ort_session  # noqa: F401,E402
 # Submodules that are also `python -m` entry points are imported lazily:
 # importing them here would make runpy warn that the module is already loaded.
 _LAZY = {
-    "energy_report": "report",
-    "compare": "report",
-    "export_onnx": "export",
+    "energy_report": "energy",
+    "compare": "energy",
+    "export_onnx": "onnx_export",
 }
 
 

@@ -24,19 +24,30 @@ reference kernel's budget).
 The conv body extracts patches with a ``Conv`` against one-hot kernels
 (im2col with standard ops; the multiplies are by 0 and 1 only, exact for
 finite inputs), then calls ``L1Distance``.
+
+What comes from the layer registry (:mod:`l1fx.layers`): the op names and
+domain (each kind's ``LayerSpec.onnx``), the schemas (one per distinct
+``spec.onnx``: its inputs, outputs and attributes, typed as in ONNX
+``Conv``/``ConvTranspose``) and the keys of the translation table (each kind's
+``l1_op``). What a new ONNX op needs besides its spec: a translation in
+:data:`TRANSLATIONS` and a function body in :data:`FUNCTION_BODIES` (both keyed
+by the ONNX op type; a plug-in adds its entries from its own module).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import onnx
 from onnx import TensorProto, helper
 
-DOMAIN = "l1fx"
-DOMAIN_VERSION = 1
-LINEAR = "L1Linear"
-CONV = "L1Conv"
-DISTANCE = "L1Distance"
+from . import layers
+
+# The ONNX ops of the built-in kinds, as their specs declare them.
+LINEAR = layers.get("linear").onnx.op_type
+CONV = layers.get("conv2d").onnx.op_type  # conv1d/2d/3d share one op
+DOMAIN = layers.get("linear").onnx.domain
+DOMAIN_VERSION = layers.get("linear").onnx.version
+DISTANCE = "L1Distance"  # the shared helper of the function bodies: not a layer kind's op
 
 # Row-block budget of the function body. Blocks that stay in cache run faster in
 # onnxruntime than the reference kernel's 64 MiB (measured: bench/bench_onnx.py,
@@ -47,38 +58,78 @@ _FLOAT_TYPES = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bf
 
 
 # ---------------------------------------------------------------- schemas
-def _schemas() -> list[onnx.defs.OpSchema]:
+# Documentation of the built-in ops in onnx's schema registry (a new kind's op gets a generic one).
+_DOCS = {
+    "L1Linear": ("Y[..., m] = -sum_k |X[..., k] - W[m, k]| + B[m] (l1 / adder linear layer).",
+                 {"X": "input [..., K]", "W": "weight [M, K]", "B": "bias [M]", "Y": "output [..., M]"}),
+    "L1Conv": ("Negative l1 distance between every zero-padded patch of X and every filter of its group, "
+               "plus B; attributes as ONNX Conv.",
+               {"X": "input [N, C, *spatial]", "W": "weight [M, C/group, *kernel]", "B": "bias [M]",
+                "Y": "output [N, M, *out]", "strides": "stride per spatial axis",
+                "pads": "zero padding [begin..., end...]", "dilations": "dilation per spatial axis",
+                "group": "groups"}),
+}
+
+
+def onnx_specs() -> list[layers.OnnxSchema]:
+    """Each distinct ``spec.onnx`` of the registered kinds, in registration order.
+
+    Kinds may share an op (conv1d/2d/3d: ``L1Conv``) only with the same declaration: two different
+    declarations of one ``domain.op_type`` version would give onnx two schemas of one name.
+    """
+    seen: dict[tuple[str, str, int], tuple[str, layers.OnnxSchema]] = {}
+    for spec in layers.specs():
+        op = spec.onnx
+        if op is None:
+            continue
+        key = (op.domain, op.op_type, op.version)
+        if key not in seen:
+            seen[key] = (spec.name, op)
+        elif seen[key][1] != op:
+            raise ValueError(f"l1fx layer registry: kinds {seen[key][0]!r} and {spec.name!r} declare the ONNX op "
+                             f"{op.domain}.{op.op_type} v{op.version} differently ({seen[key][1]} vs {op}); give "
+                             f"one of them another op_type or version")
+    return [op for _, op in seen.values()]
+
+
+def _attribute_type(name: str, op: layers.OnnxSchema) -> "onnx.defs.OpSchema.AttrType":
+    """The type ONNX ``Conv`` (or ``ConvTranspose``) gives an attribute of this name: ints, or int for group."""
+    for reference in ("Conv", "ConvTranspose"):
+        attributes = onnx.defs.get_schema(reference).attributes
+        if name in attributes:
+            return attributes[name].type
+    raise ValueError(f"l1fx layer registry: the ONNX op {op.domain}.{op.op_type} has attribute {name!r}, which "
+                     f"ONNX Conv/ConvTranspose do not define, so its type is unknown; use their attribute names")
+
+
+def schema_for(op: layers.OnnxSchema) -> onnx.defs.OpSchema:
+    """The onnx ``OpSchema`` of one ``LayerSpec.onnx``: float tensors in and out, Conv-typed attributes."""
     P = onnx.defs.OpSchema.FormalParameter
     A = onnx.defs.OpSchema.Attribute
-    ints = onnx.defs.OpSchema.AttrType.INTS
-    linear = onnx.defs.OpSchema(
-        LINEAR, DOMAIN, DOMAIN_VERSION,
-        "Y[..., m] = -sum_k |X[..., k] - W[m, k]| + B[m] (l1 / adder linear layer).",
-        inputs=[P("X", "T", "input [..., K]"), P("W", "T", "weight [M, K]"), P("B", "T", "bias [M]")],
-        outputs=[P("Y", "T", "output [..., M]")],
+    doc, notes = _DOCS.get(op.op_type, (f"l1fx layer op {op.op_type} (see l1fx.layers).", {}))
+    return onnx.defs.OpSchema(
+        op.op_type, op.domain, op.version, doc,
+        inputs=[P(name, "T", notes.get(name, name)) for name in op.inputs],
+        outputs=[P(name, "T", notes.get(name, name)) for name in op.outputs],
         type_constraints=[("T", _FLOAT_TYPES, "float tensors")],
+        attributes=[A(name, _attribute_type(name, op), notes.get(name, name)) for name in op.attributes],
     )
-    conv = onnx.defs.OpSchema(
-        CONV, DOMAIN, DOMAIN_VERSION,
-        "Negative l1 distance between every zero-padded patch of X and every filter of its group, "
-        "plus B; attributes as ONNX Conv.",
-        inputs=[P("X", "T", "input [N, C, *spatial]"), P("W", "T", "weight [M, C/group, *kernel]"),
-                P("B", "T", "bias [M]")],
-        outputs=[P("Y", "T", "output [N, M, *out]")],
-        type_constraints=[("T", _FLOAT_TYPES, "float tensors")],
-        attributes=[A("strides", ints, "stride per spatial axis"),
-                    A("pads", ints, "zero padding [begin..., end...]"),
-                    A("dilations", ints, "dilation per spatial axis"),
-                    A("group", onnx.defs.OpSchema.AttrType.INT, "groups")],
-    )
-    distance = onnx.defs.OpSchema(
+
+
+def _distance_schema() -> onnx.defs.OpSchema:
+    P = onnx.defs.OpSchema.FormalParameter
+    return onnx.defs.OpSchema(
         DISTANCE, DOMAIN, DOMAIN_VERSION,
         "Y[r, g, m] = -sum_k |X[r, g, k] - W[g, m, k]| (grouped l1 distance, computed in row blocks).",
         inputs=[P("X", "T", "rows [R, G, Kg]"), P("W", "T", "filters [G, Mg, Kg]")],
         outputs=[P("Y", "T", "[R, G, Mg]")],
         type_constraints=[("T", _FLOAT_TYPES, "float tensors")],
     )
-    return [linear, conv, distance]
+
+
+def _schemas() -> list[onnx.defs.OpSchema]:
+    """The schemas of every registered kind's ONNX op, then the shared ``L1Distance``."""
+    return [schema_for(op) for op in onnx_specs()] + [_distance_schema()]
 
 
 def register_schemas() -> None:
@@ -88,7 +139,7 @@ def register_schemas() -> None:
     """
     for schema in _schemas():
         try:
-            onnx.defs.get_schema(schema.name, DOMAIN_VERSION, DOMAIN)
+            onnx.defs.get_schema(schema.name, schema.since_version, schema.domain)
         except onnx.defs.SchemaError:
             onnx.defs.register_schema(schema)
 
@@ -246,32 +297,67 @@ def default_chunk_bytes() -> int:
     return min(ONNX_CHUNK_BYTES, chunk_bytes())
 
 
+# ONNX op type -> builder of its model-local definition, ``builder(opset) -> FunctionProto``. Looked up at
+# call time (not bound here), so the functions of this module can be replaced (tests do).
+FUNCTION_BODIES: dict[str, Callable[[int], onnx.FunctionProto]] = {
+    LINEAR: lambda opset: linear_function(opset),
+    CONV: lambda opset: conv_function(opset),
+}
+
+
 def functions(opset: int, chunk_bytes: Optional[int]) -> list[onnx.FunctionProto]:
-    """The model-local definitions of every ``l1fx`` op, for a model of default-domain ``opset``."""
-    return [linear_function(opset), conv_function(opset), distance_function(opset, chunk_bytes)]
+    """The model-local definitions of every registered kind's op (that has a body), then ``L1Distance``."""
+    bodies = [FUNCTION_BODIES[op.op_type](opset) for op in onnx_specs() if op.op_type in FUNCTION_BODIES]
+    return bodies + [distance_function(opset, chunk_bytes)]
 
 
 # ---------------------------------------------------------------- exporter translations
+def _bias(op, weight, bias):
+    if bias is not None:
+        return bias
+    # Bias-free layer: B is a required input, so feed zeros of shape [M].
+    return op.CastLike(op.ConstantOfShape(op.Shape(weight, start=0, end=1)), weight)
+
+
+def _translate_linear(l1, op):
+    def l1_linear(x, weight, bias=None, mix: float = 1.0):
+        return getattr(l1, LINEAR)(x, weight, _bias(op, weight, bias))
+
+    return l1_linear
+
+
+def _translate_conv(l1, op):
+    def l1_conv(x, weight, bias, stride, padding, dilation, groups: int, mix: float = 1.0):
+        return getattr(l1, CONV)(x, weight, _bias(op, weight, bias), strides=list(stride), pads=list(padding) * 2,
+                                 dilations=list(dilation), group=int(groups))
+
+    return l1_conv
+
+
+# ONNX op type -> ``make(l1_opset, onnx_opset) -> translation`` of the torch op into one node of that type
+# (``l1_opset`` is the onnxscript Opset of the op's domain, ``onnx_opset`` onnxscript's opset18).
+TRANSLATIONS: dict[str, Callable] = {LINEAR: _translate_linear, CONV: _translate_conv}
+
+
 def translation_table() -> dict:
-    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: one ``l1fx`` node per l1 op."""
+    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: one node per l1 op.
+
+    Keyed by each registered kind's ``l1_op`` (the first kind of an op decides its translation: conv1d/2d/3d
+    share ``l1fx::conv``); a kind without ``onnx`` or without a :data:`TRANSLATIONS` entry is left to the
+    exporter (which then names the op as having no ONNX translation).
+    """
     import onnxscript
     import torch
     from onnxscript import opset18 as op
 
     register_schemas()
-    l1 = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
-
-    def _bias(weight, bias):
-        if bias is not None:
-            return bias
-        # Bias-free layer: B is a required input, so feed zeros of shape [M].
-        return op.CastLike(op.ConstantOfShape(op.Shape(weight, start=0, end=1)), weight)
-
-    def l1_linear(x, weight, bias=None, mix: float = 1.0):
-        return l1.L1Linear(x, weight, _bias(weight, bias))
-
-    def l1_conv(x, weight, bias, stride, padding, dilation, groups: int, mix: float = 1.0):
-        return l1.L1Conv(x, weight, _bias(weight, bias), strides=list(stride), pads=list(padding) * 2,
-                         dilations=list(dilation), group=int(groups))
-
-    return {torch.ops.l1fx.linear.default: l1_linear, torch.ops.l1fx.conv.default: l1_conv}
+    table: dict = {}
+    for spec in layers.specs():
+        if spec.l1_op is None or spec.onnx is None or spec.onnx.op_type not in TRANSLATIONS:
+            continue
+        namespace, _, name = spec.l1_op.partition("::")
+        overload = getattr(getattr(torch.ops, namespace), name).default
+        if overload not in table:
+            l1 = onnxscript.values.Opset(spec.onnx.domain, spec.onnx.version)
+            table[overload] = TRANSLATIONS[spec.onnx.op_type](l1, op)
+    return table

@@ -10,6 +10,12 @@ which is what the passes, the ONNX exporter and the reports key on:
 Padding here is explicit and symmetric; the functional wrappers resolve
 ``'same'``/``'valid'`` and padding modes first. ``mix`` only affects the
 backward pass (the Mixed Gradient Strategy, see docs/l1_ops.md).
+
+Backends are chosen per op: ``get_backend(x, op="linear")`` for linear and
+``kernels.conv_kernels(x)`` for conv (the backend's own conv kernels, or the
+im2col lowering onto its linear core), so under ``auto`` a backend that runs
+only linear leaves conv to the next one. This module must not import
+``l1fx.layers`` (the registry refers to these ops, so they come first).
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 from torch import Tensor
 
 from l1fx.kernels import conv as _conv
-from l1fx.kernels import get_backend
+from l1fx.kernels import conv_kernels, get_backend
 
 LINEAR = "l1fx::linear"
 CONV = "l1fx::conv"
@@ -53,7 +59,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], mix: float) -> Ten
         rows = x.shape[:-1].numel()
         return _filled((rows, m), bias, x).reshape(*x.shape[:-1], m)
     x2 = x.reshape(-1, k).contiguous()
-    y = get_backend(x).linear_forward(x2, weight.contiguous(), None if bias is None else bias.contiguous())
+    y = get_backend(x, op="linear").linear_forward(x2, weight.contiguous(), None if bias is None else bias.contiguous())
     return y.reshape(*x.shape[:-1], m)
 
 
@@ -70,7 +76,7 @@ def linear_backward(
     if x.numel() == 0 or weight.numel() == 0:
         return (torch.zeros_like(x) if need_x else _empty_like_none(x),
                 torch.zeros_like(weight) if need_w else _empty_like_none(weight))
-    gx, gw = get_backend(x).linear_backward(
+    gx, gw = get_backend(x, op="linear").linear_backward(
         grad.reshape(-1, m).contiguous(), x.reshape(-1, k).contiguous(), weight.contiguous(), mix, need_x, need_w
     )
     return (
@@ -117,9 +123,8 @@ def conv(
     if _conv_is_empty(x, weight, groups):
         out = _conv.out_shape(x.shape[2:], weight.shape[2:], stride, padding, dilation)
         return _filled((x.shape[0], weight.shape[0], *out), bias, x)
-    backend = get_backend(x)
-    fwd = backend.conv_forward or (lambda *a: _conv.conv_forward(backend, *a))
-    return fwd(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+    _, forward, _ = conv_kernels(x)
+    return forward(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
                stride, padding, dilation, groups)
 
 
@@ -142,9 +147,8 @@ def conv_backward(
     if _conv_is_empty(x, weight, groups):
         return (torch.zeros_like(x) if need_x else _empty_like_none(x),
                 torch.zeros_like(weight) if need_w else _empty_like_none(weight))
-    backend = get_backend(x)
-    bwd = backend.conv_backward or (lambda *a: _conv.conv_backward(backend, *a))
-    gx, gw = bwd(grad.contiguous(), x.contiguous(), weight.contiguous(), stride, padding, dilation, groups,
+    _, _, backward = conv_kernels(x)
+    gx, gw = backward(grad.contiguous(), x.contiguous(), weight.contiguous(), stride, padding, dilation, groups,
                  mix, need_x, need_w)
     return (gx if gx is not None else _empty_like_none(x), gw if gw is not None else _empty_like_none(weight))
 

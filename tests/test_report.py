@@ -73,7 +73,7 @@ def test_conv3d_stride_padding_groups_counts_by_hand():
 
 
 def test_l1_formulas_registered_for_plain_flop_counter():
-    # Importing l1fx.report registers the l1 ops with FlopCounterMode: FLOP = 2K per output element.
+    # The registry (imported with l1fx) registers the l1 ops with FlopCounterMode: FLOP = 2K per output element.
     layer = L1Linear(5, 7)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         layer(torch.randn(3, 5))
@@ -143,8 +143,11 @@ def test_report_leaves_the_model_unchanged():
 
 
 def test_forward_failure_names_the_model_and_shapes():
-    with pytest.raises(RuntimeError, match=r"Linear.*\(2, 3\)"):
+    from l1fx.errors import L1fxError
+
+    with pytest.raises(RuntimeError, match=r"Linear.*\(2, 3\)") as e:
         energy_report(nn.Linear(5, 7), torch.randn(2, 3))
+    assert isinstance(e.value, L1fxError)  # one hierarchy: l1fx.L1fxError catches it
 
 
 # ------------------------------------------------------------------ converted PointNet
@@ -205,7 +208,9 @@ def test_custom_tables():
     ({"latency": {"fp16": {"add": 1, "mul": 1}}}, r"unknown precision 'fp32' for the latency table"),
 ])
 def test_bad_precision_or_table_is_a_clear_error(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    from l1fx.errors import UsageError
+
+    with pytest.raises(UsageError, match=match):  # also a ValueError
         energy_report(nn.Linear(5, 7), torch.randn(3, 5), **kwargs)
 
 
@@ -245,7 +250,7 @@ def test_cli_user_model_file_json_and_precision(tmp_path, capsys):
     (["torch.nn:Linear", "--input-shape", "1,3"], r"constructing torch.nn:Linear\(\*\*\{\}\) failed"),
     (["torch.nn:Identity"], "--input-shape is required"),
     (["--demo", "--input-shape", "2,three"], "comma-separated integers"),
-    (["--demo", "--ratio", "1.5"], r"--ratio must be in \[0, 1\]"),
+    (["--demo", "--ratio", "1.5"], r"--ratio: must be in \[0, 1\]"),
     ([], "give a model"),
 ])
 def test_cli_errors(argv, match, capsys):
@@ -260,3 +265,84 @@ def test_cli_runs_as_module():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Energy:" in proc.stdout and "x less" in proc.stdout
+
+
+# ------------------------------------------------------------------ shared CLI conventions (issue 13)
+_NET = ("import torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, width=8):\n"
+        "        super().__init__()\n        self.a, self.b = nn.Conv1d(3, width, 1), nn.Conv1d(width, 4, 1)\n"
+        "    def forward(self, x):\n        return self.b(self.a(x)).amax(2)\n")
+
+
+def test_cli_shape_the_model_rejects_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "net.py").write_text(_NET)
+    assert main([f"{tmp_path / 'net.py'}:Net", "--input-shape", "2,5,10"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("l1fx.report: error: Net rejects --input-shape (2, 5, 10)"), err
+
+
+def test_cli_option_names_shared_with_export(tmp_path, capsys):
+    (tmp_path / "net.py").write_text(_NET)
+    spec = f"{tmp_path / 'net.py'}:Net"
+    out = tmp_path / "report.json"
+    assert main([spec, "--model-kwargs", '{"width": 6}', "--input-shape", "2,3,10", "--exclude", "b",
+                 "--json", "-o", str(out)]) == 0
+    assert capsys.readouterr().out == ""  # written to -o instead
+    data = json.loads(out.read_text())
+    rows = {r["name"]: r for r in data["converted"]["layers"]}
+    assert rows["a"]["type"].startswith("L1") and rows["b"]["type"] == "Conv1d"  # --exclude reached convert
+    assert data["original"]["total"]["mul"] == 2 * 10 * (3 * 6 + 6 * 4)  # --model-kwargs built width 6
+    # The old spelling still works, with a warning; --include picks exactly the matching layers.
+    assert main([spec, "--kwargs", '{"width": 6}', "--input-shape", "2,3,10", "--include", "b", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "--kwargs is deprecated, use --model-kwargs" in captured.err
+    rows = {r["name"]: r for r in json.loads(captured.out)["converted"]["layers"]}
+    assert rows["a"]["type"] == "Conv1d" and rows["b"]["type"].startswith("L1")
+    assert main([spec, "--input-shape", "2,3,10", "-o", str(tmp_path / "missing" / "r.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.py", "report.json"]
+
+
+# ------------------------------------------------------------------ library and command line apart (issue 15)
+def test_library_is_l1fx_energy_and_the_cli_reexports_it():
+    code = ("import sys\n"
+            "import l1fx.energy as E\n"
+            "assert 'l1fx.report' not in sys.modules and 'l1fx._cli' not in sys.modules, 'the library imports the CLI'\n"
+            "import l1fx, l1fx.report as R\n"
+            "assert R.energy_report is E.energy_report is l1fx.energy_report and R.compare is E.compare is l1fx.compare\n"
+            "assert R.ReportError is E.ReportError and R.HOROWITZ_45NM_PJ is E.HOROWITZ_45NM_PJ\n"
+            "assert not hasattr(E, 'DemoPointNet') and hasattr(R, 'DemoPointNet')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_registered_kinds_op_counts_as_additions(monkeypatch):
+    """An op is l1 (all additions) because a layer kind names it, not because report.py lists it."""
+    from l1fx import energy, layers
+
+    rep = energy_report(L1Linear(4, 3), torch.randn(7, 4))
+    assert (rep.total["mul"], rep.total["add"]) == (0, 2 * 7 * 3 * 4)
+    monkeypatch.setattr(layers, "spec_for_l1_op", lambda op: None)  # no kind claims the op: a dense count
+    rep = energy.energy_report(L1Linear(4, 3), torch.randn(7, 4))
+    assert (rep.total["mul"], rep.total["add"]) == (7 * 3 * 4, 7 * 3 * 4)
+
+
+def test_op_costs_is_what_energy_report_uses():
+    from l1fx.energy import op_costs
+
+    assert op_costs() == {"add": 0.9, "mul": 3.7} and op_costs(precision="int8") == {"add": 0.03, "mul": 0.2}
+    assert op_costs({"add": 1, "mul": 2}, "ignored") == {"add": 1.0, "mul": 2.0}
+    with pytest.raises(ValueError, match="unknown precision 'fp64'"):
+        op_costs(precision="fp64")
+
+
+def test_output_file_is_replaced_atomically_keeping_its_mode(tmp_path):
+    out = tmp_path / "r.txt"
+    out.write_text("old")
+    out.chmod(0o640)
+    stale = tmp_path / ".r.txt.l1fx-tmp-999999999.0badf00d"  # left by a killed writer (no such pid)
+    stale.write_text("half")
+    assert main(["--demo", "--input-shape", "1,3,16", "-o", str(out)]) == 0
+    assert "Energy:" in out.read_text() and out.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.txt"]  # the leftover is gone, no temp is left
