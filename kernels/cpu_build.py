@@ -14,15 +14,22 @@ The cache cannot break the ops (docs/kernel_cache.md):
   next to it (``lib<name>.so.json``); a library that does not match (truncated,
   half written, tampered with) is rebuilt, never loaded, since mapping a
   truncated library kills the process with SIGBUS.
-* Atomic: the compiler writes a temporary file (``.lib<name>.so.<pid>.*.tmp``);
-  the record and then the library are renamed into place. Builds hold an
-  exclusive lock (``lib<name>.lock``, ``fcntl.flock``) so concurrent processes
-  compile once; a build that was killed leaves a temporary file that the next
-  build removes (its process is gone, or it is older than an hour).
+* Atomic: the compiler writes a temporary file (``.lib<name>.so.l1fx-tmp-<pid>.<random>``,
+  the naming of :mod:`l1fx._atomicfile`); the record (written with
+  :func:`l1fx._atomicfile.atomic_write_bytes`) and then the library are renamed
+  into place. Builds hold an exclusive lock (``lib<name>.lock``, ``fcntl.flock``)
+  so concurrent processes compile once; a build that was killed leaves a
+  temporary file that the next build removes, under that lock, by the one
+  stale-file policy of l1fx (:func:`l1fx._atomicfile.remove_stale_temps`).
 * An unusable cache directory (read-only, ``HOME=/proc``, a file in the way)
-  falls back, with one warning, to a temporary directory of this process,
-  removed at exit. If even that fails, :class:`BuildError` says why, and the
-  ``auto`` backend falls back to the reference kernel.
+  falls back, with one warning, to a per-user cache,
+  ``<tempdir>/l1fx-cache-<uid>`` (made mode 0700; not used if it is a link,
+  someone else's or writable by group or others), where the library is built
+  once and reused by the user's later processes like in the cache. If that is
+  unusable too, the build goes into a temporary directory of this process,
+  removed at a normal exit (a process killed by a signal leaves it behind). If
+  even that fails, :class:`BuildError` says why, and the ``auto`` backend falls
+  back to the reference kernel.
 """
 from __future__ import annotations
 
@@ -33,16 +40,16 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
+from .. import _atomicfile
 from ..errors import KernelBuildError
 
 try:
@@ -56,11 +63,6 @@ BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 # Tried in order: the best code for this CPU first, then portable code.
 ARCH_FLAGS = (["-march=native"], [])
 OPENMP_FLAGS = (["-fopenmp"], [])
-# A temporary file of a process that still runs is left alone for this long
-# (a build is 4 compiler calls of at most 300 s each at worst).
-STALE_SECONDS = 3600
-# ".<final name>.<pid>.<random>.tmp", as made by _temp_file.
-_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
 
 
 class BuildError(KernelBuildError):
@@ -154,48 +156,24 @@ def verified(lib: Path) -> bool:
 # ------------------------------------------------------------------ files
 
 def _temp_file(final: Path) -> Path:
-    """An empty temporary file next to ``final``, named so a later build can tell whose it is."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
+    """A new, empty temporary file next to ``final``, named as :mod:`l1fx._atomicfile` names its own.
+
+    One naming and one stale-file policy for every l1fx write: a build removes
+    the leftovers with :func:`l1fx._atomicfile.remove_stale_temps`, under the
+    build lock (see :func:`_build_locked`).
+    """
+    tmp = _atomicfile.temp_path(final)
+    open(tmp, "xb").close()  # also the first write into the directory: an unwritable one shows here
+    return tmp
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = _temp_file(path)
-    try:
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def remove_stale_temps(out_dir: Path) -> list[Path]:
+    """Delete temporary files left in ``out_dir`` by killed builds (:func:`l1fx._atomicfile.remove_stale_temps`).
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, it is someone else's
-        return True
-    return True
-
-
-def remove_stale_temps(out_dir: Path, now: Optional[float] = None) -> list[Path]:
-    """Delete temporary files left by killed builds (process gone, or older than ``STALE_SECONDS``)."""
-    now = time.time() if now is None else now
-    removed = []
-    for path in out_dir.iterdir():
-        match = _TEMP_NAME.match(path.name)
-        if not match:
-            continue
-        try:
-            stale = not _pid_alive(int(match.group(1))) or now - path.stat().st_mtime > STALE_SECONDS
-            if stale:
-                path.unlink()
-                removed.append(path)
-        except OSError:
-            pass  # gone meanwhile, or not ours to delete: harmless
-    return removed
+    Called with the build lock held, so no other build of this folder is
+    running: a temporary file that no live writer holds is a killed build's.
+    """
+    return _atomicfile.remove_stale_temps(out_dir)
 
 
 @contextlib.contextmanager
@@ -215,10 +193,46 @@ def _exclusive(lib: Path) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
-# ------------------------------------------------------------------ fallback directory
+# ------------------------------------------------------------------ fallback directories
 
+USER_CACHE_PREFIX = "l1fx-cache-"
 _fallback_lock = threading.Lock()
-_fallback_root: Optional[Path] = None
+_fallback_root: Optional[Path] = None  # the per-process directory, once made
+_fallback_used: Optional[Path] = None  # the fallback this process builds in (user cache or per-process dir)
+
+
+def user_cache_dir() -> Optional[Path]:
+    """The per-user fallback cache, ``<tempdir>/l1fx-cache-<uid>`` (None where there are no uids)."""
+    if not hasattr(os, "getuid"):  # pragma: no cover - Windows
+        return None
+    return Path(tempfile.gettempdir()) / f"{USER_CACHE_PREFIX}{os.getuid()}"
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only this user can write (made mode 0700); :class:`_Unwritable` if it is not.
+
+    The temporary directory is shared by every local user, so a directory
+    there is trusted only if it is a real directory (not a link), owned by
+    this user and not writable by group or others: anyone else who could
+    write in it could swap the library between its check and its load.
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise _Unwritable(_why(path, e)) from None
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise _Unwritable(_why(path, e)) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise _Unwritable(f"{path}: not a directory")
+    if st.st_uid != os.getuid():
+        raise _Unwritable(f"{path}: owned by uid {st.st_uid}, not by this user (uid {os.getuid()})")
+    if st.st_mode & 0o022:
+        raise _Unwritable(f"{path}: writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+    return path
 
 
 def _remove_tree(path: Path, owner: int) -> None:
@@ -227,7 +241,7 @@ def _remove_tree(path: Path, owner: int) -> None:
 
 
 def _process_dir(unusable: str) -> Path:
-    """This process's temporary build directory (made, and warned about, once; removed at exit)."""
+    """This process's temporary build directory (made once; removed at a normal exit)."""
     global _fallback_root
     with _fallback_lock:
         if _fallback_root is None:
@@ -235,23 +249,34 @@ def _process_dir(unusable: str) -> Path:
                 root = Path(tempfile.mkdtemp(prefix="l1fx-kernels-"))
             except OSError as e:
                 raise BuildError(
-                    f"no usable directory to build the l1fx CPU kernels in: the cache is not usable ({unusable}), "
-                    f"nor is a temporary directory ({e}); set ${CACHE_ENV} to a writable directory"
+                    f"no usable directory to build the l1fx CPU kernels in: {unusable}, "
+                    f"nor a temporary directory ({e}); set ${CACHE_ENV} to a writable directory"
                 ) from None
             atexit.register(_remove_tree, root, os.getpid())
             _fallback_root = root
-            warnings.warn(
-                f"l1fx: kernel cache not usable ({unusable}); building the CPU kernels in {root} for this "
-                f"process only (removed at exit); set ${CACHE_ENV} to a writable directory to build them once",
-                RuntimeWarning,
-                stacklevel=4,
-            )
         return _fallback_root
 
 
+def _warn_fallback(unusable: str, root: Path, shared: bool) -> None:
+    """One warning per process, naming the directory used instead of the cache."""
+    global _fallback_used
+    with _fallback_lock:
+        if _fallback_used is not None:
+            return
+        _fallback_used = root
+    where = ("reused by this user's later processes" if shared
+             else "for this process only, removed at a normal exit")
+    warnings.warn(
+        f"l1fx: kernel cache not usable ({unusable}); the CPU kernels are built in {root} instead ({where}); "
+        f"set ${CACHE_ENV} to a writable directory",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def fallback_dir() -> Optional[Path]:
-    """The temporary build directory of this process, if the cache was unusable."""
-    return _fallback_root
+    """The directory this process builds in because the cache was unusable (None if it was usable)."""
+    return _fallback_used
 
 
 # ------------------------------------------------------------------ build
@@ -266,20 +291,34 @@ def build(source: Path, name: str) -> Path:
     except RuntimeError as e:  # Path.home(): no HOME and no password entry
         primary, unusable = None, f"no home directory: {e}"
     if primary is not None:
-        lib = primary / f"lib{name}.so"
-        if verified(lib):  # the common case: no write, so a read-only cache with a good build works
-            return lib
         try:
-            return _build_locked(source, cxx, lib)
+            return _build_in(primary, source, cxx, name)
         except _Unwritable as e:
             unusable = str(e)
-    lib = _process_dir(unusable) / folder / f"lib{name}.so"
-    if verified(lib):
-        return lib
+    # The cache is unusable: the per-user cache next (built once, like the cache), else this process's own.
+    user = user_cache_dir()
+    if user is not None:
+        try:
+            root = private_dir(user)
+            lib = _build_in(root / folder, source, cxx, name)
+        except _Unwritable as e:
+            unusable = f"{unusable}; {e}"
+        else:
+            _warn_fallback(unusable, root, shared=True)
+            return lib
+    root = _process_dir(unusable)
+    _warn_fallback(unusable, root, shared=False)
     try:
-        return _build_locked(source, cxx, lib)
+        return _build_in(root / folder, source, cxx, name)
     except _Unwritable as e:
         raise BuildError(f"cannot build the l1fx CPU kernels in the temporary directory {e}") from None
+
+
+def _build_in(folder: Path, source: Path, cxx: str, name: str) -> Path:
+    lib = folder / f"lib{name}.so"
+    if verified(lib):  # the common case: no write, so a read-only cache with a good build works
+        return lib
+    return _build_locked(source, cxx, lib)
 
 
 def _build_locked(source: Path, cxx: str, lib: Path) -> Path:
@@ -315,7 +354,8 @@ def _compile(source: Path, cxx: str, lib: Path) -> Path:
                     continue
                 try:
                     # Record first, then the library: a reader never sees a library without its record.
-                    _write_atomic(record_path(lib), json.dumps(_digest(tmp)))
+                    _atomicfile.atomic_write_bytes(record_path(lib), json.dumps(_digest(tmp)).encode(),
+                                                   clean_stale=False)
                     os.chmod(tmp, 0o755)
                     os.replace(tmp, lib)
                 except OSError as e:

@@ -20,6 +20,8 @@ only grows, so older headers work with newer runtimes).
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import hashlib
 import os
 import re
@@ -30,8 +32,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .cpu_build import BuildError, build, cache_dir
-from ..errors import KernelBuildError
+from . import cpu_build
+from .cpu_build import BuildError, build, cache_dir, private_dir, user_cache_dir
+from ..errors import KernelBuildError, UsageError
 
 CSRC = Path(__file__).with_name("csrc")
 OP_SOURCE = CSRC / "ort_ops.cpp"
@@ -88,17 +91,48 @@ def _wrapper(include: Path) -> Path:
         f'#define L1FX_ORT_CXX_API "{(include / HEADER).resolve()}"\n'
         f'#include "{OP_SOURCE.resolve()}"\n'
     )
-    try:
-        src_dir = _mkdir(cache_dir() / "ort-src")
-    except (OSError, RuntimeError):  # unusable cache: cpu_build falls back for the library itself
-        src_dir = _mkdir(Path(tempfile.gettempdir()) / f"l1fx-ort-src-{os.getuid()}")
+    src_dir = _source_dir()
     path = src_dir / f"{LIB_NAME}-{digest[:16]}.cpp"
     if not path.exists() or path.read_text() != text:
-        fd, tmp = tempfile.mkstemp(suffix=".cpp", dir=src_dir)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(suffix=".cpp.tmp", dir=src_dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, say: no temporary file is left behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     return path
+
+
+def _source_dir() -> Path:
+    """Where the wrapper goes: the cache, else the verified per-user cache, else a private temporary folder.
+
+    Never a predictable shared path that is merely created if missing: another
+    local user could make it first and swap the source before it is compiled.
+    """
+    try:
+        return _mkdir(cache_dir() / "ort-src")
+    except (OSError, RuntimeError):  # unusable cache (RuntimeError: no home directory)
+        pass
+    user = user_cache_dir()
+    if user is not None:
+        try:
+            return _mkdir(private_dir(user) / "ort-src")
+        except (OSError, cpu_build._Unwritable):
+            pass
+    global _private_src
+    if _private_src is None:
+        try:
+            _private_src = Path(tempfile.mkdtemp(prefix="l1fx-ort-src-"))  # mode 0700, a fresh name
+        except OSError as e:
+            raise KernelBuildError(f"no directory to write the custom-op source in: {e}") from None
+        atexit.register(cpu_build._remove_tree, _private_src, os.getpid())
+    return _private_src
+
+
+_private_src: Optional[Path] = None
 
 
 def library_path() -> Path:
@@ -137,11 +171,19 @@ def fetch_headers(dest: Optional[Path] = None) -> Path:
     Uses a private apt state folder (the system's package lists and sources are
     not touched) and installs nothing. Needs ``apt-get`` and ``dpkg-deb``.
     """
-    dest = Path(dest) if dest else cache_dir() / "onnxruntime-include"
+    try:
+        dest = Path(dest) if dest else cache_dir() / "onnxruntime-include"
+    except RuntimeError as e:  # Path.home(): no HOME and no password entry
+        raise KernelBuildError(f"no l1fx cache to put the headers in ({e}); "
+                               "pass --dest or set $L1FX_CACHE_DIR") from None
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise KernelBuildError(f"fetching the onnxruntime headers needs {tool} (Debian/Ubuntu)")
-    with tempfile.TemporaryDirectory(prefix="l1fx-ort-headers-") as tmp:
+    try:
+        work = tempfile.TemporaryDirectory(prefix="l1fx-ort-headers-")
+    except OSError as e:
+        raise KernelBuildError(f"no temporary directory to fetch the onnxruntime headers in: {e}") from None
+    with work as tmp:
         t = Path(tmp)
         for sub in ("lists/partial", "cache/archives/partial", "parts"):
             (t / sub).mkdir(parents=True)
@@ -151,27 +193,51 @@ def fetch_headers(dest: Optional[Path] = None) -> Path:
         )
         opts = ["-o", "Dir::Etc::sourcelist=-", "-o", f"Dir::Etc::sourceparts={t / 'parts'}",
                 "-o", f"Dir::State::Lists={t / 'lists'}", "-o", f"Dir::Cache={t / 'cache'}",
-                "-o", "APT::Sandbox::User=root"]
-        for cmd in (["apt-get", *opts, "update"], ["apt-get", *opts, "download", DEBIAN_PACKAGE]):
-            res = subprocess.run(cmd, cwd=t, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise KernelBuildError(f"`{' '.join(cmd[:1] + cmd[-2:])}` failed: {res.stderr.strip()[-300:]}")
+                "-o", "APT::Sandbox::User=root",
+                # Offline, fail at once rather than retrying: `make venv` runs this.
+                "-o", "Acquire::Retries=0", "-o", "Acquire::http::Timeout=20"]
+        _run(["apt-get", *opts, "update"], t, "apt-get update")
+        _run(["apt-get", *opts, "download", DEBIAN_PACKAGE], t, f"apt-get download {DEBIAN_PACKAGE}")
         debs = sorted(t.glob(f"{DEBIAN_PACKAGE}_*.deb"))
         if not debs:
             raise KernelBuildError(f"apt-get download {DEBIAN_PACKAGE} left no .deb")
-        res = subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(t / "root")], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise KernelBuildError(f"dpkg-deb -x {debs[-1].name} failed: {res.stderr.strip()[-300:]}")
+        _run(["dpkg-deb", "-x", str(debs[-1]), str(t / "root")], t, f"dpkg-deb -x {debs[-1].name}")
         src = t / "root" / "usr" / "include" / "onnxruntime"
         if not (src / HEADER).is_file():
             raise KernelBuildError(f"{debs[-1].name} has no usr/include/onnxruntime/{HEADER}")
-        staged = Path(tempfile.mkdtemp(prefix=".onnxruntime-include-", dir=dest.parent if dest.parent.exists()
-                                       else _mkdir(dest.parent)))
-        shutil.copytree(src, staged, dirs_exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staged, dest)  # whole folder or nothing
+        try:
+            staged = Path(tempfile.mkdtemp(prefix=".onnxruntime-include-", dir=_mkdir(dest.parent)))
+            try:
+                shutil.copytree(src, staged, dirs_exist_ok=True)
+                if dest.exists():
+                    shutil.rmtree(dest)
+                os.replace(staged, dest)  # whole folder or nothing
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)  # gone already unless something failed
+        except OSError as e:
+            raise KernelBuildError(f"cannot put the onnxruntime headers in {dest}: {e.strerror or e}") from None
     return dest
+
+
+# Seconds each apt-get / dpkg-deb call may take (offline, apt-get update can otherwise wait for a long time).
+COMMAND_TIMEOUT = 120
+
+
+def _run(cmd: list, cwd: Path, what: str) -> None:
+    """Run one fetching command quietly; :class:`KernelBuildError` with its last error line if it fails."""
+    try:
+        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+                             stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise KernelBuildError(f"`{what}` did not finish within {COMMAND_TIMEOUT} s (no network?); "
+                               f"install {DEBIAN_PACKAGE} or set ${INCLUDE_ENV} instead") from None
+    except OSError as e:
+        raise KernelBuildError(f"`{what}` could not run: {e}") from None
+    if res.returncode != 0:
+        lines = [line.strip() for line in (res.stderr + res.stdout).splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("E:")] or lines
+        last = errors[-1][:300] if errors else "no output"
+        raise KernelBuildError(f"`{what}` failed (exit {res.returncode}): {last}")
 
 
 def _mkdir(p: Path) -> Path:
@@ -179,20 +245,34 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m l1fx.kernels.ort_build", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+PROG = "l1fx.kernels.ort_build"
+
+
+def _main(argv) -> int:
+    from l1fx._cli import ArgumentParser
+
+    ap = ArgumentParser(prog=f"python -m {PROG}", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fetch-headers", action="store_true", help="download the onnxruntime headers (Debian/apt)")
     ap.add_argument("--dest", type=Path, help="where to unpack them (default: the l1fx cache)")
     args = ap.parse_args(argv)
-    try:
-        if args.fetch_headers:
-            print(f"onnxruntime headers in {fetch_headers(args.dest)}")
-        print(f"custom-op library: {library_path()}")
-    except KernelBuildError as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    if args.dest is not None and not args.fetch_headers:
+        raise UsageError("--dest needs --fetch-headers (see --help)")
+    if args.dest is not None and args.dest.exists() and not args.dest.is_dir():
+        raise UsageError(f"--dest {args.dest} exists and is not a directory")
+    if args.fetch_headers:
+        print(f"{PROG}: fetching the onnxruntime headers ({DEBIAN_PACKAGE}) with apt-get ...", flush=True)
+        print(f"{PROG}: onnxruntime headers in {fetch_headers(args.dest)}", flush=True)
+    print(f"{PROG}: building the custom-op library (compiled once, then cached) ...", flush=True)
+    print(f"{PROG}: custom-op library: {library_path()}")
     return 0
+
+
+def main(argv=None) -> int:
+    """Exit 0 done, 2 a usage error (bad option), 1 a failure (no headers, no network, a compile error)."""
+    from l1fx._cli import run_cli
+
+    return run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ reason); so does falling back from ``native`` to ``python``. The file on disk is
 never changed: the native path loads it as it is, the Python path builds its
 session from an in-memory copy.
 
+``sess_options`` is never changed: onnxruntime can neither copy a
+``SessionOptions`` nor list its config entries, so pass a function returning a
+new one (each path tried gets its own, with everything set on it); an object is
+copied only as far as it can be read, with an :class:`OrtOptionsWarning`.
 Keyword arguments are ``onnxruntime.SessionOptions`` attributes
 (``intra_op_num_threads``, ``graph_optimization_level``, ...). Unless given,
 ``session.intra_op.allow_spinning`` is set to ``"0"`` when an l1fx kernel path is
@@ -52,40 +56,77 @@ def native_library() -> str:
     return str(ort_build.library_path())
 
 
-# Config entries cannot be listed from a SessionOptions; these documented ones are carried over when copying.
+class OrtOptionsWarning(UserWarning):
+    """A ``SessionOptions`` passed to :func:`ort_session` could not be copied completely (the message says what)."""
+
+
+# onnxruntime can neither copy a SessionOptions nor list its config entries: these documented ones are the
+# entries carried over when one is copied.
 _CONFIG_KEYS = (SPIN_KEY, THREADS_KEY, "session.inter_op.allow_spinning", "session.set_denormal_as_zero",
                 "session.use_env_allocators", "session.disable_prepacking", "session.intra_op_thread_affinities")
 
+NOT_COPIED = ("other session config entries", "free-dimension overrides", "custom-op libraries",
+              "initializers", "execution providers added to it")
 
-def _options(sess_options, options: dict, path: str):
-    """A new ``SessionOptions``: a copy of ``sess_options`` (never changed), then ``options``, then our defaults."""
+
+def _config_entry(opts, key: str) -> Optional[str]:
+    try:
+        return opts.get_session_config_entry(key)
+    except Exception:  # noqa: BLE001 - onnxruntime raises (a pybind11 error) for a key that was never set
+        return None
+
+
+def _copy(sess_options):
+    """As much of ``sess_options`` as onnxruntime lets be read: its attributes and the ``_CONFIG_KEYS`` entries."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    entries = {}
-    if sess_options is not None:
-        for name in dir(sess_options):
-            if name.startswith("_") or callable(getattr(sess_options, name)):
-                continue
-            try:
-                setattr(opts, name, getattr(sess_options, name))
-            except (AttributeError, TypeError):
-                pass  # read-only
-        for key in _CONFIG_KEYS:
-            try:
-                entries[key] = sess_options.get_session_config_entry(key)
-            except Exception:  # onnxruntime raises for a key that was never set
-                pass
+    for name in dir(sess_options):
+        if name.startswith("_") or callable(getattr(sess_options, name)):
+            continue
+        try:
+            setattr(opts, name, getattr(sess_options, name))
+        except (AttributeError, TypeError):
+            pass  # read-only
+    for key in _CONFIG_KEYS:
+        value = _config_entry(sess_options, key)
+        if value is not None:
+            opts.add_session_config_entry(key, value)
+    return opts
+
+
+def _base_options(sess_options):
+    """A fresh ``SessionOptions`` that l1fx may change: new, made by the caller's factory, or a copy."""
+    import onnxruntime as ort
+
+    if sess_options is None:
+        return ort.SessionOptions()
+    if isinstance(sess_options, ort.SessionOptions):
+        return _copy(sess_options)
+    if callable(sess_options):
+        opts = sess_options()
+        if not isinstance(opts, ort.SessionOptions):
+            raise UsageError(f"ort_session: sess_options() returned {type(opts).__name__}, "
+                             "not an onnxruntime.SessionOptions")
+        return opts
+    raise UsageError(f"ort_session: sess_options must be an onnxruntime.SessionOptions or a function returning "
+                     f"a new one, got {type(sess_options).__name__}")
+
+
+def _options(sess_options, options: dict, path: str):
+    """A ``SessionOptions`` of its own for one try: ``sess_options`` (never changed), ``options``, our defaults."""
+    opts = _base_options(sess_options)
     for name, value in options.items():
         if name.startswith("_") or not hasattr(opts, name) or callable(getattr(opts, name)):
             raise UsageError(f"ort_session: {name!r} is not an onnxruntime.SessionOptions attribute")
         setattr(opts, name, value)
     if path != "portable":
-        entries.setdefault(SPIN_KEY, "0")
+        defaults = {SPIN_KEY: "0"}
         if opts.intra_op_num_threads > 0:  # the native kernels' OpenMP threads follow the session's count
-            entries.setdefault(THREADS_KEY, str(opts.intra_op_num_threads))
-    for key, value in entries.items():
-        opts.add_session_config_entry(key, value)
+            defaults[THREADS_KEY] = str(opts.intra_op_num_threads)
+        for key, value in defaults.items():
+            if _config_entry(opts, key) is None:  # the caller's own setting wins
+                opts.add_session_config_entry(key, value)
     return opts
 
 
@@ -104,6 +145,17 @@ def _session(model, sess_options, providers, options, path: str):
     return ort.InferenceSession(src, opts, providers=providers)
 
 
+def _warn_if_copied(sess_options) -> None:
+    import onnxruntime as ort
+
+    if isinstance(sess_options, ort.SessionOptions):
+        warnings.warn(
+            "l1fx.ort_session: onnxruntime cannot copy a SessionOptions, so the session gets its attributes and the "
+            f"config entries {', '.join(_CONFIG_KEYS)} only, not its {', '.join(NOT_COPIED)}; to keep everything, "
+            "pass sess_options=<a function returning a new SessionOptions> instead",
+            OrtOptionsWarning, stacklevel=3)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
@@ -115,7 +167,10 @@ def ort_session(model: Union[str, Path, "onnx.ModelProto"], sess_options=None,  
 
     Args:
         model: path of an ``.onnx`` file written by :func:`l1fx.export.export_onnx` (or an ``onnx.ModelProto``).
-        sess_options: an ``onnxruntime.SessionOptions`` to start from (copied, not changed).
+        sess_options: the ``onnxruntime.SessionOptions`` to start from, never changed: best a function
+            returning a new one (called for each session l1fx makes or checks; everything set on it is kept).
+            A ``SessionOptions`` object is copied as far as onnxruntime allows (its attributes and a few known
+            config entries), with an :class:`OrtOptionsWarning` naming what is lost.
         providers: onnxruntime execution providers (default ``["CPUExecutionProvider"]``; the l1 kernels are CPU).
         paths: the paths to try, in order (default ``("native", "python", "portable")``).
         **options: ``SessionOptions`` attributes, e.g. ``intra_op_num_threads=2``.
@@ -130,6 +185,7 @@ def ort_session(model: Union[str, Path, "onnx.ModelProto"], sess_options=None,  
     if isinstance(model, (str, Path)) and not Path(model).is_file():
         raise UsageError(f"ort_session: no such ONNX file {str(model)!r}")
     _options(sess_options, options, "portable")  # bad options are the caller's error, not a reason to fall back
+    _warn_if_copied(sess_options)
     failures: list[tuple[str, str]] = []
     for path in paths:
         try:
@@ -148,4 +204,4 @@ def ort_session(model: Union[str, Path, "onnx.ModelProto"], sess_options=None,  
     raise AssertionError("unreachable: the portable path raises")  # pragma: no cover
 
 
-__all__ = ["ort_session", "native_library", "OrtFallbackWarning", "PATHS"]
+__all__ = ["ort_session", "native_library", "OrtFallbackWarning", "OrtOptionsWarning", "PATHS"]

@@ -1,8 +1,11 @@
 """l1fx.ort_session: exported files run through every onnxruntime path and match PyTorch."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -55,6 +58,18 @@ def exported(tmp_path_factory):
     return model, path
 
 
+@pytest.fixture(scope="session", params=[pytest.param("native", marks=pytest.mark.slow)])
+def native_lib(request) -> Path:
+    """The custom-op library, built once for the whole run and shared (a cold compile takes 15-30 s: slow).
+
+    Every test whose ``ort_session`` may take the native path uses it, so the
+    compile is paid here, once, and under ``-m "not slow"`` not at all.
+    """
+    if ort_build.find_headers() is None:
+        pytest.skip("no onnxruntime headers here (test_no_headers_falls_back covers that case)")
+    return ort_build.library_path()
+
+
 def _run(sess, x: torch.Tensor):
     return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
 
@@ -82,7 +97,7 @@ def test_plain_onnxruntime_matches_pytorch(exported, batch):
 
 
 @pytest.mark.parametrize("batch", [1, 3, 7])
-def test_ort_session_matches_pytorch(exported, batch):
+def test_ort_session_matches_pytorch(exported, native_lib, batch):
     model, path = exported
     sess = _quiet_session(path)
     assert sess.l1fx_path in ("native", "python")
@@ -90,20 +105,64 @@ def test_ort_session_matches_pytorch(exported, batch):
     _check(_run(sess, _inputs(batch, batch)), model, _inputs(batch, batch), 1e-6)
 
 
-def test_native_path_is_taken_where_the_headers_are(exported):
+def test_native_path_is_taken_where_the_headers_are(exported, native_lib):
     model, path = exported
-    if ort_build.find_headers() is None:
-        with pytest.raises(KernelBuildError, match="headers"):
-            ort_build.library_path()
-        with pytest.warns(S.OrtFallbackWarning, match="native: KernelBuildError.*headers"):
-            sess = S.ort_session(path)
-        assert sess.l1fx_path != "native"
-        return
     with warnings.catch_warnings():
         warnings.simplefilter("error", S.OrtFallbackWarning)  # the fastest path: no warning
         sess = S.ort_session(path, paths=("native",), intra_op_num_threads=1)
     assert sess.l1fx_path == "native"
     _check(_run(sess, _inputs(4)), model, _inputs(4), 1e-6)
+
+
+def test_no_headers_falls_back(exported, monkeypatch, tmp_path):
+    monkeypatch.setattr(ort_build, "header_dirs", lambda: [tmp_path / "no-headers"])
+    with pytest.raises(KernelBuildError, match="headers"):
+        ort_build.library_path()
+    with pytest.warns(S.OrtFallbackWarning, match="native: KernelBuildError.*headers"):
+        sess = S.ort_session(exported[1])
+    assert sess.l1fx_path != "native"
+
+
+def _ort_api_base():
+    """onnxruntime's own ``OrtGetApiBase()`` (the wheel's C library, loaded beside the Python module)."""
+    capi = Path(ort.__file__).parent / "capi"
+    libs = sorted(capi.glob("libonnxruntime.so*"))
+    if not libs:
+        pytest.skip("the onnxruntime wheel has no libonnxruntime.so to take the C API from")
+    lib = ctypes.CDLL(str(libs[0]))
+    lib.OrtGetApiBase.restype = ctypes.c_void_p
+    return lib.OrtGetApiBase()
+
+
+def test_registration_fails_on_a_runtime_older_than_the_headers(native_lib):
+    """A runtime that does not serve the headers' API version gets an error status, not a silent success."""
+    lib = ctypes.CDLL(str(native_lib))
+    built_for = lib.l1fx_ort_api_version()
+    get_api_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)
+    version_t = ctypes.CFUNCTYPE(ctypes.c_void_p)  # const char* (not c_char_p: ctypes cannot return that safely)
+    real = ctypes.cast(_ort_api_base(), ctypes.POINTER(ctypes.c_void_p))  # struct OrtApiBase {GetApi, GetVersionString}
+    real_get_api = get_api_t(real[0])
+
+    @get_api_t
+    def older_get_api(version):  # an "older runtime": serves up to one version below the headers
+        return real_get_api(version) if version < built_for else None
+
+    version = ctypes.create_string_buffer(b"1.0-test")
+
+    @version_t
+    def version_string():
+        return ctypes.addressof(version)
+
+    fake_base = (ctypes.c_void_p * 2)(ctypes.cast(older_get_api, ctypes.c_void_p),
+                                       ctypes.cast(version_string, ctypes.c_void_p))
+    lib.RegisterCustomOps.restype = ctypes.c_void_p
+    lib.RegisterCustomOps.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    status = lib.RegisterCustomOps(None, ctypes.addressof(fake_base))
+    assert status, "registration must fail, not succeed with no ops registered"
+    # OrtApi starts CreateStatus, GetErrorCode, GetErrorMessage.
+    api = ctypes.cast(real_get_api(1), ctypes.POINTER(ctypes.c_void_p))
+    message = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(api[2])(status).decode()
+    assert f"API version {built_for}" in message and "1.0-test" in message, message
 
 
 def test_python_path_matches_pytorch(exported):
@@ -153,12 +212,13 @@ def test_native_unavailable_falls_back_to_python_with_one_warning(exported, monk
     assert sess.l1fx_path == "python" and len(rec) == 1
 
 
-def test_file_and_options_are_left_alone(exported):
+def test_file_and_options_are_left_alone(exported, native_lib):
     _, path = exported
     before = hashlib.sha256(path.read_bytes()).hexdigest()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    sess = _quiet_session(path, sess_options=opts)
+    with pytest.warns(S.OrtOptionsWarning, match="cannot copy a SessionOptions"):
+        sess = _quiet_session(path, sess_options=opts)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert sess.get_session_options().intra_op_num_threads == 1
     with pytest.raises(Exception):  # the caller's options got no l1fx config entry
@@ -169,7 +229,7 @@ def test_file_and_options_are_left_alone(exported):
         assert got.get_session_config_entry(S.THREADS_KEY) == "1"  # the kernels follow intra_op_num_threads
 
 
-def test_asymmetric_pads_fall_back_to_the_function_body(exported, tmp_path):
+def test_asymmetric_pads_fall_back_to_the_function_body(exported, native_lib, tmp_path):
     model, path = exported
     proto = onnx.load(str(path))
     for node in proto.graph.node:
@@ -196,3 +256,122 @@ def test_user_errors(exported, tmp_path):
         S.ort_session(path, intra_op_threads=2)
     with pytest.raises(UsageError, match="paths must be"):
         S.ort_session(path, paths=("fast",))
+
+
+# ---------------------------------------------------------------- SessionOptions are never silently cut short
+def _batch_dim(path) -> str:
+    return onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_param
+
+
+def test_options_from_a_factory_keep_everything(exported):
+    _, path = exported
+    made = []
+
+    def factory():
+        opts = ort.SessionOptions()
+        opts.add_free_dimension_override_by_name(_batch_dim(path), 3)  # not readable back from a SessionOptions
+        opts.add_session_config_entry("session.l1fx_test_entry", "kept")
+        opts.add_session_config_entry(S.SPIN_KEY, "1")  # the caller's choice beats l1fx's default
+        made.append(opts)
+        return opts
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", S.OrtOptionsWarning)
+        sess = S.ort_session(path, sess_options=factory, paths=("portable",))
+    assert sess.get_inputs()[0].shape[0] == 3  # the override reached the session
+    got = S._options(factory, {"intra_op_num_threads": 2}, "native")
+    assert got.get_session_config_entry("session.l1fx_test_entry") == "kept"
+    assert got.get_session_config_entry(S.SPIN_KEY) == "1" and got.get_session_config_entry(S.THREADS_KEY) == "2"
+    assert len({id(o) for o in made}) == len(made) >= 2  # a fresh object each time: nothing is shared or reused
+
+
+def test_an_options_object_that_cannot_be_copied_warns(exported):
+    _, path = exported
+    opts = ort.SessionOptions()
+    opts.add_free_dimension_override_by_name(_batch_dim(path), 3)
+    with pytest.warns(S.OrtOptionsWarning, match="free-dimension overrides.*function returning a new SessionOptions"):
+        sess = S.ort_session(path, sess_options=opts, paths=("portable",))
+    assert sess.get_inputs()[0].shape[0] != 3  # what the warning said: the override could not be carried over
+
+
+def test_bad_sess_options_are_usage_errors(exported):
+    _, path = exported
+    with pytest.raises(UsageError, match="sess_options must be"):
+        S.ort_session(path, sess_options={"intra_op_num_threads": 1})
+    with pytest.raises(UsageError, match="returned dict"):
+        S.ort_session(path, sess_options=lambda: {})
+
+
+# ---------------------------------------------------------------- fetching the headers, the command line
+FAKE_APT = """#!/bin/sh
+case "$FAKE_APT" in
+  hang) exec sleep 60 ;;
+  offline) echo "W: Failed to fetch http://deb.debian.org/debian/dists/trixie/InRelease" >&2
+           echo "E: Unable to locate package libonnxruntime-dev" >&2; exit 100 ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_apt(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("apt-get", "dpkg-deb"):
+        (bin_dir / tool).write_text(FAKE_APT)
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path / "dest"
+
+
+def test_fetch_headers_gives_up_on_a_hanging_apt(fake_apt, monkeypatch):
+    monkeypatch.setenv("FAKE_APT", "hang")
+    monkeypatch.setattr(ort_build, "COMMAND_TIMEOUT", 1)
+    with pytest.raises(KernelBuildError, match=r"`apt-get update` did not finish within 1 s"):
+        ort_build.fetch_headers(fake_apt)
+    assert not fake_apt.exists()
+
+
+def test_fetch_headers_cli_says_what_failed_in_one_line(fake_apt, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_APT", "offline")
+    assert ort_build.main(["--fetch-headers", "--dest", str(fake_apt)]) == 1
+    out, err = capsys.readouterr()
+    assert "fetching the onnxruntime headers" in out
+    assert err.count("\n") == 1 and "Unable to locate package libonnxruntime-dev" in err and "Traceback" not in err
+    assert ort_build.main(["--bogus"]) == 2 and capsys.readouterr().err.count("\n") == 1
+    assert ort_build.main(["--dest", str(fake_apt)]) == 2  # --dest without --fetch-headers
+
+
+# ---------------------------------------------------------------- the generated wrapper source
+def test_wrapper_source_is_not_put_in_a_shared_predictable_dir(monkeypatch, tmp_path):
+    include = ort_build.find_headers()
+    if include is None:
+        pytest.skip("no onnxruntime headers here")
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    monkeypatch.setattr(ort_build.tempfile, "tempdir", str(shared))
+    monkeypatch.setenv("L1FX_CACHE_DIR", "/proc/l1fx")  # unusable cache
+    # Another user's directory where the old code wrote (it only did mkdir(exist_ok=True)), and where the
+    # per-user cache would be: both must be refused.
+    for name in (f"l1fx-ort-src-{os.getuid()}", f"l1fx-cache-{os.getuid()}"):
+        (shared / name).mkdir()
+        (shared / name).chmod(0o777)
+    monkeypatch.setattr(ort_build, "_private_src", None)
+    src = ort_build._wrapper(include)
+    assert not src.is_relative_to(shared / f"l1fx-ort-src-{os.getuid()}")
+    assert not src.is_relative_to(shared / f"l1fx-cache-{os.getuid()}")
+    assert (src.parent.stat().st_mode & 0o077) == 0 and src.read_text().startswith("// generated by l1fx")
+
+
+def test_wrapper_write_failure_leaves_no_temp_file(monkeypatch, tmp_path):
+    include = ort_build.find_headers()
+    if include is None:
+        pytest.skip("no onnxruntime headers here")
+    monkeypatch.setenv("L1FX_CACHE_DIR", str(tmp_path))
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ort_build.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        ort_build._wrapper(include)
+    assert [p.name for p in (tmp_path / "ort-src").iterdir()] == []

@@ -235,8 +235,16 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
                                                                                    const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr) {
-    // Older runtime than the headers: no API object to build a status with; report through the base.
-    return nullptr;
+    // A runtime older than the headers. Returning success here would register nothing and leave the
+    // session on the slow function bodies while l1fx reports the native path, so fail the registration
+    // (l1fx.ort_session then falls back, with its warning). Version 1 of the API serves every runtime,
+    // and CreateStatus is its first entry (the struct only grows), so it can build the error.
+    const OrtApi* v1 = api_base->GetApi(1);
+    if (v1 == nullptr) return nullptr;  // every onnxruntime serves version 1: cannot happen
+    const std::string msg = std::string("the l1fx custom-op library was built with onnxruntime API version ") +
+                            std::to_string(ORT_API_VERSION) + " headers, newer than this onnxruntime (" +
+                            api_base->GetVersionString() + "); rebuild it with older headers ($L1FX_ORT_INCLUDE)";
+    return v1->CreateStatus(ORT_FAIL, msg.c_str());
   }
   Ort::InitApi(api);
   int nthreads = 0;
