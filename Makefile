@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0 $(QUIET_PIP)
 	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e '.[all]' $(QUIET_PIP)
 	@# Optional: onnxruntime's C headers (Debian's libonnxruntime-dev) for the native custom-op library.
-	@$(PY) -m l1fx.kernels.ort_build --fetch-headers > /dev/null 2>&1 \
-	  || echo "note: onnxruntime headers not available; l1fx.ort_session will use the Python-op path"
+	@$(PY) -m l1fx.kernels.ort_build --fetch-headers \
+	  || echo "note: without onnxruntime headers l1fx.ort_session uses the Python-op path"
 	touch $(STAMP)
 
 venv: $(STAMP)
