@@ -52,14 +52,25 @@ from ..errors import BackendUnavailable, UsageError  # noqa: E402,F401  (one hie
 
 
 @functools.lru_cache(maxsize=256)  # get_backend runs on every op call: inspect each function once
-def _takes_op(fn: Callable) -> bool:
-    """Whether ``supports`` is the per-op form ``(op, x)`` rather than ``(x)``."""
+def _takes_op_cached(fn: Callable) -> bool:
+    return _inspect_takes_op(fn)
+
+
+def _inspect_takes_op(fn: Callable) -> bool:
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
     required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
     return len(required) >= 2
+
+
+def _takes_op(fn: Callable) -> bool:
+    """Whether ``supports`` is the per-op form ``(op, x)`` rather than ``(x)``."""
+    try:
+        return _takes_op_cached(fn)
+    except TypeError:  # an unhashable callable (an object with __eq__ but no __hash__): inspect it each time
+        return _inspect_takes_op(fn)
 
 
 @dataclass

@@ -3,22 +3,21 @@
 * :func:`evaluating` - run a model in eval mode without grad, then give every
   submodule its own train flag back (not ``model.train(old)``, which would
   overwrite submodules the user had set differently);
-* :func:`atomic_write` - a file is either its old or its new content, never half;
+* :func:`default_file_mode` - the permissions a new file gets (the umask, read without changing it);
 * :func:`as_input_tuple` - "a tensor or a tuple/list of forward() arguments" as a tuple.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+import stat
+import tempfile
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from . import _atomicfile
-
-__all__ = ["evaluating", "atomic_write", "as_input_tuple", "default_file_mode"]
+__all__ = ["evaluating", "as_input_tuple", "default_file_mode"]
 
 
 @contextlib.contextmanager
@@ -38,28 +37,16 @@ def evaluating(model: nn.Module, *, no_grad: bool = True) -> Iterator[nn.Module]
 
 
 def default_file_mode() -> int:
-    """The permissions ``open(path, "w")`` would give a new file (0o666 minus the umask)."""
-    return _atomicfile._new_file_mode()
+    """The permissions ``open(path, "w")`` would give a new file (0o666 minus the umask).
 
-
-def atomic_write(path: Union[str, os.PathLike], data: Union[bytes, str], *, mode_from: Optional[Path] = None,
-                 encoding: str = "utf-8", make_parents: bool = False) -> Path:
-    """Write ``data`` to ``path`` atomically (str is encoded); returns the path.
-
-    The implementation is :mod:`l1fx._atomicfile` (temp file in the same
-    directory, fsync, ``os.replace``, directory fsync; the temp file is removed
-    on any failure and ``path`` is untouched). The new file keeps the
-    permissions of the file it replaces (or of ``mode_from``), else gets the
-    usual umask-based mode. Without ``make_parents`` a missing directory is a
-    FileNotFoundError rather than being created.
+    Read from a file created for the purpose, not with ``os.umask``: setting the
+    umask, even to put it straight back, applies to every thread of the process.
+    (Atomic file writes: :func:`l1fx._atomicfile.atomic_write`, the one implementation.)
     """
-    path = Path(path)
-    if not make_parents and not path.parent.is_dir():
-        raise FileNotFoundError(f"directory {path.parent} does not exist (writing {path.name})")
-    if isinstance(data, str):
-        data = data.encode(encoding)
-    _atomicfile.atomic_write_bytes(path, data, mode_from=None if mode_from is None else Path(mode_from))
-    return path
+    with tempfile.TemporaryDirectory(prefix="l1fx-mode-") as d:
+        probe = os.path.join(d, "probe")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        return stat.S_IMODE(os.stat(probe).st_mode)
 
 
 def as_input_tuple(example_inputs: Any, what: str = "example_inputs", *, tensors_only: bool = False) -> tuple:

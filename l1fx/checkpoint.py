@@ -19,10 +19,9 @@ unless asked otherwise. See docs/training.md ("Checkpoints and exact resume").
 """
 from __future__ import annotations
 
+import copy
 import os
 import pickle
-import random
-import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -31,6 +30,7 @@ from torch import nn
 
 from ._atomicfile import atomic_write
 from .errors import CheckpointError, TrainingError
+from .passes.rng import capture_rng_state, restore_rng_state
 from .train import TrainingWrapper
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
@@ -61,38 +61,6 @@ def _parts(path: Path, **objects) -> dict[str, Any]:
     return parts
 
 
-# ------------------------------------------------------------------ RNG
-
-def _rng_state() -> dict:
-    """The global generators a training loop draws from: torch (CPU, and CUDA once used), Python, NumPy."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    np = sys.modules.get("numpy")
-    if np is not None:  # only if the program uses NumPy at all; stored as a tensor for weights_only loading
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    random.setstate(_tuples(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        for device, s in enumerate(state["cuda"][:torch.cuda.device_count()]):  # as many GPUs as both have
-            torch.cuda.set_rng_state(s.cpu(), device)
-    if "numpy" in state:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-
-
-def _tuples(value):
-    """``random.setstate`` wants tuples; a loaded state may hold lists."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 # ------------------------------------------------------------------ save / load
 
 def save_checkpoint(path: Union[str, os.PathLike], *, model: Optional[nn.Module] = None,
@@ -112,7 +80,7 @@ def save_checkpoint(path: Union[str, os.PathLike], *, model: Optional[nn.Module]
     parts = _parts(path, model=model, optimizer=optimizer, wrapper=wrapper)
     if not parts and not extra:
         raise CheckpointError(f"{path}: nothing to save; pass model=, optimizer=, wrapper= and/or extra values")
-    payload = {"format": _FORMAT, "version": _VERSION, "extra": extra, "rng": _rng_state()}
+    payload = {"format": _FORMAT, "version": _VERSION, "extra": extra, "rng": capture_rng_state()}
     payload.update({name: obj.state_dict() for name, obj in parts.items()})
     try:
         atomic_write(path, lambda f: torch.save(payload, f))
@@ -129,8 +97,11 @@ def load_checkpoint(path: Union[str, os.PathLike], *, model: Optional[nn.Module]
 
     Each object given must have been saved. What can be checked first is
     checked before anything is loaded (model keys and shapes, the wrapper's
-    schedule, the optimizer's groups), so a mismatch raises
-    :class:`CheckpointError` and leaves the objects as they were. ``rng=True``
+    schedule), and a copy of each object's state is kept while loading, so
+    any failure (a mismatch, the optimizer's groups, a ``set_extra_state``
+    that refuses the state) raises :class:`CheckpointError` naming the path
+    and leaves the objects (and the RNG states) as they were; the copy needs
+    memory for one more model and optimizer state while loading. ``rng=True``
     also restores the global RNG states saved with the file (torch, CUDA,
     Python ``random``, NumPy), which a bit-exact resume of a loop that draws
     random numbers (dropout, shuffling, augmentation) needs. ``map_location``
@@ -156,21 +127,45 @@ def load_checkpoint(path: Union[str, os.PathLike], *, model: Optional[nn.Module]
             wrapper._check_state_dict(payload["wrapper"])
         except TrainingError as e:
             raise CheckpointError(f"{path}: {e}") from None
-    if optimizer is not None:  # validates the groups before it changes anything
-        try:
-            optimizer.load_state_dict(payload["optimizer"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer: {e}") from None
-    if model is not None:
-        try:
-            model.load_state_dict(payload["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: the model state does not fit this model: {e}") from None
-    if wrapper is not None:
-        wrapper.load_state_dict(payload["wrapper"])
-    if rng:
-        _set_rng_state(payload["rng"])
+    # Then load, model first (its load can still fail: set_extra_state, a load_state_dict hook); on any
+    # failure every object given is put back as it was, so the promise above holds.
+    saved = {name: _snapshot(obj) for name, obj in parts.items()}
+    touched: dict[str, Any] = {}  # what a failure has to put back: the parts loaded so far and the failing one
+    loading = "model"
+    try:
+        for loading in ("model", "optimizer", "wrapper"):  # the optimizer validates its groups first
+            if loading in parts:
+                touched[loading] = parts[loading]
+                parts[loading].load_state_dict(payload[loading])
+        if rng:
+            loading = "RNG states"
+            saved["rng"] = capture_rng_state()
+            restore_rng_state(payload["rng"])
+    except Exception as e:  # noqa: BLE001 - any failure: put everything back, one error naming the file
+        undone = _put_back(touched, saved)
+        raise CheckpointError(f"{path}: the {loading} state cannot be loaded ({type(e).__name__}: {e}); "
+                              f"{undone}") from e
     return dict(payload["extra"])
+
+
+def _snapshot(obj) -> Any:
+    """A copy of ``obj``'s state that later loads cannot change (state dicts hold the live tensors)."""
+    return copy.deepcopy(obj.state_dict())
+
+
+def _put_back(parts: dict, saved: dict) -> str:
+    """Reload each saved state; says whether everything is as it was."""
+    failed = []
+    for name, obj in parts.items():
+        try:
+            obj.load_state_dict(saved[name])
+        except Exception:  # noqa: BLE001 - reported in the message
+            failed.append(name)
+    if "rng" in saved:
+        restore_rng_state(saved["rng"])
+    if failed:
+        return f"the {' and '.join(failed)} could not be restored and may be partly loaded"
+    return "nothing was changed"
 
 
 def _read(path: Path, map_location, weights_only: bool) -> dict:

@@ -23,7 +23,10 @@ constant. While tracing, torch's random functions (:data:`RANDOM_TORCH_FUNCTIONS
 tensor methods (:data:`RANDOM_METHODS`) are wrapped so that they always become
 graph nodes; a value drawn at random that decides Python control flow (``if
 torch.rand(()) < p``) then fails to trace like any Proxy in a branch, and that
-module falls back to a leaf (or the model to a whole-model swap). Likewise
+module falls back to a leaf (or the model to a whole-model swap). A tensor
+filled by an in-place random method is that call's node in every later op,
+traced or not (:class:`_RandomFillGuard`). The patches are process-wide, so
+tracing holds one lock (:data:`_TRACE_LOCK`): one thread traces at a time. Likewise
 each module's ``training`` is a stand-in while tracing: an argument of a call
 becomes a read of the live flag, a Python branch on it falls back.
 """
@@ -41,6 +44,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from l1fx import layers
@@ -144,6 +148,71 @@ class _TrainingFlag:
         return repr(self.value)
 
 
+# Re-entrant: a forward that is being traced may itself convert (and so trace) another model.
+_TRACE_LOCK = threading.RLock()
+
+# Functions that read only a tensor's metadata, never its values (``n.shape``, ``n.size(0)``).
+_METADATA = frozenset({"shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_cuda", "is_sparse",
+                       "is_quantized", "is_meta", "names", "size", "dim", "ndimension", "numel", "nelement",
+                       "element_size", "stride", "is_contiguous", "is_floating_point", "is_complex", "__len__",
+                       "get_device"})
+
+
+def _function_name(func) -> str:
+    name = getattr(func, "__name__", "")
+    if name in ("__get__", "__set__"):  # a property such as Tensor.shape: name the property
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+_IN_PLACE_OPERATORS = frozenset(f"__i{op}__" for op in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod",
+                                                        "pow", "and", "or", "xor", "lshift", "rshift"))
+
+
+def _in_place(func) -> bool:
+    name = _function_name(func)
+    return (name.endswith("_") and not name.startswith("__")) or name in _IN_PLACE_OPERATORS
+
+
+class _RandomFillGuard(torch.overrides.TorchFunctionMode):
+    """While tracing: an op on a tensor filled by a recorded in-place random call is recorded too.
+
+    ``n = torch.empty(4); n.uniform_()`` records the fill as a node, and a use of ``n`` in a traced
+    call becomes that node (:meth:`L1Tracer.create_arg`). But ``n * 0.1``, with no traced value
+    among its arguments, would run once on the trace-time numbers and fx would keep its result as a
+    constant: the same "noise" on every call. This mode hands such ops the fill's node instead of
+    ``n``, so they are recorded; an in-place op on ``n`` becomes what later uses of ``n`` read. A
+    use that needs the values in Python (``n.item()``, ``n.tolist()``, a branch) then fails to trace
+    like any traced value, and the module becomes a leaf, which runs eagerly and stays random.
+    Metadata reads (``n.shape``) keep the real tensor. (Torch function modes are per thread.)
+    """
+
+    def __init__(self, tracer: "L1Tracer") -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        filled = self.tracer.random_values
+        if not filled or _function_name(func) in _METADATA:
+            return func(*args, **kwargs)
+
+        def traced(a):
+            hit = filled.get(id(a)) if isinstance(a, torch.Tensor) else None
+            return hit[1] if hit is not None and hit[0] is a else a
+
+        call_args, call_kwargs = pytree.tree_map(traced, (tuple(args), kwargs))
+        if _has_proxy(call_args, call_kwargs):  # record it, as fx does for an op on a traced value
+            result = fx.Proxy.__torch_function__(func, (fx.Proxy,), call_args, call_kwargs)
+        else:
+            result = func(*args, **kwargs)
+        if args and isinstance(result, fx.Proxy) and _in_place(func):
+            hit = filled.get(id(args[0]))
+            if hit is not None and hit[0] is args[0]:  # n.mul_(2): later uses of n are this result
+                filled[id(args[0])] = (hit[0], result)
+        return result
+
+
 def _has_proxy(args, kwargs) -> bool:
     found = []
     fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
@@ -181,7 +250,10 @@ class L1Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def trace(self, root, concrete_args=None):
-        with self._patched_helpers(), self._patched_random(root), self._training_flags(root):
+        # The patches are process-wide (torch.randn, Tensor.uniform_, module flags): two threads tracing
+        # at once would save each other's wrappers as the "originals" and leave torch patched for good.
+        with _TRACE_LOCK, self._patched_helpers(), self._patched_random(root), self._training_flags(root), \
+                _RandomFillGuard(self):
             return super().trace(root, concrete_args)
 
     @contextlib.contextmanager

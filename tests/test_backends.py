@@ -169,3 +169,27 @@ def test_old_style_supports_still_applies_to_every_op(registry, monkeypatch):
         assert get_backend(torch.randn(2, 2, dtype=torch.float64), op=op).name != "mine"
     with pytest.raises(BackendUnavailable, match="cannot run torch.float64 tensors on cpu; unset"):
         get_backend(torch.randn(2, 2, dtype=torch.float64), "mine")
+
+
+@pytest.mark.parametrize("per_op", [False, True])
+def test_unhashable_supports_callable_works_under_auto(registry, monkeypatch, per_op):
+    # an object with __eq__ and no __hash__ is unhashable: the signature cache must not make every op fail
+    class Supports:
+        __hash__ = None
+
+        def __eq__(self, other):
+            return self is other
+
+        def __call__(self, *args):
+            seen.append(len(args))
+            return True
+
+    seen, calls = [], []
+    if per_op:
+        Supports.__call__ = lambda self, op, x: seen.append(2) or True
+    register_backend(_recording("mine", calls, supports=Supports(), priority=100))
+    monkeypatch.delenv("L1FX_BACKEND", raising=False)
+    x, w = torch.randn(3, 4), torch.randn(2, 4)
+    torch.testing.assert_close(L1F.l1_linear(x, w), l1_linear_brute(x, w))
+    assert calls and calls[0][0] == "mine"
+    assert seen and set(seen) == {2 if per_op else 1}

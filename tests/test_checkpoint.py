@@ -203,3 +203,60 @@ def test_extra_objects_need_weights_only_false(tmp_path):
     with pytest.raises(CheckpointError, match="weights_only=False"):
         load_checkpoint(path)
     assert load_checkpoint(path, weights_only=False)["config"].depth == 3
+
+
+class Versioned(nn.Module):
+    """A model whose ``set_extra_state`` refuses another version: load_state_dict fails after the checks."""
+
+    def __init__(self, version):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.bn = nn.BatchNorm1d(2)
+        self.version = version
+
+    def get_extra_state(self):
+        return {"version": self.version}
+
+    def set_extra_state(self, state):
+        if state["version"] != self.version:
+            raise ValueError("incompatible version")
+
+
+@pytest.mark.parametrize("rng", [False, True])
+def test_a_load_that_fails_late_leaves_every_object_as_it_was(tmp_path, rng):
+    torch.manual_seed(0)
+    a = Versioned(1)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    a.lin(torch.randn(3, 2)).sum().backward()
+    opt_a.step()
+    path = save_checkpoint(tmp_path / "c.pt", model=a, optimizer=opt_a)
+
+    b = Versioned(2)
+    b.bn.running_mean.fill_(7.0)  # extra state is set after the tensors: these must come back too
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.5, momentum=0.5)
+    model_before = {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
+    rng_before = torch.get_rng_state()
+    torch.rand(3)  # the file's RNG state is not the current one
+    rng_mid = torch.get_rng_state()
+    with pytest.raises(CheckpointError, match=f"^{path}: the model state cannot be loaded .*ValueError: "
+                                              "incompatible version.*nothing was changed"):
+        load_checkpoint(path, model=b, optimizer=opt_b, rng=rng)
+    assert opt_b.param_groups[0]["lr"] == 0.5 and opt_b.param_groups[0]["momentum"] == 0.5
+    assert opt_b.state_dict()["state"] == {}
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in model_before.items())
+    assert torch.equal(torch.get_rng_state(), rng_mid) and not torch.equal(rng_mid, rng_before)
+
+
+def test_an_optimizer_that_fails_to_load_puts_the_model_back(tmp_path, monkeypatch):
+    model, opt, _ = build()
+    path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)
+    other, other_opt, _ = build(seed=5)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+
+    def broken(state):
+        raise KeyError("param_groups")
+
+    monkeypatch.setattr(other_opt, "load_state_dict", broken)
+    with pytest.raises(CheckpointError, match=f"^{path}: the optimizer state cannot be loaded"):
+        load_checkpoint(path, model=other, optimizer=other_opt)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())

@@ -317,3 +317,153 @@ def test_converted_model_with_postponed_annotations_saves_and_loads(tmp_path):
     loaded = torch.load(path, weights_only=False).eval()
     with torch.no_grad():
         assert torch.equal(loaded(x, cat), l1(x, cat))
+
+
+# ------------------------------------------------------------------ in-place random fills used eagerly
+class _FilledNoise(nn.Module):
+    """``n`` is filled in place at random, then used in an eager op before any traced call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        n = torch.empty(4)
+        n.uniform_()
+        return self.fc(x) + n * 0.1
+
+
+class _HasFilledNoise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.noisy = _FilledNoise()
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.out(self.noisy(x))
+
+
+@pytest.mark.parametrize("cls", [_FilledNoise, _HasFilledNoise])
+def test_random_fill_used_eagerly_is_not_frozen(cls):
+    torch.manual_seed(0)
+    model = cls()
+    x = torch.zeros(1, 4)
+    out = _quiet_convert(model, normalize=None)
+    assert summary(out).tracing == "full", summary(out).tracing
+    assert "uniform_" in {n.target for n in out.graph.nodes}
+    assert not torch.equal(out(x), out(x)), "the noise was frozen into a constant"
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        got = out(x)
+        torch.manual_seed(seed)
+        noise = torch.empty(4).uniform_() * 0.1  # the eager model's draw
+        fc = out.fc if cls is _FilledNoise else out.noisy.fc
+        want = fc(x) + noise if cls is _FilledNoise else out.out(fc(x) + noise)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class _FilledNoiseReadInPython(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        n = torch.empty(4)
+        n.uniform_()
+        return self.fc(x) + float(n.sum().item())  # needs the values in Python: cannot be a graph
+
+
+def test_random_fill_read_in_python_falls_back_and_stays_random():
+    model = _HasFilledNoise()
+    model.noisy = _FilledNoiseReadInPython()
+    out = _quiet_convert(model, normalize=None)
+    assert summary(out).tracing.startswith("partial") and "noisy" in summary(out).leaves, summary(out).leaves
+    x = torch.zeros(1, 4)
+    assert not torch.equal(out(x), out(x)), "the noise was frozen into a constant"
+
+
+class _FilledNoiseTraced(nn.Module):
+    """The fill reaches a traced op directly: still one graph, still random (metadata reads are fine)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        n = torch.empty(4)
+        n.normal_()
+        assert n.shape[0] == 4 and n.dim() == 1
+        return self.fc(x) + n
+
+
+def test_random_fill_reaching_a_traced_op_keeps_the_graph():
+    out = _quiet_convert(_FilledNoiseTraced(), normalize=None)
+    assert isinstance(out, fx.GraphModule) and summary(out).tracing == "full", summary(out).tracing
+    x = torch.zeros(1, 4)
+    assert not torch.equal(out(x), out(x))
+
+
+# ------------------------------------------------------------------ tracing from two threads at once
+class _SlowRandom(nn.Module):
+    """Draws at random and sleeps while traced, so two threads' patches overlap without a lock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        import time
+
+        time.sleep(0.05)
+        return self.fc(x) + torch.randn(4) + torch.empty(4).uniform_()
+
+
+def test_concurrent_conversions_leave_torch_unpatched():
+    import threading
+
+    originals = {"randn": torch.randn, "dropout": F.dropout, "uniform_": torch.Tensor.uniform_,
+                 "normal_": torch.Tensor.normal_}
+    errors, outs = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                outs.append(_quiet_convert(_SlowRandom(), normalize=None))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert torch.randn is originals["randn"] and F.dropout is originals["dropout"]
+    assert torch.Tensor.uniform_ is originals["uniform_"] and torch.Tensor.normal_ is originals["normal_"]
+    assert len(outs) == 6 and all(summary(o).tracing == "full" for o in outs)
+
+
+class _FilledThenUpdated(nn.Module):
+    """An in-place op with a traced argument on the filled tensor: later uses see its result, not the fill."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        n = torch.empty(1, 4)
+        n.uniform_()
+        n.add_(self.fc(x))
+        return n * 1.0
+
+
+def test_an_in_place_update_of_a_random_fill_is_kept():
+    torch.manual_seed(0)
+    model = _FilledThenUpdated()
+    out = _quiet_convert(model, normalize=None)
+    assert summary(out).tracing == "full" and "add_" in {n.target for n in out.graph.nodes}
+    x = torch.randn(1, 4)
+    torch.manual_seed(2)
+    noise = torch.empty(1, 4).uniform_()
+    torch.manual_seed(2)
+    torch.testing.assert_close(out(x), noise + out.fc(x), rtol=0, atol=0)

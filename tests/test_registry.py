@@ -1,6 +1,4 @@
 """The layer registry (l1fx.layers), the selection core, the shared helpers and the status enums."""
-import os
-import stat
 import subprocess
 import sys
 import warnings
@@ -287,25 +285,6 @@ def test_evaluating_restores_each_flag_also_on_error():
         with _util.evaluating(model):
             raise RuntimeError("boom")
     assert [m.training for m in model.modules()] == [True, True, False, False] and torch.is_grad_enabled()
-
-
-def test_atomic_write(tmp_path, monkeypatch):
-    target = tmp_path / "out.txt"
-    target.write_text("old")
-    os.chmod(target, 0o640)
-    _util.atomic_write(target, "new")
-    assert target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o640
-    fresh = _util.atomic_write(tmp_path / "sub" / "f.bin", b"\x00\x01", make_parents=True)
-    assert fresh.read_bytes() == b"\x00\x01"
-    assert stat.S_IMODE(fresh.stat().st_mode) == _util.default_file_mode()
-
-    def fail(*a):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        _util.atomic_write(target, "half")
-    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "sub"]
 
 
 def test_as_input_tuple():
