@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from l1fx._cli import init_type
 from l1fx.data import make_part_segmentation, part_segmentation_metrics
 from l1fx.models import build_model
 from l1fx.train import DLC, MGS, TrainingWrapper
@@ -67,19 +68,6 @@ PRESETS = {
 }
 
 
-def parse_init(text: str):
-    """``--init`` value: 'dense', 'data' or a positive number."""
-    if text in ("dense", "data"):
-        return text
-    try:
-        factor = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'dense', 'data' or a number, got {text!r}") from None
-    if not factor > 0:
-        raise argparse.ArgumentTypeError(f"the factor must be positive, got {text!r}")
-    return factor
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run (< 2 min on 2 CPU cores)")
@@ -94,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="batch size")
     p.add_argument("--lr", type=float, default=0.05, help="base learning rate (SGD, momentum 0.9)")
     p.add_argument("--eta", type=float, default=0.2, help="DLC eta")
-    p.add_argument("--init", default="data", type=parse_init,
+    p.add_argument("--init", default="data", type=init_type,
                    help="initial ℓ1 weights, l1fx.convert(init=...): 'data' (templates at the scale of each "
                         "layer's inputs on the first training batch; default), 'dense' (keep the dense init) or "
                         "a factor multiplying the dense init (e.g. 10); see examples/RESULTS.md")

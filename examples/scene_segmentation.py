@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import l1fx
+from l1fx._cli import init_type
 from l1fx.data import S3DIS, evaluate_scenes, generate_scenes
 from l1fx.models import build_scene_model
 from l1fx.report import compare
@@ -67,19 +68,6 @@ PRESETS = {
 }
 
 
-def parse_init(text: str):
-    """``--init`` value: 'dense', 'data' or a positive number (as in examples/part_segmentation.py)."""
-    if text in ("dense", "data"):
-        return text
-    try:
-        factor = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'dense', 'data' or a number, got {text!r}") from None
-    if not factor > 0:
-        raise argparse.ArgumentTypeError(f"the factor must be positive, got {text!r}")
-    return factor
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     size = p.add_mutually_exclusive_group()
@@ -101,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="batch size")
     p.add_argument("--lr", type=float, default=0.05, help="base learning rate (SGD, momentum 0.9), every variant")
     p.add_argument("--eta", type=float, default=0.2, help="DLC eta")
-    p.add_argument("--init", default="data", type=parse_init,
+    p.add_argument("--init", default="data", type=init_type,
                    help="initial ℓ1 weights, l1fx.convert(init=...): 'data' (default), 'dense' or a factor")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: small models gain little from more, and lose much on a busy machine)")

@@ -113,6 +113,19 @@ def ratio_type(text: str) -> float:
     return value
 
 
+def init_type(text: str):
+    """argparse type of ``--init`` (``l1fx.convert``'s ``init``): 'dense', 'data' or a positive number."""
+    if text in ("dense", "data"):
+        return text
+    try:
+        factor = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'dense', 'data' or a number, got {text!r}") from None
+    if not factor > 0:
+        raise argparse.ArgumentTypeError(f"the factor must be positive, got {text!r}")
+    return factor
+
+
 def add_selection_arguments(parser, *, what: str = "layers") -> None:
     """``--ratio R`` (default None, meaning 1), ``--include PAT``, ``--exclude PAT`` (repeatable)."""
     parser.add_argument("--ratio", type=ratio_type, default=None, metavar="R",
