@@ -54,7 +54,7 @@ namespace {
 constexpr int VW = 16;  // floats per vector register (32 registers)
 constexpr int FWD_R = 8, FWD_FV = 2;  // forward tile: 8 rows x 2 vectors of filters (M <= 32, conv)
 constexpr int WIDE_R = 6, WIDE_FV = 4;  // forward tile for M > 32: fewer broadcasts per min+FMA
-constexpr int CONV_MT = 6, CONV_PV = 4;  // conv forward tile: 6 filters x 4 vectors of positions
+constexpr int CONV_MT = 4, CONV_PV = 4;  // conv forward tile (packed): 4 filters x 4 vectors of positions
 constexpr int GX1_R = 4, GX1_KV = 2;  // input grad, mix 1: 4 rows x 2 vectors of k
 constexpr int GXS_R = 4, GXS_KV = 2;  // input grad, mix 0
 constexpr int GXB_R = 4, GXB_KV = 2;  // input grad, blended mix (acc + x per tile element)
@@ -503,18 +503,134 @@ void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int6
   }
 }
 
-// One CONV_MT x CONV_PW tile: CONV_MT filters x CONV_PV vectors of positions.
-// Vectorised over positions, each weight broadcast feeds CONV_PV min+FMA
-// pairs (vs 2 in the filter-vectorised tile), which runs ~20% faster here.
-inline void conv_micro(const float* xp, const float* wt, int64_t Mg_pad, int64_t K, vf acc[CONV_MT][CONV_PV]) {
+// ---- packed conv forward: channel slices of the patches, vector packer
+// A work item is a panel of CONV_PW consecutive output positions (b, group
+// fixed). Its patches are packed a slice of CS channels at a time (KS = CS *
+// kvol values per position, a [KS][CONV_PW] panel of at most ~32 KiB, in L1),
+// the register tiles reduce over the slice, and their sums are carried to
+// the next slice in a [Mg][CONV_PW] buffer (the sum over k stays in k order).
+// Per thread that is ~40 KiB whatever K is; float32 weights are read in place
+// (bfloat16 ones converted once), so the forward's extra memory is far below
+// its output even for small layers (stride 2 on a 16^3 grid: a 128 KiB output).
+
+// The positions of one vector of a panel as runs on output lines: lanes
+// [lo, hi) are positions ow0 .. ow0 + hi - lo - 1 of line (od, oh).
+struct PosRun {
+  int lo, hi;
+  int64_t od, oh, ow0;
+};
+constexpr int MAX_RUNS = VW;  // at most one run per lane
+
+inline int position_runs(const ConvGeom& cg, int64_t pos, int64_t n, PosRun* runs) {
+  int nr = 0;
+  for (int64_t l = 0; l < n;) {
+    const int64_t p = pos + l, ow = p % cg.out[2], oh = (p / cg.out[2]) % cg.out[1], od = p / (cg.out[2] * cg.out[1]);
+    const int64_t len = std::min(n - l, cg.out[2] - ow);
+    runs[nr++] = PosRun{int(l), int(l + len), od, oh, ow};
+    l += len;
+  }
+  return nr;
+}
+
+// One run's reads for one kernel offset: lane l (in mask m) reads channel
+// line xc[off + l * st] (xc = the channel's first value); ma/mb: the even
+// elements of the two vectors at xc + off (lanes 0-7 / 8-15) for stride 2.
+struct RunLoad {
+  int64_t off;
+  uint32_t m, ma, mb;
+};
+
+// The reads of kernel offset (kd, kh, kw) for one vector's runs, one per run
+// (so the packer's loops do not depend on the data): lanes outside the input
+// (padding) are left out of the masks, so they read as 0; a run whose line is
+// padding gets empty masks (a masked load with an empty mask reads nothing).
+inline int run_loads(const ConvGeom& cg, const PosRun* rv, int nr, int64_t kd, int64_t kh, int64_t kw, RunLoad* out) {
+  const int64_t st = cg.st[2];
+  for (int r = 0; r < nr; ++r) {
+    RunLoad& e = out[r];
+    e.off = 0;
+    e.m = e.ma = e.mb = 0;
+    const int64_t id = rv[r].od * cg.st[0] - cg.pad[0] + kd * cg.dil[0];
+    const int64_t ih = rv[r].oh * cg.st[1] - cg.pad[1] + kh * cg.dil[1];
+    if (id < 0 || id >= cg.in[0] || ih < 0 || ih >= cg.in[1]) continue;
+    const int64_t base = rv[r].ow0 * st - cg.pad[2] + kw * cg.dil[2];  // input index of lane lo
+    // Lanes l in [lo, hi) with 0 <= base + (l - lo) * st < in2.
+    const int64_t first = base >= 0 ? 0 : (-base + st - 1) / st;
+    const int64_t last = base >= cg.in[2] ? -1 : (cg.in[2] - 1 - base) / st;
+    const int llo = int(std::min<int64_t>(rv[r].hi, rv[r].lo + first));
+    const int lhi = int(std::min<int64_t>(rv[r].hi, rv[r].lo + last + 1));
+    if (lhi <= llo) continue;
+    e.off = (id * cg.in[1] + ih) * cg.in[2] + base - rv[r].lo * st;
+    e.m = ((lhi >= 32 ? 0u : (1u << lhi)) - 1u) & ~((1u << llo) - 1u);
+#if defined(__AVX512F__)
+    e.ma = _pdep_u32(e.m & 0xFFu, 0x5555u);
+    e.mb = _pdep_u32((e.m >> 8) & 0xFFu, 0x5555u);
+#endif
+  }
+  return nr;
+}
+
+// The VW patch values of one vector for one (channel, kernel offset).
+inline vf gather_runs(const float* xc, const RunLoad* e, int ne, int64_t st) {
+#if defined(__AVX512F__)
+  if (VW == 16 && st <= 2) {
+    __m512 r = _mm512_setzero_ps();
+    if (st == 1) {  // one masked load per run
+      for (int i = 0; i < ne; ++i) r = _mm512_mask_loadu_ps(r, __mmask16(e[i].m), xc + e[i].off);
+    } else {  // the even elements of two vectors per run, merged, then one permute
+      __m512 A = _mm512_setzero_ps(), B = _mm512_setzero_ps();
+      for (int i = 0; i < ne; ++i) {
+        A = _mm512_mask_loadu_ps(A, __mmask16(e[i].ma), xc + e[i].off);
+        B = _mm512_mask_loadu_ps(B, __mmask16(e[i].mb), xc + e[i].off + 16);
+      }
+      const __m512i idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      r = _mm512_permutex2var_ps(A, idx, B);
+    }
+    vf v;
+    std::memcpy(&v, &r, sizeof v);
+    return v;
+  }
+#endif
+  vf v = vf{};
+  for (int i = 0; i < ne; ++i)
+    for (int l = 0; l < VW; ++l)
+      if (e[i].m >> l & 1u) v[l] = xc[e[i].off + l * st];
+  return v;
+}
+inline vf gather_runs(const uint16_t* xc, const RunLoad* e, int ne, int64_t st) {
+  vf v = vf{};
+  for (int i = 0; i < ne; ++i)
+    for (int l = 0; l < VW; ++l)
+      if (e[i].m >> l & 1u) v[l] = to_f(xc[e[i].off + l * st]);
+  return v;
+}
+
+// Patch values of channels [c0, c1) of a panel into dst [(c - c0) * kvol + q][CONV_PW]:
+// loads[(v * kvol + q) * MAX_RUNS ...] (n_loads[v * kvol + q] of them) are the reads of
+// vector v for kernel offset q, made once per panel by run_loads.
+template <typename T>
+void pack_conv_slice(const T* x, const ConvGeom& cg, int64_t b, int64_t g, const RunLoad* loads, const int* n_loads,
+                     int64_t c0, int64_t c1, float* dst) {
+  const int64_t kv = cg.kvol(), S = cg.S();
+  const T* xg = x + (b * cg.C + g * cg.Cg()) * S;
+  for (int v = 0; v < CONV_PV; ++v)
+    for (int64_t q = 0; q < kv; ++q) {
+      const RunLoad* e = loads + (v * kv + q) * MAX_RUNS;
+      const int ne = n_loads[v * kv + q];
+      float* d = dst + q * CONV_PW + v * VW;
+      for (int64_t c = c0; c < c1; ++c) store(d + (c - c0) * kv * CONV_PW, gather_runs(xg + c * S, e, ne, cg.st[2]));
+    }
+}
+
+// CONV_MT filters (rows wr[i], K-contiguous, offset to the slice) x CONV_PV
+// vectors of positions over KS patch values; acc carries the sums in and out.
+inline void conv_micro(const float* xp, const float* const* wr, int64_t KS, vf acc[CONV_MT][CONV_PV]) {
   const vf one = splat(kOpaqueOne);
-  for (int i = 0; i < CONV_MT; ++i)
-    for (int v = 0; v < CONV_PV; ++v) acc[i][v] = vf{};
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < KS; ++k) {
     vf xv[CONV_PV];
     for (int v = 0; v < CONV_PV; ++v) xv[v] = load(xp + k * CONV_PW + v * VW);
     for (int i = 0; i < CONV_MT; ++i) {
-      const vf wb = splat(wt[k * Mg_pad + i]);
+      const vf wb = splat(wr[i][k]);
       for (int v = 0; v < CONV_PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wb) * one;
     }
   }
@@ -522,40 +638,71 @@ inline void conv_micro(const float* xp, const float* wt, int64_t Mg_pad, int64_t
 
 template <typename T>
 void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
-  const int64_t K = cg.Kg(), Mg = cg.Mg(), P = cg.P();
-  const int64_t Mg_pad = round_up(Mg, CONV_MT);
-  // Per group: weights as [K][Mg_pad]; the bias as floats.
-  std::vector<float> wt(size_t(cg.G * K * Mg_pad), 0.f), col_term(size_t(cg.M), 0.f);
-  for (int64_t g = 0; g < cg.G; ++g)
-    for (int64_t m = 0; m < Mg; ++m)
-      for (int64_t k = 0; k < K; ++k) wt[size_t((g * K + k) * Mg_pad + m)] = to_f(w[(g * Mg + m) * K + k]);
-  for (int64_t m = 0; m < cg.M; ++m) col_term[size_t(m)] = bias ? to_f(bias[m]) : 0.f;
-  // Tiles of positions whose packed patches (~256 KiB) stay in L2.
-  const int64_t RT = std::max<int64_t>(CONV_PW, std::min<int64_t>(256, (65536 / std::max<int64_t>(K, 1))) / CONV_PW * CONV_PW);
-  const int64_t n_tiles = (P + RT - 1) / RT;
+  const int64_t K = cg.Kg(), Mg = cg.Mg(), P = cg.P(), kv = cg.kvol(), Cg = cg.Cg();
+  // float32 weights are used in place; bfloat16 ones converted once to [M][K].
+  std::vector<float> wconv;
+  const float* wf;
+  if (std::is_same<T, float>::value) {
+    wf = reinterpret_cast<const float*>(w);
+  } else {
+    wconv.resize(size_t(cg.M * K));
+    for (int64_t i = 0; i < cg.M * K; ++i) wconv[size_t(i)] = to_f(w[i]);
+    wf = wconv.data();
+  }
+  // Channels per slice: a [CS * kvol][CONV_PW] panel of at most ~32 KiB.
+  const int64_t CS = std::max<int64_t>(1, std::min<int64_t>(Cg, (8192 / CONV_PW) / std::max<int64_t>(kv, 1)));
+  const int64_t n_slices = (Cg + CS - 1) / CS;
+  const int64_t n_mb = (Mg + CONV_MT - 1) / CONV_MT;
+  const int64_t n_tiles = (P + CONV_PW - 1) / CONV_PW;
   const int64_t items = cg.B * cg.G * n_tiles;
 #pragma omp parallel num_threads(threads_for(items, nthreads))
   {
-    std::vector<float> xb(static_cast<size_t>(RT * K));
+    std::vector<float> xb(static_cast<size_t>(CS * kv * CONV_PW));
+    std::vector<vf> carry(static_cast<size_t>(n_slices > 1 ? n_mb * CONV_MT * CONV_PV : 0));
+    PosRun runs[CONV_PV * MAX_RUNS];
+    int n_runs[CONV_PV];
+    std::vector<RunLoad> loads(static_cast<size_t>(CONV_PV * kv * MAX_RUNS));
+    std::vector<int> n_loads(static_cast<size_t>(CONV_PV * kv));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t t = it % n_tiles, g = (it / n_tiles) % cg.G, b = it / (n_tiles * cg.G);
-      const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
-      pack_conv_panels(x, cg, b, g, pos0, rows, xb.data());
-      for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW) {
-        for (int64_t m0 = 0; m0 < Mg; m0 += CONV_MT) {
+      const int64_t pos0 = t * CONV_PW, rows = std::min<int64_t>(CONV_PW, P - pos0);
+      for (int v = 0; v < CONV_PV; ++v)  // vectors past the last position: no runs (zeros)
+        n_runs[v] = position_runs(cg, pos0 + v * VW, std::max<int64_t>(0, std::min<int64_t>(VW, rows - v * VW)),
+                                  runs + v * MAX_RUNS);
+      for (int v = 0; v < CONV_PV; ++v)
+        for (int64_t kd = 0, q = 0; kd < cg.ker[0]; ++kd)
+          for (int64_t kh = 0; kh < cg.ker[1]; ++kh)
+            for (int64_t kw = 0; kw < cg.ker[2]; ++kw, ++q)
+              n_loads[size_t(v * kv + q)] = run_loads(cg, runs + v * MAX_RUNS, n_runs[v], kd, kh, kw,
+                                                      &loads[size_t((v * kv + q) * MAX_RUNS)]);
+      for (int64_t s = 0; s < n_slices; ++s) {
+        const int64_t c0 = s * CS, c1 = std::min(Cg, c0 + CS), KS = (c1 - c0) * kv;
+        pack_conv_slice(x, cg, b, g, loads.data(), n_loads.data(), c0, c1, xb.data());
+        for (int64_t mb = 0; mb < n_mb; ++mb) {
+          const float* wr[CONV_MT];
+          for (int i = 0; i < CONV_MT; ++i)  // a partial block repeats its last filter (sums dropped)
+            wr[i] = wf + (g * Mg + std::min<int64_t>(mb * CONV_MT + i, Mg - 1)) * K + c0 * kv;
           vf acc[CONV_MT][CONV_PV];
-          conv_micro(&xb[size_t(r0 * K)], &wt[size_t(g * K * Mg_pad + m0)], Mg_pad, K, acc);
-          for (int i = 0; i < CONV_MT && m0 + i < Mg; ++i) {
-            const vf col = splat(col_term[size_t(g * Mg + m0 + i)]);
-            T* yp = y + (b * cg.M + g * Mg + m0 + i) * P + pos0 + r0;
+          vf* cr = n_slices > 1 ? &carry[size_t(mb * CONV_MT * CONV_PV)] : nullptr;
+          for (int i = 0; i < CONV_MT; ++i)
+            for (int v = 0; v < CONV_PV; ++v) acc[i][v] = s == 0 ? vf{} : cr[i * CONV_PV + v];
+          conv_micro(xb.data(), wr, KS, acc);
+          if (s + 1 < n_slices) {
+            for (int i = 0; i < CONV_MT; ++i)
+              for (int v = 0; v < CONV_PV; ++v) cr[i * CONV_PV + v] = acc[i][v];
+            continue;
+          }
+          for (int i = 0; i < CONV_MT && mb * CONV_MT + i < Mg; ++i) {
+            const int64_t m = g * Mg + mb * CONV_MT + i;
+            const vf col = splat(bias ? to_f(bias[m]) : 0.f);
+            T* yp = y + (b * cg.M + m) * P + pos0;
             for (int v = 0; v < CONV_PV; ++v) {
-              const int64_t n = std::min<int64_t>(VW, rows - r0 - v * VW);
+              const int64_t n = std::min<int64_t>(VW, rows - v * VW);
               if (n <= 0) break;
-              float out[VW];
-              store(out, col - acc[i][v]);
+              const vf out = col - acc[i][v];
               if (std::is_same<T, float>::value && n == VW)
-                std::memcpy(yp + v * VW, out, sizeof out);
+                store(reinterpret_cast<float*>(yp + v * VW), out);
               else
                 for (int64_t e = 0; e < n; ++e) from_f(out[e], yp + v * VW + e);
             }
