@@ -115,6 +115,59 @@ inline vf absdiff(vf x, vf w) { return vabs(x - w); }
 // HardTanh, NaN-propagating like torch.clamp: MINPS/MAXPS return their second
 // operand (d) when either is NaN.
 inline vf clamp1(vf d) { return vmax(vf{} - 1.0f, vmin(vf{} + 1.0f, d)); }
+// The same for a d that is not NaN (x and w all finite: a difference of finite
+// floats is finite or +-inf, never NaN). AVX-512DQ: one VRANGEPS (the operand of
+// smaller magnitude, d or 1, with d's sign: d for |d| < 1, else +-1; -0 stays
+// -0), ~1.3x faster in the input-gradient loops than MINPS + MAXPS. VRANGEPS
+// returns the other operand for a NaN, hence only for finite data.
+template <bool FIN>
+inline vf clamp1_(vf d) {
+#if defined(__AVX512DQ__)
+  if (FIN && VW == 16) {
+    __m512 r;
+    std::memcpy(&r, &d, sizeof r);
+    r = _mm512_range_ps(r, _mm512_set1_ps(1.0f), 0x02);  // imm: min |.|, sign of src1
+    std::memcpy(&d, &r, sizeof d);
+    return d;
+  }
+#endif
+  return clamp1(d);
+}
+
+// Whether every value is finite (no NaN, no +-inf).
+inline bool all_finite(const float* p, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, p + i, 4);
+    bad |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+inline bool all_finite(const uint16_t* p, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= uint32_t((p[i] & 0x7f80u) == 0x7f80u);
+  return bad == 0;
+}
+
+// acc + t * g in the lanes of mask (bits m, or lanes of `lanes` != 0), acc
+// elsewhere: those lanes get no term at all (not 0 * t, which is NaN for a NaN
+// t). One masked FMA on AVX-512.
+inline vf fma_lanes(vf acc, vf t, vf g, uint32_t m, vi lanes) {
+#if defined(__AVX512F__)
+  if (VW == 16) {
+    __m512 a, b, c;
+    std::memcpy(&a, &t, sizeof a);
+    std::memcpy(&b, &g, sizeof b);
+    std::memcpy(&c, &acc, sizeof c);
+    c = _mm512_mask3_fmadd_ps(a, b, c, __mmask16(m));
+    std::memcpy(&acc, &c, sizeof acc);
+    return acc;
+  }
+#endif
+  (void)m;
+  return acc + (vf)((vi)(t * g) & lanes);
+}
 // torch.sign on CPU: -1, 0, +1, and 0 for NaN (it is (0 < d) - (d < 0)), as the
 // reference kernel computes it. sign(fl(x - w)) is the exact sign of x - w (a
 // float difference is 0 only when x == w).
@@ -974,7 +1027,7 @@ void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& c
 // owns its input line.
 constexpr int CONV_CT = VW == 16 ? 8 : 4;  // AVX2 has 16 registers
 
-template <int MODE, typename T>
+template <int MODE, bool FIN, typename T>
 void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& cg, float a, float b,
                      int nthreads) {
   const int64_t Cg = cg.Cg(), Mg = cg.Mg(), kv = cg.kvol(), P = cg.P(), S = cg.S();
@@ -1012,9 +1065,16 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
           if (od >= cg.out[0] || oh >= cg.out[1]) continue;
           for (int64_t m = 0; m < Mg; ++m) {  // the g line, zero-stuffed to stride 1: dl[off + o * st2] = g[o]
             float* dl = &gl[size_t((nv * Mg + m) * L)];
-            std::fill(dl, dl + L, 0.f);
             const T* src = g + ((bb * cg.M + gr * Mg + m) * P) + (od * cg.out[1] + oh) * cg.out[2];
-            for (int64_t o = 0; o < cg.out[2] && off + o * cg.st[2] < L; ++o) dl[off + o * cg.st[2]] = to_f(src[o]);
+            if (std::is_same<T, float>::value && cg.st[2] == 1) {  // a plain copy between zeros (vector moves)
+              const int64_t n = std::min<int64_t>(cg.out[2], L - off);
+              std::fill(dl, dl + off, 0.f);
+              std::memcpy(dl + off, src, size_t(n) * sizeof(float));
+              std::fill(dl + off + n, dl + L, 0.f);
+            } else {
+              std::fill(dl, dl + L, 0.f);
+              for (int64_t o = 0; o < cg.out[2] && off + o * cg.st[2] < L; ++o) dl[off + o * cg.st[2]] = to_f(src[o]);
+            }
           }
           valid[size_t(nv++)] = kd * cg.ker[1] + kh;
         }
@@ -1042,6 +1102,8 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
               vi live = (lane >= int32_t(lo)) & (lane < int32_t(hi));
               if (st2 != 1)
                 for (int l = 0; l < VW; ++l) live[l] = ((o0 + l) % st2 + st2) % st2 == 0 ? live[l] : 0;
+              uint32_t live_m = 0;
+              for (int l = 0; l < VW; ++l) live_m |= live[l] ? 1u << l : 0u;
               const int64_t q = valid[size_t(j)] * cg.ker[2] + kw;
               const float* gq = &gl[size_t(j * Mg * L + o0 + off)];
               const float* wq = &wt[size_t(((gr * kv + q) * Mg) * Cg_pad + c0)];
@@ -1054,12 +1116,11 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
                   for (int c = 0; c < CONV_CT; ++c) {
                     const vf d = splat(wm[c]) - xv[c];
                     if (decltype(full)::value) {
-                      acc[c] += (MODE == 0 ? vsign(d) : clamp1(d)) * ga;
+                      acc[c] += (MODE == 0 ? vsign(d) : clamp1_<FIN>(d)) * ga;
                       if (MODE == 2) acc[c] += vsign(d) * gb;
                     } else {
-                      vf t = (MODE == 0 ? vsign(d) : clamp1(d)) * ga;
-                      if (MODE == 2) t += vsign(d) * gb;
-                      acc[c] += (vf)((vi)t & live);
+                      acc[c] = fma_lanes(acc[c], MODE == 0 ? vsign(d) : clamp1_<FIN>(d), ga, live_m, live);
+                      if (MODE == 2) acc[c] = fma_lanes(acc[c], vsign(d), gb, live_m, live);
                     }
                   }
                 }
@@ -1084,12 +1145,18 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
 template <typename T>
 void conv_input_grad_dispatch(const T* g, const T* x, const T* w, T* gx, const ConvGeom& cg, float mix,
                               int nthreads) {
-  if (mix == 1.0f)
-    conv_input_grad<1>(g, x, w, gx, cg, 1.f, 0.f, nthreads);
+  // Finite x and w (the usual case, checked in one pass) take the faster clamp.
+  const bool fin = mix != 0.0f && all_finite(x, cg.B * cg.C * cg.S()) && all_finite(w, cg.M * cg.Kg());
+  if (mix == 1.0f && fin)
+    conv_input_grad<1, true>(g, x, w, gx, cg, 1.f, 0.f, nthreads);
+  else if (mix == 1.0f)
+    conv_input_grad<1, false>(g, x, w, gx, cg, 1.f, 0.f, nthreads);
   else if (mix == 0.0f)
-    conv_input_grad<0>(g, x, w, gx, cg, 0.f, 1.f, nthreads);
+    conv_input_grad<0, false>(g, x, w, gx, cg, 0.f, 1.f, nthreads);
+  else if (fin)
+    conv_input_grad<2, true>(g, x, w, gx, cg, mix, 1.f - mix, nthreads);
   else
-    conv_input_grad<2>(g, x, w, gx, cg, mix, 1.f - mix, nthreads);
+    conv_input_grad<2, false>(g, x, w, gx, cg, mix, 1.f - mix, nthreads);
 }
 
 // ---------------------------------------------------------------- backward
@@ -1106,7 +1173,7 @@ void conv_input_grad_dispatch(const T* g, const T* x, const T* w, T* gx, const C
 // Input gradient of one packed row block, vectorised over k (so the sum over
 // filters is a plain vertical add): xp [rows_pad, K_pad], gp [rows_pad, M],
 // wr [M, K_pad]; gx[n, k] = sum_m g[n, m] phi_x(w[m, k] - x[n, k]).
-template <int MODE, int R, int KV, typename T>
+template <int MODE, bool FIN, int R, int KV, typename T>
 void input_grad_block(const float* xp, const float* gp, const float* wr, int64_t rows, int64_t rows_pad, int64_t K,
                       int64_t K_pad, int64_t M, float a, float b, T* gx, int64_t n0) {
   for (int64_t r0 = 0; r0 < rows_pad; r0 += R) {
@@ -1125,7 +1192,7 @@ void input_grad_block(const float* xp, const float* gp, const float* wr, int64_t
           const vf ga = splat(MODE == 2 ? gs * a : gs), gb = splat(gs * b);
           for (int j = 0; j < KV; ++j) {
             const vf d = wv[j] - xv[r][j];
-            if (MODE != 0) acc[r][j] += clamp1(d) * ga;
+            if (MODE != 0) acc[r][j] += clamp1_<FIN>(d) * ga;
             if (MODE == 0) acc[r][j] += vsign(d) * ga;
             if (MODE == 2) acc[r][j] += vsign(d) * gb;
           }
@@ -1184,7 +1251,7 @@ void weight_grad_block(const float* xp, int64_t xs_n, int64_t xs_k, const float*
 
 // One pass over row blocks computing gx (if gx != nullptr) and the weight
 // gradient (if s_out != nullptr, float32 [M, K]), sharing the packed row blocks.
-template <int MODE, typename T>
+template <int MODE, bool FIN, typename T>
 void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, float b, int64_t N, int64_t K,
               int64_t M, int nthreads) {
   constexpr int R = MODE == 1 ? GX1_R : MODE == 0 ? GXS_R : GXB_R;
@@ -1214,7 +1281,7 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
       pack_rows(x, K, n0, rows, rows_pad, K_pad, xp.data());
       if (gx) {
         pack_rows(g, M, n0, rows, rows_pad, M, gp.data());
-        input_grad_block<MODE, R, KV>(xp.data(), gp.data(), pw.rows.data(), rows, rows_pad, K, K_pad, M, a, b, gx,
+        input_grad_block<MODE, FIN, R, KV>(xp.data(), gp.data(), pw.rows.data(), rows, rows_pad, K, K_pad, M, a, b, gx,
                                       n0);
       }
       if (S) {
@@ -1238,12 +1305,18 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
 template <typename T>
 void backward_dispatch(const T* g, const T* x, const T* w, T* gx, float* s, float mix, int64_t N, int64_t K,
                        int64_t M, int nthreads) {
-  if (mix == 1.0f)
-    backward<1>(g, x, w, gx, s, 1.f, 0.f, N, K, M, nthreads);
+  // Finite x and w (checked in one pass; only the input gradient clamps) take the faster clamp.
+  const bool fin = gx != nullptr && mix != 0.0f && all_finite(x, N * K) && all_finite(w, M * K);
+  if (mix == 1.0f && fin)
+    backward<1, true>(g, x, w, gx, s, 1.f, 0.f, N, K, M, nthreads);
+  else if (mix == 1.0f)
+    backward<1, false>(g, x, w, gx, s, 1.f, 0.f, N, K, M, nthreads);
   else if (mix == 0.0f)
-    backward<0>(g, x, w, gx, s, 0.f, 1.f, N, K, M, nthreads);
+    backward<0, false>(g, x, w, gx, s, 0.f, 1.f, N, K, M, nthreads);
+  else if (fin)
+    backward<2, true>(g, x, w, gx, s, mix, 1.f - mix, N, K, M, nthreads);
   else
-    backward<2>(g, x, w, gx, s, mix, 1.f - mix, N, K, M, nthreads);
+    backward<2, false>(g, x, w, gx, s, mix, 1.f - mix, N, K, M, nthreads);
 }
 
 // ---------------------------------------------------------------- direct conv weight gradient
