@@ -1017,9 +1017,11 @@ void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& c
 // when that is a whole number inside the output, so
 //   gx[b, c, i] = sum_{m, koff} g[b, m, o] * phi(w[m, c, koff] - x[b, c, i])
 // (phi as in input_grad_block; an o that does not exist contributes no term).
-// Stride > 1 along the line: the g lines are zero-stuffed to stride 1 and the
-// lanes without an output are masked off (along the outer axes, kernel offsets
-// without an output line are skipped).
+// Stride st > 1 along the line: the line is split into its st phases (inputs
+// p, p + st, p + 2 st, ...); within a phase, a kernel offset either reaches no
+// output or consecutive outputs, so every lane does useful work (no
+// zero-stuffing, no masked-off half vectors); along the outer axes, kernel
+// offsets without an output line are skipped.
 // One work item is one input line (b, group, id, ih): the output-gradient
 // lines it needs are copied once into zero-padded buffers, then register tiles
 // of CONV_CT channels x VW positions along the line reduce over (koff, m)
@@ -1034,7 +1036,7 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
   const int64_t Cg_pad = round_up(Cg, CONV_CT);
   const int64_t in2_pad = round_up(cg.in[2], VW);
   const int64_t off = std::max<int64_t>(0, (cg.ker[2] - 1) * cg.dil[2] - cg.pad[2]);
-  const int64_t L = off + in2_pad + cg.pad[2] + VW;  // padded g line: index o + off
+  const int64_t L = off + in2_pad + cg.pad[2] + VW + 1;  // padded g line: index o + off
   // Weights per group as [koff][m][c_pad], raw (the differences are formed exactly).
   std::vector<float> wt(size_t(cg.G * kv * Mg * Cg_pad), 0.f);
   for (int64_t gr = 0; gr < cg.G; ++gr)
@@ -1063,78 +1065,82 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
           if (td < 0 || th < 0 || td % cg.st[0] != 0 || th % cg.st[1] != 0) continue;
           const int64_t od = td / cg.st[0], oh = th / cg.st[1];
           if (od >= cg.out[0] || oh >= cg.out[1]) continue;
-          for (int64_t m = 0; m < Mg; ++m) {  // the g line, zero-stuffed to stride 1: dl[off + o * st2] = g[o]
+          for (int64_t m = 0; m < Mg; ++m) {  // the g line between zeros: dl[off + o] = g[o]
             float* dl = &gl[size_t((nv * Mg + m) * L)];
             const T* src = g + ((bb * cg.M + gr * Mg + m) * P) + (od * cg.out[1] + oh) * cg.out[2];
-            if (std::is_same<T, float>::value && cg.st[2] == 1) {  // a plain copy between zeros (vector moves)
-              const int64_t n = std::min<int64_t>(cg.out[2], L - off);
-              std::fill(dl, dl + off, 0.f);
-              std::memcpy(dl + off, src, size_t(n) * sizeof(float));
-              std::fill(dl + off + n, dl + L, 0.f);
-            } else {
-              std::fill(dl, dl + L, 0.f);
-              for (int64_t o = 0; o < cg.out[2] && off + o * cg.st[2] < L; ++o) dl[off + o * cg.st[2]] = to_f(src[o]);
-            }
+            const int64_t n = std::min<int64_t>(cg.out[2], L - off);
+            std::fill(dl, dl + off, 0.f);
+            if (std::is_same<T, float>::value)
+              std::memcpy(dl + off, src, size_t(n) * sizeof(float));  // vector moves
+            else
+              for (int64_t o = 0; o < n; ++o) dl[off + o] = to_f(src[o]);
+            std::fill(dl + off + n, dl + L, 0.f);
           }
           valid[size_t(nv++)] = kd * cg.ker[1] + kh;
         }
       T* gx_line = gx + ((bb * cg.C + gr * Cg) * cg.in[0] + id) * cg.in[1] * cg.in[2] + ih * cg.in[2];
       const T* x_line = x + ((bb * cg.C + gr * Cg) * cg.in[0] + id) * cg.in[1] * cg.in[2] + ih * cg.in[2];
-      for (int64_t c0 = 0; c0 < Cg_pad; c0 += CONV_CT) {
-        for (int c = 0; c < CONV_CT; ++c) {  // this tile's x lines, zero padded
-          float* d = &xl[size_t(c * in2_pad)];
-          for (int64_t i = 0; i < in2_pad; ++i) d[i] = c0 + c < Cg && i < cg.in[2] ? to_f(x_line[(c0 + c) * S + i]) : 0.f;
-        }
-        for (int64_t i0 = 0; i0 < in2_pad; i0 += VW) {
-          vf acc[CONV_CT], xv[CONV_CT];
-          for (int c = 0; c < CONV_CT; ++c) {
-            acc[c] = vf{};
-            xv[c] = load(&xl[size_t(c * in2_pad + i0)]);
+      const int64_t st2 = cg.st[2];
+      for (int64_t ph = 0; ph < std::min(st2, cg.in[2]); ++ph) {  // inputs ph + st2 * jj, jj < n_ph
+        const int64_t n_ph = (cg.in[2] - ph + st2 - 1) / st2;
+        for (int64_t c0 = 0; c0 < Cg_pad; c0 += CONV_CT) {
+          for (int c = 0; c < CONV_CT; ++c) {  // this tile's x lines (this phase), zero padded
+            float* d = &xl[size_t(c * in2_pad)];
+            for (int64_t i = 0; i < in2_pad; ++i)
+              d[i] = c0 + c < Cg && i < n_ph ? to_f(x_line[(c0 + c) * S + ph + st2 * i]) : 0.f;
           }
-          for (int64_t j = 0; j < nv; ++j)
-            for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
-              // Lanes whose output o = i + pad - kw * dil exists; the others get no
-              // term at all (not 0 * phi, which is NaN for a NaN weight), as in im2col.
-              // Lane l reaches t = o0 + l = o * st2: an output exists iff t >= 0, t % st2 == 0, o < out2.
-              const int64_t o0 = i0 + cg.pad[2] - kw * cg.dil[2], st2 = cg.st[2];
-              const int64_t lo = std::max<int64_t>(0, -o0), hi = std::min<int64_t>(VW, (cg.out[2] - 1) * st2 + 1 - o0);
-              if (hi <= lo) continue;
-              vi live = (lane >= int32_t(lo)) & (lane < int32_t(hi));
-              if (st2 != 1)
-                for (int l = 0; l < VW; ++l) live[l] = ((o0 + l) % st2 + st2) % st2 == 0 ? live[l] : 0;
-              uint32_t live_m = 0;
-              for (int l = 0; l < VW; ++l) live_m |= live[l] ? 1u << l : 0u;
-              const int64_t q = valid[size_t(j)] * cg.ker[2] + kw;
-              const float* gq = &gl[size_t(j * Mg * L + o0 + off)];
-              const float* wq = &wt[size_t(((gr * kv + q) * Mg) * Cg_pad + c0)];
-              // Two copies of the loop, so the interior (every lane live) has no mask.
-              auto reduce = [&](auto full) {
-                for (int64_t m = 0; m < Mg; ++m) {
-                  const vf gv = load(gq + m * L);
-                  const vf ga = MODE == 2 ? gv * splat(a) : gv, gb = gv * splat(b);
-                  const float* wm = wq + m * Cg_pad;
-                  for (int c = 0; c < CONV_CT; ++c) {
-                    const vf d = splat(wm[c]) - xv[c];
-                    if (decltype(full)::value) {
-                      acc[c] += (MODE == 0 ? vsign(d) : clamp1_<FIN>(d)) * ga;
-                      if (MODE == 2) acc[c] += vsign(d) * gb;
-                    } else {
-                      acc[c] = fma_lanes(acc[c], MODE == 0 ? vsign(d) : clamp1_<FIN>(d), ga, live_m, live);
-                      if (MODE == 2) acc[c] = fma_lanes(acc[c], vsign(d), gb, live_m, live);
+          for (int64_t j0 = 0; j0 < n_ph; j0 += VW) {
+            vf acc[CONV_CT], xv[CONV_CT];
+            for (int c = 0; c < CONV_CT; ++c) {
+              acc[c] = vf{};
+              xv[c] = load(&xl[size_t(c * in2_pad + j0)]);
+            }
+            for (int64_t j = 0; j < nv; ++j)
+              for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
+                // Input ph + st2 * (j0 + l) reaches output o = (ph + pad - kw * dil) / st2 + j0 + l
+                // when st2 divides ph + pad - kw * dil (else no output at all for this kw);
+                // lanes whose o falls outside the output get no term at all (not
+                // 0 * phi, which is NaN for a NaN weight), as in im2col.
+                const int64_t t0 = ph + cg.pad[2] - kw * cg.dil[2];
+                if ((t0 % st2 + st2) % st2 != 0) continue;
+                const int64_t o0 = t0 / st2 + j0;
+                const int64_t lo = std::max<int64_t>(0, -o0), hi = std::min<int64_t>(VW, cg.out[2] - o0);
+                if (hi <= lo) continue;
+                const vi live = (lane >= int32_t(lo)) & (lane < int32_t(hi));
+                const uint32_t live_m = ((hi >= 32 ? 0u : (1u << hi)) - 1u) & ~((1u << lo) - 1u);
+                const int64_t q = valid[size_t(j)] * cg.ker[2] + kw;
+                const float* gq = &gl[size_t(j * Mg * L + o0 + off)];
+                const float* wq = &wt[size_t(((gr * kv + q) * Mg) * Cg_pad + c0)];
+                // Two copies of the loop, so the interior (every lane live) has no mask.
+                auto reduce = [&](auto full) {
+                  for (int64_t m = 0; m < Mg; ++m) {
+                    const vf gv = load(gq + m * L);
+                    const vf ga = MODE == 2 ? gv * splat(a) : gv, gb = gv * splat(b);
+                    const float* wm = wq + m * Cg_pad;
+                    for (int c = 0; c < CONV_CT; ++c) {
+                      const vf d = splat(wm[c]) - xv[c];
+                      if (decltype(full)::value) {
+                        acc[c] += (MODE == 0 ? vsign(d) : clamp1_<FIN>(d)) * ga;
+                        if (MODE == 2) acc[c] += vsign(d) * gb;
+                      } else {
+                        acc[c] = fma_lanes(acc[c], MODE == 0 ? vsign(d) : clamp1_<FIN>(d), ga, live_m, live);
+                        if (MODE == 2) acc[c] = fma_lanes(acc[c], vsign(d), gb, live_m, live);
+                      }
                     }
                   }
-                }
-              };
-              if (lo == 0 && hi == VW && st2 == 1)
-                reduce(std::true_type{});
-              else
-                reduce(std::false_type{});
+                };
+                if (lo == 0 && hi == VW)
+                  reduce(std::true_type{});
+                else
+                  reduce(std::false_type{});
+              }
+            const int64_t n = std::min<int64_t>(VW, n_ph - j0);
+            for (int c = 0; c < CONV_CT && c0 + c < Cg; ++c) {
+              float out[VW];
+              store(out, acc[c]);
+              T* dst = gx_line + (c0 + c) * S + ph + st2 * j0;
+              for (int64_t i = 0; i < n; ++i) from_f(out[i], dst + st2 * i);
             }
-          const int64_t n = std::min<int64_t>(VW, cg.in[2] - i0);
-          for (int c = 0; c < CONV_CT && c0 + c < Cg; ++c) {
-            float out[VW];
-            store(out, acc[c]);
-            for (int64_t i = 0; i < n; ++i) from_f(out[i], gx_line + (c0 + c) * S + i0 + i);
           }
         }
       }
