@@ -477,85 +477,6 @@ inline vf load_full(const uint16_t* p) {
   return load(t);
 }
 
-// Output positions [pos0, pos0+rows) of sample b, group g -> panels
-// [K][CONV_PW] of the patches of CONV_PW consecutive positions (padding reads
-// as x = 0), zero rows up to a whole panel.
-template <typename T>
-void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int64_t pos0, int64_t rows, float* dst) {
-  const int64_t K = cg.Kg(), Cg = cg.Cg();
-  const int64_t rows_pad = round_up(rows, CONV_PW);
-  const T* xg = x + (b * cg.C + g * Cg) * cg.S();
-  auto at = [&](int64_t rr, int64_t k) -> float& { return dst[(rr / CONV_PW) * K * CONV_PW + k * CONV_PW + rr % CONV_PW]; };
-  int64_t r = 0;
-  while (r < rows) {
-    const int64_t pos = pos0 + r;
-    const int64_t ow0 = pos % cg.out[2], oh = (pos / cg.out[2]) % cg.out[1], od = pos / (cg.out[2] * cg.out[1]);
-    if (cg.st[2] == 1 && r % VW == 0 && r + VW <= rows && ow0 + VW <= cg.out[2]) {
-      // Fast path: VW positions on one line read VW consecutive inputs, one
-      // (masked at the borders) vector load per k.
-      float* d = &at(r, 0);
-      int64_t k = 0;
-      for (int64_t c = 0; c < Cg; ++c)
-        for (int64_t kd = 0; kd < cg.ker[0]; ++kd) {
-          const int64_t id = od * cg.st[0] - cg.pad[0] + kd * cg.dil[0];
-          for (int64_t kh = 0; kh < cg.ker[1]; ++kh) {
-            const int64_t ih = oh * cg.st[1] - cg.pad[1] + kh * cg.dil[1];
-            const bool line_ok = id >= 0 && id < cg.in[0] && ih >= 0 && ih < cg.in[1];
-            const T* line = xg + ((c * cg.in[0] + id) * cg.in[1] + ih) * cg.in[2];
-            for (int64_t kw = 0; kw < cg.ker[2]; ++kw, ++k) {
-              const int64_t base = ow0 - cg.pad[2] + kw * cg.dil[2];
-              vf v;
-              if (line_ok && base >= 0 && base + VW <= cg.in[2]) {
-                v = load_full(line + base);
-              } else {
-                const int64_t jlo = line_ok ? std::min<int64_t>(VW, std::max<int64_t>(0, -base)) : 0;
-                const int64_t jhi = line_ok ? std::max<int64_t>(jlo, std::min<int64_t>(VW, cg.in[2] - base)) : 0;
-                v = load_masked(line + base, jlo, jhi);
-              }
-              store(d + k * CONV_PW, v);
-            }
-          }
-        }
-      r += VW;
-      continue;
-    }
-    // General: positions up to the line's end or the next vector boundary.
-    const int64_t seg = std::min({rows - r, cg.out[2] - ow0, VW - r % VW});
-    for (int64_t c = 0; c < Cg; ++c)
-      for (int64_t kd = 0; kd < cg.ker[0]; ++kd) {
-        const int64_t id = od * cg.st[0] - cg.pad[0] + kd * cg.dil[0];
-        for (int64_t kh = 0; kh < cg.ker[1]; ++kh) {
-          const int64_t ih = oh * cg.st[1] - cg.pad[1] + kh * cg.dil[1];
-          const bool line_ok = id >= 0 && id < cg.in[0] && ih >= 0 && ih < cg.in[1];
-          const T* line = xg + ((c * cg.in[0] + id) * cg.in[1] + ih) * cg.in[2];
-          for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
-            const int64_t k = ((c * cg.ker[0] + kd) * cg.ker[1] + kh) * cg.ker[2] + kw;
-            const int64_t base = ow0 * cg.st[2] - cg.pad[2] + kw * cg.dil[2];  // iw of j = 0
-            // The segment never crosses a vector (so never a panel) boundary: its
-            // destination is contiguous. Interior segments copy without checks.
-            float* dst_k = &at(r, k);
-            const int64_t st2 = cg.st[2];
-            if (!line_ok) {
-              for (int64_t j = 0; j < seg; ++j) dst_k[j] = 0.f;
-            } else if (base >= 0 && base + (seg - 1) * st2 < cg.in[2]) {
-              const T* src = line + base;
-              for (int64_t j = 0; j < seg; ++j) dst_k[j] = to_f(src[j * st2]);
-            } else {
-              for (int64_t j = 0; j < seg; ++j) {
-                const int64_t iw = base + j * st2;
-                dst_k[j] = iw >= 0 && iw < cg.in[2] ? to_f(line[iw]) : 0.f;
-              }
-            }
-          }
-        }
-      }
-    r += seg;
-  }
-  for (int64_t rr = rows; rr < rows_pad; ++rr) {
-    for (int64_t k = 0; k < K; ++k) at(rr, k) = 0.f;
-  }
-}
-
 // ---- packed conv forward: channel slices of the patches, vector packer
 // A work item is a panel of CONV_PW consecutive output positions (b, group
 // fixed). Its patches are packed a slice of CS channels at a time (KS = CS *
@@ -1360,12 +1281,28 @@ void conv_weight_grad(const T* g, const T* x, const T* w, float* gw, const ConvG
     // Panels [RT / CONV_PW][K][CONV_PW], plus one panel's worth of zeros: the k
     // blocks of weight_grad_block may run up to K_pad > K (those sums are dropped).
     std::vector<float> xp(static_cast<size_t>((RT + CONV_PW) * K_pad), 0.f), gp(static_cast<size_t>(RT * M_pad), 0.f);
+    const int64_t kv = cg.kvol();
+    PosRun runs[CONV_PV * MAX_RUNS];
+    int n_runs[CONV_PV];
+    std::vector<RunLoad> loads(static_cast<size_t>(CONV_PV * kv * MAX_RUNS));
+    std::vector<int> n_loads(static_cast<size_t>(CONV_PV * kv));
     float* S = &s_priv[size_t(tid * cg.G * K_pad * M_pad)];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t t = it % n_tiles, gr = (it / n_tiles) % cg.G, bb = it / (n_tiles * cg.G);
       const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
-      pack_conv_panels(x, cg, bb, gr, pos0, rows, xp.data());
+      for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW) {  // panels of CONV_PW positions, the forward's vector packer
+        for (int v = 0; v < CONV_PV; ++v)
+          n_runs[v] = position_runs(cg, pos0 + r0 + v * VW,
+                                    std::max<int64_t>(0, std::min<int64_t>(VW, rows - r0 - v * VW)), runs + v * MAX_RUNS);
+        for (int v = 0; v < CONV_PV; ++v)
+          for (int64_t kd = 0, q = 0; kd < cg.ker[0]; ++kd)
+            for (int64_t kh = 0; kh < cg.ker[1]; ++kh)
+              for (int64_t kw = 0; kw < cg.ker[2]; ++kw, ++q)
+                n_loads[size_t(v * kv + q)] = run_loads(cg, runs + v * MAX_RUNS, n_runs[v], kd, kh, kw,
+                                                        &loads[size_t((v * kv + q) * MAX_RUNS)]);
+        pack_conv_slice(x, cg, bb, gr, loads.data(), n_loads.data(), 0, cg.Cg(), &xp[size_t(r0 * K)]);
+      }
       for (int64_t m = 0; m < Mg; ++m) {  // g[b, m, pos0 + r] -> gp[r][m]
         const T* src = g + (bb * cg.M + gr * Mg + m) * P + pos0;
         for (int64_t r = 0; r < rows; ++r) gp[size_t(r * M_pad + m)] = to_f(src[r]);
