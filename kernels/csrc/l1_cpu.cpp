@@ -579,18 +579,43 @@ inline vf gather_runs(const uint16_t* xc, const RunLoad* e, int ne, int64_t st) 
   return v;
 }
 
-// Patch values of channels [c0, c1) of a panel into dst [(c - c0) * kvol + q][CONV_PW]:
-// loads[(v * kvol + q) * MAX_RUNS ...] (n_loads[v * kvol + q] of them) are the reads of
-// vector v for kernel offset q, made once per panel by run_loads.
+// The reads that pack one panel of CONV_PW positions: per vector v and kernel
+// offset q, loads[(v * kvol + q) * mr ...] (n_loads[v * kvol + q] of them, one
+// per run of the vector's positions on an output line; a vector of VW
+// positions spans at most mr lines). Planned once per panel, used for every
+// channel (slice).
+struct PanelReads {
+  int64_t kv = 0, mr = 0;
+  std::vector<RunLoad> loads;
+  std::vector<int> n_loads;
+
+  explicit PanelReads(const ConvGeom& cg)
+      : kv(cg.kvol()), mr(std::min<int64_t>(VW, (VW - 1) / std::max<int64_t>(cg.out[2], 1) + 2)),
+        loads(static_cast<size_t>(CONV_PV * kv * mr)), n_loads(static_cast<size_t>(CONV_PV * kv)) {}
+
+  // Positions [pos0, pos0 + rows) (rows <= CONV_PW; vectors past them read zeros).
+  void plan(const ConvGeom& cg, int64_t pos0, int64_t rows) {
+    PosRun runs[MAX_RUNS];
+    for (int v = 0; v < CONV_PV; ++v) {
+      const int nr = position_runs(cg, pos0 + v * VW, std::max<int64_t>(0, std::min<int64_t>(VW, rows - v * VW)), runs);
+      for (int64_t kd = 0, q = 0; kd < cg.ker[0]; ++kd)
+        for (int64_t kh = 0; kh < cg.ker[1]; ++kh)
+          for (int64_t kw = 0; kw < cg.ker[2]; ++kw, ++q)
+            n_loads[size_t(v * kv + q)] = run_loads(cg, runs, nr, kd, kh, kw, &loads[size_t((v * kv + q) * mr)]);
+    }
+  }
+};
+
+// Patch values of channels [c0, c1) of a planned panel into dst [(c - c0) * kvol + q][CONV_PW].
 template <typename T>
-void pack_conv_slice(const T* x, const ConvGeom& cg, int64_t b, int64_t g, const RunLoad* loads, const int* n_loads,
-                     int64_t c0, int64_t c1, float* dst) {
+void pack_conv_slice(const T* x, const ConvGeom& cg, int64_t b, int64_t g, const PanelReads& pr, int64_t c0,
+                     int64_t c1, float* dst) {
   const int64_t kv = cg.kvol(), S = cg.S();
   const T* xg = x + (b * cg.C + g * cg.Cg()) * S;
   for (int v = 0; v < CONV_PV; ++v)
     for (int64_t q = 0; q < kv; ++q) {
-      const RunLoad* e = loads + (v * kv + q) * MAX_RUNS;
-      const int ne = n_loads[v * kv + q];
+      const RunLoad* e = &pr.loads[size_t((v * kv + q) * pr.mr)];
+      const int ne = pr.n_loads[size_t(v * kv + q)];
       float* d = dst + q * CONV_PW + v * VW;
       for (int64_t c = c0; c < c1; ++c) store(d + (c - c0) * kv * CONV_PW, gather_runs(xg + c * S, e, ne, cg.st[2]));
     }
@@ -633,26 +658,15 @@ void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const Conv
   {
     std::vector<float> xb(static_cast<size_t>(CS * kv * CONV_PW));
     std::vector<vf> carry(static_cast<size_t>(n_slices > 1 ? n_mb * CONV_MT * CONV_PV : 0));
-    PosRun runs[CONV_PV * MAX_RUNS];
-    int n_runs[CONV_PV];
-    std::vector<RunLoad> loads(static_cast<size_t>(CONV_PV * kv * MAX_RUNS));
-    std::vector<int> n_loads(static_cast<size_t>(CONV_PV * kv));
+    PanelReads pr(cg);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t t = it % n_tiles, g = (it / n_tiles) % cg.G, b = it / (n_tiles * cg.G);
       const int64_t pos0 = t * CONV_PW, rows = std::min<int64_t>(CONV_PW, P - pos0);
-      for (int v = 0; v < CONV_PV; ++v)  // vectors past the last position: no runs (zeros)
-        n_runs[v] = position_runs(cg, pos0 + v * VW, std::max<int64_t>(0, std::min<int64_t>(VW, rows - v * VW)),
-                                  runs + v * MAX_RUNS);
-      for (int v = 0; v < CONV_PV; ++v)
-        for (int64_t kd = 0, q = 0; kd < cg.ker[0]; ++kd)
-          for (int64_t kh = 0; kh < cg.ker[1]; ++kh)
-            for (int64_t kw = 0; kw < cg.ker[2]; ++kw, ++q)
-              n_loads[size_t(v * kv + q)] = run_loads(cg, runs + v * MAX_RUNS, n_runs[v], kd, kh, kw,
-                                                      &loads[size_t((v * kv + q) * MAX_RUNS)]);
+      pr.plan(cg, pos0, rows);
       for (int64_t s = 0; s < n_slices; ++s) {
         const int64_t c0 = s * CS, c1 = std::min(Cg, c0 + CS), KS = (c1 - c0) * kv;
-        pack_conv_slice(x, cg, b, g, loads.data(), n_loads.data(), c0, c1, xb.data());
+        pack_conv_slice(x, cg, b, g, pr, c0, c1, xb.data());
         for (int64_t mb = 0; mb < n_mb; ++mb) {
           const float* wr[CONV_MT];
           for (int i = 0; i < CONV_MT; ++i)  // a partial block repeats its last filter (sums dropped)
@@ -1281,27 +1295,15 @@ void conv_weight_grad(const T* g, const T* x, const T* w, float* gw, const ConvG
     // Panels [RT / CONV_PW][K][CONV_PW], plus one panel's worth of zeros: the k
     // blocks of weight_grad_block may run up to K_pad > K (those sums are dropped).
     std::vector<float> xp(static_cast<size_t>((RT + CONV_PW) * K_pad), 0.f), gp(static_cast<size_t>(RT * M_pad), 0.f);
-    const int64_t kv = cg.kvol();
-    PosRun runs[CONV_PV * MAX_RUNS];
-    int n_runs[CONV_PV];
-    std::vector<RunLoad> loads(static_cast<size_t>(CONV_PV * kv * MAX_RUNS));
-    std::vector<int> n_loads(static_cast<size_t>(CONV_PV * kv));
+    PanelReads pr(cg);
     float* S = &s_priv[size_t(tid * cg.G * K_pad * M_pad)];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t t = it % n_tiles, gr = (it / n_tiles) % cg.G, bb = it / (n_tiles * cg.G);
       const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
       for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW) {  // panels of CONV_PW positions, the forward's vector packer
-        for (int v = 0; v < CONV_PV; ++v)
-          n_runs[v] = position_runs(cg, pos0 + r0 + v * VW,
-                                    std::max<int64_t>(0, std::min<int64_t>(VW, rows - r0 - v * VW)), runs + v * MAX_RUNS);
-        for (int v = 0; v < CONV_PV; ++v)
-          for (int64_t kd = 0, q = 0; kd < cg.ker[0]; ++kd)
-            for (int64_t kh = 0; kh < cg.ker[1]; ++kh)
-              for (int64_t kw = 0; kw < cg.ker[2]; ++kw, ++q)
-                n_loads[size_t(v * kv + q)] = run_loads(cg, runs + v * MAX_RUNS, n_runs[v], kd, kh, kw,
-                                                        &loads[size_t((v * kv + q) * MAX_RUNS)]);
-        pack_conv_slice(x, cg, bb, gr, loads.data(), n_loads.data(), 0, cg.Cg(), &xp[size_t(r0 * K)]);
+        pr.plan(cg, pos0 + r0, std::min<int64_t>(CONV_PW, rows - r0));
+        pack_conv_slice(x, cg, bb, gr, pr, 0, cg.Cg(), &xp[size_t(r0 * K)]);
       }
       for (int64_t m = 0; m < Mg; ++m) {  // g[b, m, pos0 + r] -> gp[r][m]
         const T* src = g + (bb * cg.M + gr * Mg + m) * P + pos0;
