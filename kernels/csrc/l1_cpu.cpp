@@ -1003,13 +1003,14 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
           for (int64_t m = 0; m < Mg; ++m) {  // the g line between zeros: dl[off + o] = g[o]
             float* dl = &gl[size_t((nv * Mg + m) * L)];
             const T* src = g + ((bb * cg.M + gr * Mg + m) * P) + (od * cg.out[1] + oh) * cg.out[2];
+            // Short lines: whole-vector moves in place (a libc memcpy/memset call
+            // per line cost ~10% of the kernel).
             const int64_t n = std::min<int64_t>(cg.out[2], L - off);
-            std::fill(dl, dl + off, 0.f);
-            if (std::is_same<T, float>::value)
-              std::memcpy(dl + off, src, size_t(n) * sizeof(float));  // vector moves
-            else
-              for (int64_t o = 0; o < n; ++o) dl[off + o] = to_f(src[o]);
-            std::fill(dl + off + n, dl + L, 0.f);
+            for (int64_t i = 0; i < L; i += VW) store_first(dl + i, vf{}, std::min<int64_t>(VW, L - i));
+            for (int64_t o = 0; o < n; o += VW) {
+              const int64_t e = std::min<int64_t>(VW, n - o);
+              store_first(dl + off + o, e == VW ? load_full(src + o) : load_masked(src + o, 0, e), e);
+            }
           }
           valid[size_t(nv++)] = kd * cg.ker[1] + kh;
         }
