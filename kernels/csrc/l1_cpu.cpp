@@ -367,10 +367,17 @@ inline void fwd_direct_tile(const T* xrows, const float* wp, const float* col_te
                             int64_t M, int live, T* yrow) {
   constexpr int F = FV * VW;
   const vf one = splat(kOpaqueOne);
-  // The tile's R rows are R*K consecutive values: copied (as float32) into xs.
+  // Small K: the tile's R rows are R*K consecutive values, copied (as float32)
+  // into xs. Larger K (float32 only): broadcast straight from the rows of x
+  // (R sequential streams; no packed copy of x at all).
   float xs[R * FWD_DIRECT_MAX_K + VW];
-  const int64_t RK = live * K;
-  if (std::is_same<T, float>::value) {
+  const float* xr[R];
+  const bool in_place = K > FWD_DIRECT_MAX_K;
+  for (int r = 0; r < R; ++r)  // a tail tile repeats its last live row
+    xr[r] = in_place ? reinterpret_cast<const float*>(xrows) + std::min(r, live - 1) * K : xs + r * K;
+  const int64_t RK = in_place ? 0 : live * K;
+  if (in_place) {
+  } else if (std::is_same<T, float>::value) {
     const float* xf = reinterpret_cast<const float*>(xrows);
     int64_t i = 0;
     for (; i + VW <= RK; i += VW) store(xs + i, load(xf + i));
@@ -378,7 +385,8 @@ inline void fwd_direct_tile(const T* xrows, const float* wp, const float* col_te
   } else {
     for (int64_t i = 0; i < RK; ++i) xs[i] = to_f(xrows[i]);
   }
-  for (int64_t i = RK; i < R * K; ++i) xs[i] = xs[i - K];  // tail tile: repeat the last live row
+  if (!in_place)
+    for (int64_t i = RK; i < R * K; ++i) xs[i] = xs[i - K];  // tail tile: repeat the last live row
   for (int64_t p = 0; p < n_panels; ++p) {
     const float* wpp = wp + p * K * F;
     vf acc[R][FV];
@@ -388,7 +396,7 @@ inline void fwd_direct_tile(const T* xrows, const float* wp, const float* col_te
       vf wv[FV];
       for (int f = 0; f < FV; ++f) wv[f] = load(wpp + k * F + f * VW);
       for (int r = 0; r < R; ++r) {
-        const vf xv = splat(xs[r * K + k]);
+        const vf xv = splat(xr[r][k]);
         for (int f = 0; f < FV; ++f) acc[r][f] = acc[r][f] + absdiff(xv, wv[f]) * one;
       }
     }
@@ -424,9 +432,13 @@ void forward_direct(const T* x, const T* w, const T* bias, T* y, int64_t N, int6
 // inner loop ~10-20% faster than 8x2 on Zen 4) but waste lanes when M is small.
 template <typename T>
 void forward_dispatch(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t K, int64_t M, int nthreads) {
-  if (K <= FWD_DIRECT_MAX_K && M > FWD_FV * VW)
+  // float32 rows are read in place by forward_direct for any K (the packed
+  // path's scalar transposition of x and its stack round trip of each output
+  // tile cost ~15% at K = 64); bfloat16 rows need converting, so K > 16 packs.
+  const bool direct = K <= FWD_DIRECT_MAX_K || std::is_same<T, float>::value;
+  if (direct && M > FWD_FV * VW)
     forward_direct<WIDE_R, WIDE_FV>(x, w, bias, y, N, K, M, nthreads);
-  else if (K <= FWD_DIRECT_MAX_K)
+  else if (direct)
     forward_direct<FWD_R, FWD_FV>(x, w, bias, y, N, K, M, nthreads);
   else if (M > FWD_FV * VW)
     forward<WIDE_R, WIDE_FV>(x, w, bias, y, N, K, M, nthreads);
