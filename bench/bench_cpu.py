@@ -172,10 +172,15 @@ def measure_memory(spec, impl: str) -> dict:
 
 # The inner loop alone, one core, data in cache: what one reduction step costs
 # when it is a GEMM's FMA, the old inexact l1 step min + FMA (|x - w| = x + w -
-# 2 min(x, w)), or the exact step sub + abs (AND) + FMA, per register tile.
+# 2 min(x, w)), or the exact step sub + abs (AND) + FMA, per register tile; and,
+# on the 4x6 tile, two other exact steps: sub + AND + add (no FMA) and
+# sub + VRANGEPS(|d|) + FMA (AVX-512DQ).
 LOOP_BOUND_SRC = r"""
 #include <chrono>
 #include <cstring>
+#if defined(__AVX512DQ__)
+#include <immintrin.h>
+#endif
 typedef float vf __attribute__((vector_size(64)));
 typedef int vi __attribute__((vector_size(64)));
 static volatile float kone = 1.0f;
@@ -193,10 +198,23 @@ static double run(long K, long reps) {
       for (int f = 0; f < FV; ++f) std::memcpy(&w[f], wp + k * FV * 16 + f * 16, 64);
       for (int r = 0; r < R; ++r) {
         const vf x = xp[k * R + r] - vf{};
-        for (int f = 0; f < FV; ++f)
+        for (int f = 0; f < FV; ++f) {
+          if (L1 == 3) { acc[r][f] += (vf)((vi)(x - w[f]) & (vi{} + 0x7fffffff)); continue; }
+#if defined(__AVX512DQ__)
+          if (L1 == 4) {
+            vf d = x - w[f];
+            __m512 t;
+            std::memcpy(&t, &d, 64);
+            t = _mm512_range_ps(t, t, 0x0B);  // |d|: max |.| of (d, d), sign cleared
+            std::memcpy(&d, &t, 64);
+            acc[r][f] += d * one;
+            continue;
+          }
+#endif
           acc[r][f] += L1 == 2   ? (vf)((vi)(x - w[f]) & (vi{} + 0x7fffffff)) * one
                        : L1 == 1 ? (x < w[f] ? x : w[f]) * one
                                  : x * w[f];
+        }
       }
     }
   double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
@@ -206,6 +224,9 @@ static double run(long K, long reps) {
   return double(K) * R * FV * 16 * reps / ns;  // (row, filter, k) pairs per ns
 }
 extern "C" double l1fx_loop_bound(int which) {
+#if !defined(__AVX512DQ__)
+  if (which == 10) return 0.0;  // no VRANGEPS on this target
+#endif
   switch (which) {
     case 0: return run<8, 2, 0>(864, 3000);
     case 1: return run<8, 2, 1>(864, 3000);
@@ -215,7 +236,9 @@ extern "C" double l1fx_loop_bound(int which) {
     case 5: return run<6, 4, 2>(864, 2000);
     case 6: return run<4, 6, 0>(864, 2000);
     case 7: return run<4, 6, 1>(864, 2000);
-    default: return run<4, 6, 2>(864, 2000);
+    case 8: return run<4, 6, 2>(864, 2000);
+    case 9: return run<4, 6, 3>(864, 2000);
+    default: return run<4, 6, 4>(864, 2000);
   }
 }
 """
@@ -236,6 +259,7 @@ def loop_bound() -> None:
     lib.l1fx_loop_bound.restype = ctypes.c_double
     names = [f"{step}, {tile} tile" for tile in ("8x2", "6x4", "4x6 (conv rows)")
              for step in ("FMA (GEMM)", "min+FMA (old, inexact)", "sub+abs+FMA (exact)")]
+    names += ["sub+abs+add (exact), 4x6 tile", "sub+VRANGEPS+FMA (exact, AVX-512DQ), 4x6 tile"]
     for i, name in enumerate(names):
         best = max(lib.l1fx_loop_bound(i) for _ in range(3))
         print(f"{name:32} {best:6.1f} pairs/ns (one core, best of 3)")

@@ -20,12 +20,14 @@ the forward is a direct implicit-GEMM kernel. When the last spatial axis has
 stride 1 and the output is large next to the per-thread buffers, it copies the
 input lines a tile of output rows needs (zero padded) into a per-thread
 buffer of at most 256 KiB and reads the patches straight from it ("rows");
-otherwise patches are packed per tile of output positions from the NC...
-input into per-thread panels of ~256 KiB ("packed"). The line buffers total at
-most half the output, so either way the only sizeable allocation is the output
-(:func:`conv_forward_kernel` says which kernel a shape gets). The input gradient
-(any stride) is a direct kernel too (one thread per input line, no col2im).
-The weight gradient (both halves of the MGS blend, any geometry) is a direct
+otherwise the patches of 64 output positions are packed from the NC...
+input a slice of channels at a time (a panel of at most 32 KiB per thread, by
+vector loads: masked at the borders, a permute at stride 2; "packed"). The
+line buffers total at most half the output, so either way the only sizeable
+allocation is the output (:func:`conv_forward_kernel` says which kernel a
+shape gets). The input gradient (any stride; stride > 1 along the line by
+phases) is a direct kernel too (one thread per input line, no col2im). The
+weight gradient (both halves of the MGS blend, any geometry) is a direct
 kernel too: patch tiles packed per thread, reduced in registers. Chunked im2col
 (:mod:`l1fx.kernels.conv`) is left for mixed dtypes and > 3-d convolutions.
 

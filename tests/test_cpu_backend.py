@@ -273,6 +273,43 @@ def test_row_tile_conv_forward_matches_reference(case, dtype):
     torch.testing.assert_close(got.float(), want.float(), **_tol(dtype, w[0].numel()))
 
 
+# The packed forward kernel (patches packed a slice of channels at a time by
+# the vector packer, sums carried between slices): stride 2 along the line
+# (the permute path) with short lines (a vector spans several output lines),
+# stride 3 (the scalar path), dilation and padding at the borders, groups,
+# more channels than one slice (9 and 40 channels at kvol 27 / 3: several
+# slices), a filter count that leaves a partial filter block, 2-D and 1-D.
+PACKED_CASES = [
+    ((2, 32, 16, 16, 16), (32, 32, 3, 3, 3), [2, 2, 2], [1, 1, 1], [1, 1, 1], 1),
+    ((1, 9, 7, 9, 11), (7, 9, 3, 3, 3), [1, 2, 2], [1, 0, 2], [1, 1, 2], 1),
+    ((2, 6, 5, 8, 13), (10, 3, 2, 3, 3), [2, 1, 3], [0, 1, 1], [1, 1, 1], 2),
+    ((1, 4, 6, 6, 16), (8, 4, 3, 3, 3), [1, 1, 2], [1, 1, 1], [1, 1, 1], 1),
+    ((3, 40, 9, 7), (5, 40, 1, 3), [1, 2], [0, 1], [1, 1], 1),
+    ((2, 3, 41), (6, 3, 4), [2], [3], [2], 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", PACKED_CASES)
+def test_packed_conv_forward_matches_reference(case, dtype):
+    from l1fx.kernels import conv
+
+    xs, ws, stride, padding, dilation, groups = case
+    torch.manual_seed(3)
+    x, w, b = torch.randn(xs).to(dtype), torch.randn(ws).to(dtype), torch.randn(ws[0]).to(dtype)
+    x.view(-1)[::7] += 1000.0  # offset data: every summand must come from fl(x - w)
+    args = (stride, padding, dilation, groups)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu.conv_forward_kernel(x, w, *args) == "packed"
+        got = cpu.conv_forward(x, w, b, *args)
+    finally:
+        torch.set_num_threads(before)
+    want = conv.conv_forward(reference.BACKEND, x.double(), w.double(), b.double(), *args)
+    torch.testing.assert_close(got.double(), want, **_tol(dtype, w[0].numel()))
+
+
 def test_conv_forward_kernel_choice():
     # Stride 2 along the line, or few outputs next to the line buffers: packed.
     x, w = torch.randn(1, 4, 6, 6, 16), torch.randn(8, 4, 3, 3, 3)

@@ -235,6 +235,12 @@ def _nonfinite_cases():
     a[6, 1] = math.nan
     b[30, 20] = -math.inf
     cases["nan input, -inf filter"] = (a, b)
+    # inf - inf = NaN in one difference of otherwise finite data (the kernels'
+    # faster clamp for finite data must not take this case).
+    a, b = x.clone(), w.clone()
+    a[4, 3] = math.inf
+    b[9, 3] = math.inf
+    cases["+inf input and filter, same k"] = (a, b)
     return cases, g
 
 
@@ -287,3 +293,23 @@ def test_nonfinite_conv_like_reference(mix):
         got = cpu.conv_backward(g, x, w, *args, mix, True, True)
         _same_nonfinite(got[0], want[0], f"conv grad x stride {stride} mix={mix}")
         _same_nonfinite(got[1], want[1], f"conv grad w stride {stride} mix={mix}")
+
+
+@pytest.mark.parametrize("mix", [0.5, 1.0])
+def test_conv_inf_minus_inf_like_reference(mix):
+    # No NaN in the data, but inf - inf = NaN in some differences: the input
+    # gradient's faster clamp (for finite data only) must not be used here.
+    if not cpu.available()[0]:
+        pytest.skip("cpu backend unavailable")
+    torch.manual_seed(4)
+    x, w = torch.randn(1, 2, 5, 6, 18), torch.randn(4, 2, 3, 3, 3)
+    x[0, 1, 2, 3, 8] = math.inf  # reached by the centre tap at stride 1 and 2
+    w[2, 1, 1, 1, 1] = math.inf
+    for stride in ((1, 1, 1), (1, 1, 2)):
+        args = (stride, (1, 1, 1), (1, 1, 1), 1)
+        out = _conv.out_shape(x.shape[2:], w.shape[2:], *args[:3])
+        g = torch.randn(1, 4, *out)
+        want = _conv.conv_backward(reference.BACKEND, g, x, w, *args, mix, True, False)[0]
+        got = cpu.conv_backward(g, x, w, *args, mix, True, False)[0]
+        assert want.isnan().any()
+        _same_nonfinite(got, want, f"conv grad x, inf - inf, stride {stride}, mix={mix}")

@@ -54,7 +54,7 @@ namespace {
 constexpr int VW = 16;  // floats per vector register (32 registers)
 constexpr int FWD_R = 8, FWD_FV = 2;  // forward tile: 8 rows x 2 vectors of filters (M <= 32, conv)
 constexpr int WIDE_R = 6, WIDE_FV = 4;  // forward tile for M > 32: fewer broadcasts per min+FMA
-constexpr int CONV_MT = 6, CONV_PV = 4;  // conv forward tile: 6 filters x 4 vectors of positions
+constexpr int CONV_MT = 4, CONV_PV = 4;  // conv forward tile (packed): 4 filters x 4 vectors of positions
 constexpr int GX1_R = 4, GX1_KV = 2;  // input grad, mix 1: 4 rows x 2 vectors of k
 constexpr int GXS_R = 4, GXS_KV = 2;  // input grad, mix 0
 constexpr int GXB_R = 4, GXB_KV = 2;  // input grad, blended mix (acc + x per tile element)
@@ -115,6 +115,59 @@ inline vf absdiff(vf x, vf w) { return vabs(x - w); }
 // HardTanh, NaN-propagating like torch.clamp: MINPS/MAXPS return their second
 // operand (d) when either is NaN.
 inline vf clamp1(vf d) { return vmax(vf{} - 1.0f, vmin(vf{} + 1.0f, d)); }
+// The same for a d that is not NaN (x and w all finite: a difference of finite
+// floats is finite or +-inf, never NaN). AVX-512DQ: one VRANGEPS (the operand of
+// smaller magnitude, d or 1, with d's sign: d for |d| < 1, else +-1; -0 stays
+// -0), ~1.3x faster in the input-gradient loops than MINPS + MAXPS. VRANGEPS
+// returns the other operand for a NaN, hence only for finite data.
+template <bool FIN>
+inline vf clamp1_(vf d) {
+#if defined(__AVX512DQ__)
+  if (FIN && VW == 16) {
+    __m512 r;
+    std::memcpy(&r, &d, sizeof r);
+    r = _mm512_range_ps(r, _mm512_set1_ps(1.0f), 0x02);  // imm: min |.|, sign of src1
+    std::memcpy(&d, &r, sizeof d);
+    return d;
+  }
+#endif
+  return clamp1(d);
+}
+
+// Whether every value is finite (no NaN, no +-inf).
+inline bool all_finite(const float* p, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, p + i, 4);
+    bad |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+inline bool all_finite(const uint16_t* p, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= uint32_t((p[i] & 0x7f80u) == 0x7f80u);
+  return bad == 0;
+}
+
+// acc + t * g in the lanes of mask (bits m, or lanes of `lanes` != 0), acc
+// elsewhere: those lanes get no term at all (not 0 * t, which is NaN for a NaN
+// t). One masked FMA on AVX-512.
+inline vf fma_lanes(vf acc, vf t, vf g, uint32_t m, vi lanes) {
+#if defined(__AVX512F__)
+  if (VW == 16) {
+    __m512 a, b, c;
+    std::memcpy(&a, &t, sizeof a);
+    std::memcpy(&b, &g, sizeof b);
+    std::memcpy(&c, &acc, sizeof c);
+    c = _mm512_mask3_fmadd_ps(a, b, c, __mmask16(m));
+    std::memcpy(&acc, &c, sizeof acc);
+    return acc;
+  }
+#endif
+  (void)m;
+  return acc + (vf)((vi)(t * g) & lanes);
+}
 // torch.sign on CPU: -1, 0, +1, and 0 for NaN (it is (0 < d) - (d < 0)), as the
 // reference kernel computes it. sign(fl(x - w)) is the exact sign of x - w (a
 // float difference is 0 only when x == w).
@@ -314,10 +367,17 @@ inline void fwd_direct_tile(const T* xrows, const float* wp, const float* col_te
                             int64_t M, int live, T* yrow) {
   constexpr int F = FV * VW;
   const vf one = splat(kOpaqueOne);
-  // The tile's R rows are R*K consecutive values: copied (as float32) into xs.
+  // Small K: the tile's R rows are R*K consecutive values, copied (as float32)
+  // into xs. Larger K (float32 only): broadcast straight from the rows of x
+  // (R sequential streams; no packed copy of x at all).
   float xs[R * FWD_DIRECT_MAX_K + VW];
-  const int64_t RK = live * K;
-  if (std::is_same<T, float>::value) {
+  const float* xr[R];
+  const bool in_place = K > FWD_DIRECT_MAX_K;
+  for (int r = 0; r < R; ++r)  // a tail tile repeats its last live row
+    xr[r] = in_place ? reinterpret_cast<const float*>(xrows) + std::min(r, live - 1) * K : xs + r * K;
+  const int64_t RK = in_place ? 0 : live * K;
+  if (in_place) {
+  } else if (std::is_same<T, float>::value) {
     const float* xf = reinterpret_cast<const float*>(xrows);
     int64_t i = 0;
     for (; i + VW <= RK; i += VW) store(xs + i, load(xf + i));
@@ -325,7 +385,8 @@ inline void fwd_direct_tile(const T* xrows, const float* wp, const float* col_te
   } else {
     for (int64_t i = 0; i < RK; ++i) xs[i] = to_f(xrows[i]);
   }
-  for (int64_t i = RK; i < R * K; ++i) xs[i] = xs[i - K];  // tail tile: repeat the last live row
+  if (!in_place)
+    for (int64_t i = RK; i < R * K; ++i) xs[i] = xs[i - K];  // tail tile: repeat the last live row
   for (int64_t p = 0; p < n_panels; ++p) {
     const float* wpp = wp + p * K * F;
     vf acc[R][FV];
@@ -335,7 +396,7 @@ inline void fwd_direct_tile(const T* xrows, const float* wp, const float* col_te
       vf wv[FV];
       for (int f = 0; f < FV; ++f) wv[f] = load(wpp + k * F + f * VW);
       for (int r = 0; r < R; ++r) {
-        const vf xv = splat(xs[r * K + k]);
+        const vf xv = splat(xr[r][k]);
         for (int f = 0; f < FV; ++f) acc[r][f] = acc[r][f] + absdiff(xv, wv[f]) * one;
       }
     }
@@ -371,9 +432,13 @@ void forward_direct(const T* x, const T* w, const T* bias, T* y, int64_t N, int6
 // inner loop ~10-20% faster than 8x2 on Zen 4) but waste lanes when M is small.
 template <typename T>
 void forward_dispatch(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t K, int64_t M, int nthreads) {
-  if (K <= FWD_DIRECT_MAX_K && M > FWD_FV * VW)
+  // float32 rows are read in place by forward_direct for any K (the packed
+  // path's scalar transposition of x and its stack round trip of each output
+  // tile cost ~15% at K = 64); bfloat16 rows need converting, so K > 16 packs.
+  const bool direct = K <= FWD_DIRECT_MAX_K || std::is_same<T, float>::value;
+  if (direct && M > FWD_FV * VW)
     forward_direct<WIDE_R, WIDE_FV>(x, w, bias, y, N, K, M, nthreads);
-  else if (K <= FWD_DIRECT_MAX_K)
+  else if (direct)
     forward_direct<FWD_R, FWD_FV>(x, w, bias, y, N, K, M, nthreads);
   else if (M > FWD_FV * VW)
     forward<WIDE_R, WIDE_FV>(x, w, bias, y, N, K, M, nthreads);
@@ -424,97 +489,159 @@ inline vf load_full(const uint16_t* p) {
   return load(t);
 }
 
-// Output positions [pos0, pos0+rows) of sample b, group g -> panels
-// [K][CONV_PW] of the patches of CONV_PW consecutive positions (padding reads
-// as x = 0), zero rows up to a whole panel.
-template <typename T>
-void pack_conv_panels(const T* x, const ConvGeom& cg, int64_t b, int64_t g, int64_t pos0, int64_t rows, float* dst) {
-  const int64_t K = cg.Kg(), Cg = cg.Cg();
-  const int64_t rows_pad = round_up(rows, CONV_PW);
-  const T* xg = x + (b * cg.C + g * Cg) * cg.S();
-  auto at = [&](int64_t rr, int64_t k) -> float& { return dst[(rr / CONV_PW) * K * CONV_PW + k * CONV_PW + rr % CONV_PW]; };
-  int64_t r = 0;
-  while (r < rows) {
-    const int64_t pos = pos0 + r;
-    const int64_t ow0 = pos % cg.out[2], oh = (pos / cg.out[2]) % cg.out[1], od = pos / (cg.out[2] * cg.out[1]);
-    if (cg.st[2] == 1 && r % VW == 0 && r + VW <= rows && ow0 + VW <= cg.out[2]) {
-      // Fast path: VW positions on one line read VW consecutive inputs, one
-      // (masked at the borders) vector load per k.
-      float* d = &at(r, 0);
-      int64_t k = 0;
-      for (int64_t c = 0; c < Cg; ++c)
-        for (int64_t kd = 0; kd < cg.ker[0]; ++kd) {
-          const int64_t id = od * cg.st[0] - cg.pad[0] + kd * cg.dil[0];
-          for (int64_t kh = 0; kh < cg.ker[1]; ++kh) {
-            const int64_t ih = oh * cg.st[1] - cg.pad[1] + kh * cg.dil[1];
-            const bool line_ok = id >= 0 && id < cg.in[0] && ih >= 0 && ih < cg.in[1];
-            const T* line = xg + ((c * cg.in[0] + id) * cg.in[1] + ih) * cg.in[2];
-            for (int64_t kw = 0; kw < cg.ker[2]; ++kw, ++k) {
-              const int64_t base = ow0 - cg.pad[2] + kw * cg.dil[2];
-              vf v;
-              if (line_ok && base >= 0 && base + VW <= cg.in[2]) {
-                v = load_full(line + base);
-              } else {
-                const int64_t jlo = line_ok ? std::min<int64_t>(VW, std::max<int64_t>(0, -base)) : 0;
-                const int64_t jhi = line_ok ? std::max<int64_t>(jlo, std::min<int64_t>(VW, cg.in[2] - base)) : 0;
-                v = load_masked(line + base, jlo, jhi);
-              }
-              store(d + k * CONV_PW, v);
-            }
-          }
-        }
-      r += VW;
-      continue;
-    }
-    // General: positions up to the line's end or the next vector boundary.
-    const int64_t seg = std::min({rows - r, cg.out[2] - ow0, VW - r % VW});
-    for (int64_t c = 0; c < Cg; ++c)
-      for (int64_t kd = 0; kd < cg.ker[0]; ++kd) {
-        const int64_t id = od * cg.st[0] - cg.pad[0] + kd * cg.dil[0];
-        for (int64_t kh = 0; kh < cg.ker[1]; ++kh) {
-          const int64_t ih = oh * cg.st[1] - cg.pad[1] + kh * cg.dil[1];
-          const bool line_ok = id >= 0 && id < cg.in[0] && ih >= 0 && ih < cg.in[1];
-          const T* line = xg + ((c * cg.in[0] + id) * cg.in[1] + ih) * cg.in[2];
-          for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
-            const int64_t k = ((c * cg.ker[0] + kd) * cg.ker[1] + kh) * cg.ker[2] + kw;
-            const int64_t base = ow0 * cg.st[2] - cg.pad[2] + kw * cg.dil[2];  // iw of j = 0
-            // The segment never crosses a vector (so never a panel) boundary: its
-            // destination is contiguous. Interior segments copy without checks.
-            float* dst_k = &at(r, k);
-            const int64_t st2 = cg.st[2];
-            if (!line_ok) {
-              for (int64_t j = 0; j < seg; ++j) dst_k[j] = 0.f;
-            } else if (base >= 0 && base + (seg - 1) * st2 < cg.in[2]) {
-              const T* src = line + base;
-              for (int64_t j = 0; j < seg; ++j) dst_k[j] = to_f(src[j * st2]);
-            } else {
-              for (int64_t j = 0; j < seg; ++j) {
-                const int64_t iw = base + j * st2;
-                dst_k[j] = iw >= 0 && iw < cg.in[2] ? to_f(line[iw]) : 0.f;
-              }
-            }
-          }
-        }
-      }
-    r += seg;
+// ---- packed conv forward: channel slices of the patches, vector packer
+// A work item is a panel of CONV_PW consecutive output positions (b, group
+// fixed). Its patches are packed a slice of CS channels at a time (KS = CS *
+// kvol values per position, a [KS][CONV_PW] panel of at most ~32 KiB, in L1),
+// the register tiles reduce over the slice, and their sums are carried to
+// the next slice in a [Mg][CONV_PW] buffer (the sum over k stays in k order).
+// Per thread that is ~40 KiB whatever K is; float32 weights are read in place
+// (bfloat16 ones converted once), so the forward's extra memory is far below
+// its output even for small layers (stride 2 on a 16^3 grid: a 128 KiB output).
+
+// The positions of one vector of a panel as runs on output lines: lanes
+// [lo, hi) are positions ow0 .. ow0 + hi - lo - 1 of line (od, oh).
+struct PosRun {
+  int lo, hi;
+  int64_t od, oh, ow0;
+};
+constexpr int MAX_RUNS = VW;  // at most one run per lane
+
+inline int position_runs(const ConvGeom& cg, int64_t pos, int64_t n, PosRun* runs) {
+  int nr = 0;
+  for (int64_t l = 0; l < n;) {
+    const int64_t p = pos + l, ow = p % cg.out[2], oh = (p / cg.out[2]) % cg.out[1], od = p / (cg.out[2] * cg.out[1]);
+    const int64_t len = std::min(n - l, cg.out[2] - ow);
+    runs[nr++] = PosRun{int(l), int(l + len), od, oh, ow};
+    l += len;
   }
-  for (int64_t rr = rows; rr < rows_pad; ++rr) {
-    for (int64_t k = 0; k < K; ++k) at(rr, k) = 0.f;
-  }
+  return nr;
 }
 
-// One CONV_MT x CONV_PW tile: CONV_MT filters x CONV_PV vectors of positions.
-// Vectorised over positions, each weight broadcast feeds CONV_PV min+FMA
-// pairs (vs 2 in the filter-vectorised tile), which runs ~20% faster here.
-inline void conv_micro(const float* xp, const float* wt, int64_t Mg_pad, int64_t K, vf acc[CONV_MT][CONV_PV]) {
+// One run's reads for one kernel offset: lane l (in mask m) reads channel
+// line xc[off + l * st] (xc = the channel's first value); ma/mb: the even
+// elements of the two vectors at xc + off (lanes 0-7 / 8-15) for stride 2.
+struct RunLoad {
+  int64_t off;
+  uint32_t m, ma, mb;
+};
+
+// The reads of kernel offset (kd, kh, kw) for one vector's runs, one per run
+// (so the packer's loops do not depend on the data): lanes outside the input
+// (padding) are left out of the masks, so they read as 0; a run whose line is
+// padding gets empty masks (a masked load with an empty mask reads nothing).
+inline int run_loads(const ConvGeom& cg, const PosRun* rv, int nr, int64_t kd, int64_t kh, int64_t kw, RunLoad* out) {
+  const int64_t st = cg.st[2];
+  for (int r = 0; r < nr; ++r) {
+    RunLoad& e = out[r];
+    e.off = 0;
+    e.m = e.ma = e.mb = 0;
+    const int64_t id = rv[r].od * cg.st[0] - cg.pad[0] + kd * cg.dil[0];
+    const int64_t ih = rv[r].oh * cg.st[1] - cg.pad[1] + kh * cg.dil[1];
+    if (id < 0 || id >= cg.in[0] || ih < 0 || ih >= cg.in[1]) continue;
+    const int64_t base = rv[r].ow0 * st - cg.pad[2] + kw * cg.dil[2];  // input index of lane lo
+    // Lanes l in [lo, hi) with 0 <= base + (l - lo) * st < in2.
+    const int64_t first = base >= 0 ? 0 : (-base + st - 1) / st;
+    const int64_t last = base >= cg.in[2] ? -1 : (cg.in[2] - 1 - base) / st;
+    const int llo = int(std::min<int64_t>(rv[r].hi, rv[r].lo + first));
+    const int lhi = int(std::min<int64_t>(rv[r].hi, rv[r].lo + last + 1));
+    if (lhi <= llo) continue;
+    e.off = (id * cg.in[1] + ih) * cg.in[2] + base - rv[r].lo * st;
+    e.m = ((lhi >= 32 ? 0u : (1u << lhi)) - 1u) & ~((1u << llo) - 1u);
+#if defined(__AVX512F__)
+    e.ma = _pdep_u32(e.m & 0xFFu, 0x5555u);
+    e.mb = _pdep_u32((e.m >> 8) & 0xFFu, 0x5555u);
+#endif
+  }
+  return nr;
+}
+
+// The VW patch values of one vector for one (channel, kernel offset).
+inline vf gather_runs(const float* xc, const RunLoad* e, int ne, int64_t st) {
+#if defined(__AVX512F__)
+  if (VW == 16 && st <= 2) {
+    __m512 r = _mm512_setzero_ps();
+    if (st == 1) {  // one masked load per run
+      for (int i = 0; i < ne; ++i) r = _mm512_mask_loadu_ps(r, __mmask16(e[i].m), xc + e[i].off);
+    } else {  // the even elements of two vectors per run, merged, then one permute
+      __m512 A = _mm512_setzero_ps(), B = _mm512_setzero_ps();
+      for (int i = 0; i < ne; ++i) {
+        A = _mm512_mask_loadu_ps(A, __mmask16(e[i].ma), xc + e[i].off);
+        B = _mm512_mask_loadu_ps(B, __mmask16(e[i].mb), xc + e[i].off + 16);
+      }
+      const __m512i idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      r = _mm512_permutex2var_ps(A, idx, B);
+    }
+    vf v;
+    std::memcpy(&v, &r, sizeof v);
+    return v;
+  }
+#endif
+  vf v = vf{};
+  for (int i = 0; i < ne; ++i)
+    for (int l = 0; l < VW; ++l)
+      if (e[i].m >> l & 1u) v[l] = xc[e[i].off + l * st];
+  return v;
+}
+inline vf gather_runs(const uint16_t* xc, const RunLoad* e, int ne, int64_t st) {
+  vf v = vf{};
+  for (int i = 0; i < ne; ++i)
+    for (int l = 0; l < VW; ++l)
+      if (e[i].m >> l & 1u) v[l] = to_f(xc[e[i].off + l * st]);
+  return v;
+}
+
+// The reads that pack one panel of CONV_PW positions: per vector v and kernel
+// offset q, loads[(v * kvol + q) * mr ...] (n_loads[v * kvol + q] of them, one
+// per run of the vector's positions on an output line; a vector of VW
+// positions spans at most mr lines). Planned once per panel, used for every
+// channel (slice).
+struct PanelReads {
+  int64_t kv = 0, mr = 0;
+  std::vector<RunLoad> loads;
+  std::vector<int> n_loads;
+
+  explicit PanelReads(const ConvGeom& cg)
+      : kv(cg.kvol()), mr(std::min<int64_t>(VW, (VW - 1) / std::max<int64_t>(cg.out[2], 1) + 2)),
+        loads(static_cast<size_t>(CONV_PV * kv * mr)), n_loads(static_cast<size_t>(CONV_PV * kv)) {}
+
+  // Positions [pos0, pos0 + rows) (rows <= CONV_PW; vectors past them read zeros).
+  void plan(const ConvGeom& cg, int64_t pos0, int64_t rows) {
+    PosRun runs[MAX_RUNS];
+    for (int v = 0; v < CONV_PV; ++v) {
+      const int nr = position_runs(cg, pos0 + v * VW, std::max<int64_t>(0, std::min<int64_t>(VW, rows - v * VW)), runs);
+      for (int64_t kd = 0, q = 0; kd < cg.ker[0]; ++kd)
+        for (int64_t kh = 0; kh < cg.ker[1]; ++kh)
+          for (int64_t kw = 0; kw < cg.ker[2]; ++kw, ++q)
+            n_loads[size_t(v * kv + q)] = run_loads(cg, runs, nr, kd, kh, kw, &loads[size_t((v * kv + q) * mr)]);
+    }
+  }
+};
+
+// Patch values of channels [c0, c1) of a planned panel into dst [(c - c0) * kvol + q][CONV_PW].
+template <typename T>
+void pack_conv_slice(const T* x, const ConvGeom& cg, int64_t b, int64_t g, const PanelReads& pr, int64_t c0,
+                     int64_t c1, float* dst) {
+  const int64_t kv = cg.kvol(), S = cg.S();
+  const T* xg = x + (b * cg.C + g * cg.Cg()) * S;
+  for (int v = 0; v < CONV_PV; ++v)
+    for (int64_t q = 0; q < kv; ++q) {
+      const RunLoad* e = &pr.loads[size_t((v * kv + q) * pr.mr)];
+      const int ne = pr.n_loads[size_t(v * kv + q)];
+      float* d = dst + q * CONV_PW + v * VW;
+      for (int64_t c = c0; c < c1; ++c) store(d + (c - c0) * kv * CONV_PW, gather_runs(xg + c * S, e, ne, cg.st[2]));
+    }
+}
+
+// CONV_MT filters (rows wr[i], K-contiguous, offset to the slice) x CONV_PV
+// vectors of positions over KS patch values; acc carries the sums in and out.
+inline void conv_micro(const float* xp, const float* const* wr, int64_t KS, vf acc[CONV_MT][CONV_PV]) {
   const vf one = splat(kOpaqueOne);
-  for (int i = 0; i < CONV_MT; ++i)
-    for (int v = 0; v < CONV_PV; ++v) acc[i][v] = vf{};
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < KS; ++k) {
     vf xv[CONV_PV];
     for (int v = 0; v < CONV_PV; ++v) xv[v] = load(xp + k * CONV_PW + v * VW);
     for (int i = 0; i < CONV_MT; ++i) {
-      const vf wb = splat(wt[k * Mg_pad + i]);
+      const vf wb = splat(wr[i][k]);
       for (int v = 0; v < CONV_PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wb) * one;
     }
   }
@@ -522,40 +649,60 @@ inline void conv_micro(const float* xp, const float* wt, int64_t Mg_pad, int64_t
 
 template <typename T>
 void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
-  const int64_t K = cg.Kg(), Mg = cg.Mg(), P = cg.P();
-  const int64_t Mg_pad = round_up(Mg, CONV_MT);
-  // Per group: weights as [K][Mg_pad]; the bias as floats.
-  std::vector<float> wt(size_t(cg.G * K * Mg_pad), 0.f), col_term(size_t(cg.M), 0.f);
-  for (int64_t g = 0; g < cg.G; ++g)
-    for (int64_t m = 0; m < Mg; ++m)
-      for (int64_t k = 0; k < K; ++k) wt[size_t((g * K + k) * Mg_pad + m)] = to_f(w[(g * Mg + m) * K + k]);
-  for (int64_t m = 0; m < cg.M; ++m) col_term[size_t(m)] = bias ? to_f(bias[m]) : 0.f;
-  // Tiles of positions whose packed patches (~256 KiB) stay in L2.
-  const int64_t RT = std::max<int64_t>(CONV_PW, std::min<int64_t>(256, (65536 / std::max<int64_t>(K, 1))) / CONV_PW * CONV_PW);
-  const int64_t n_tiles = (P + RT - 1) / RT;
+  const int64_t K = cg.Kg(), Mg = cg.Mg(), P = cg.P(), kv = cg.kvol(), Cg = cg.Cg();
+  // float32 weights are used in place; bfloat16 ones converted once to [M][K].
+  std::vector<float> wconv;
+  const float* wf;
+  if (std::is_same<T, float>::value) {
+    wf = reinterpret_cast<const float*>(w);
+  } else {
+    wconv.resize(size_t(cg.M * K));
+    for (int64_t i = 0; i < cg.M * K; ++i) wconv[size_t(i)] = to_f(w[i]);
+    wf = wconv.data();
+  }
+  // Channels per slice: a [CS * kvol][CONV_PW] panel of at most ~32 KiB.
+  const int64_t CS = std::max<int64_t>(1, std::min<int64_t>(Cg, (8192 / CONV_PW) / std::max<int64_t>(kv, 1)));
+  const int64_t n_slices = (Cg + CS - 1) / CS;
+  const int64_t n_mb = (Mg + CONV_MT - 1) / CONV_MT;
+  const int64_t n_tiles = (P + CONV_PW - 1) / CONV_PW;
   const int64_t items = cg.B * cg.G * n_tiles;
 #pragma omp parallel num_threads(threads_for(items, nthreads))
   {
-    std::vector<float> xb(static_cast<size_t>(RT * K));
+    std::vector<float> xb(static_cast<size_t>(CS * kv * CONV_PW));
+    std::vector<vf> carry(static_cast<size_t>(n_slices > 1 ? n_mb * CONV_MT * CONV_PV : 0));
+    PanelReads pr(cg);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t t = it % n_tiles, g = (it / n_tiles) % cg.G, b = it / (n_tiles * cg.G);
-      const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
-      pack_conv_panels(x, cg, b, g, pos0, rows, xb.data());
-      for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW) {
-        for (int64_t m0 = 0; m0 < Mg; m0 += CONV_MT) {
+      const int64_t pos0 = t * CONV_PW, rows = std::min<int64_t>(CONV_PW, P - pos0);
+      pr.plan(cg, pos0, rows);
+      for (int64_t s = 0; s < n_slices; ++s) {
+        const int64_t c0 = s * CS, c1 = std::min(Cg, c0 + CS), KS = (c1 - c0) * kv;
+        pack_conv_slice(x, cg, b, g, pr, c0, c1, xb.data());
+        for (int64_t mb = 0; mb < n_mb; ++mb) {
+          const float* wr[CONV_MT];
+          for (int i = 0; i < CONV_MT; ++i)  // a partial block repeats its last filter (sums dropped)
+            wr[i] = wf + (g * Mg + std::min<int64_t>(mb * CONV_MT + i, Mg - 1)) * K + c0 * kv;
           vf acc[CONV_MT][CONV_PV];
-          conv_micro(&xb[size_t(r0 * K)], &wt[size_t(g * K * Mg_pad + m0)], Mg_pad, K, acc);
-          for (int i = 0; i < CONV_MT && m0 + i < Mg; ++i) {
-            const vf col = splat(col_term[size_t(g * Mg + m0 + i)]);
-            T* yp = y + (b * cg.M + g * Mg + m0 + i) * P + pos0 + r0;
+          vf* cr = n_slices > 1 ? &carry[size_t(mb * CONV_MT * CONV_PV)] : nullptr;
+          for (int i = 0; i < CONV_MT; ++i)
+            for (int v = 0; v < CONV_PV; ++v) acc[i][v] = s == 0 ? vf{} : cr[i * CONV_PV + v];
+          conv_micro(xb.data(), wr, KS, acc);
+          if (s + 1 < n_slices) {
+            for (int i = 0; i < CONV_MT; ++i)
+              for (int v = 0; v < CONV_PV; ++v) cr[i * CONV_PV + v] = acc[i][v];
+            continue;
+          }
+          for (int i = 0; i < CONV_MT && mb * CONV_MT + i < Mg; ++i) {
+            const int64_t m = g * Mg + mb * CONV_MT + i;
+            const vf col = splat(bias ? to_f(bias[m]) : 0.f);
+            T* yp = y + (b * cg.M + m) * P + pos0;
             for (int v = 0; v < CONV_PV; ++v) {
-              const int64_t n = std::min<int64_t>(VW, rows - r0 - v * VW);
+              const int64_t n = std::min<int64_t>(VW, rows - v * VW);
               if (n <= 0) break;
-              float out[VW];
-              store(out, col - acc[i][v]);
+              const vf out = col - acc[i][v];
               if (std::is_same<T, float>::value && n == VW)
-                std::memcpy(yp + v * VW, out, sizeof out);
+                store(reinterpret_cast<float*>(yp + v * VW), out);
               else
                 for (int64_t e = 0; e < n; ++e) from_f(out[e], yp + v * VW + e);
             }
@@ -817,9 +964,11 @@ void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& c
 // when that is a whole number inside the output, so
 //   gx[b, c, i] = sum_{m, koff} g[b, m, o] * phi(w[m, c, koff] - x[b, c, i])
 // (phi as in input_grad_block; an o that does not exist contributes no term).
-// Stride > 1 along the line: the g lines are zero-stuffed to stride 1 and the
-// lanes without an output are masked off (along the outer axes, kernel offsets
-// without an output line are skipped).
+// Stride st > 1 along the line: the line is split into its st phases (inputs
+// p, p + st, p + 2 st, ...); within a phase, a kernel offset either reaches no
+// output or consecutive outputs, so every lane does useful work (no
+// zero-stuffing, no masked-off half vectors); along the outer axes, kernel
+// offsets without an output line are skipped.
 // One work item is one input line (b, group, id, ih): the output-gradient
 // lines it needs are copied once into zero-padded buffers, then register tiles
 // of CONV_CT channels x VW positions along the line reduce over (koff, m)
@@ -827,14 +976,14 @@ void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& c
 // owns its input line.
 constexpr int CONV_CT = VW == 16 ? 8 : 4;  // AVX2 has 16 registers
 
-template <int MODE, typename T>
+template <int MODE, bool FIN, typename T>
 void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& cg, float a, float b,
                      int nthreads) {
   const int64_t Cg = cg.Cg(), Mg = cg.Mg(), kv = cg.kvol(), P = cg.P(), S = cg.S();
   const int64_t Cg_pad = round_up(Cg, CONV_CT);
   const int64_t in2_pad = round_up(cg.in[2], VW);
   const int64_t off = std::max<int64_t>(0, (cg.ker[2] - 1) * cg.dil[2] - cg.pad[2]);
-  const int64_t L = off + in2_pad + cg.pad[2] + VW;  // padded g line: index o + off
+  const int64_t L = off + in2_pad + cg.pad[2] + VW + 1;  // padded g line: index o + off
   // Weights per group as [koff][m][c_pad], raw (the differences are formed exactly).
   std::vector<float> wt(size_t(cg.G * kv * Mg * Cg_pad), 0.f);
   for (int64_t gr = 0; gr < cg.G; ++gr)
@@ -863,70 +1012,83 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
           if (td < 0 || th < 0 || td % cg.st[0] != 0 || th % cg.st[1] != 0) continue;
           const int64_t od = td / cg.st[0], oh = th / cg.st[1];
           if (od >= cg.out[0] || oh >= cg.out[1]) continue;
-          for (int64_t m = 0; m < Mg; ++m) {  // the g line, zero-stuffed to stride 1: dl[off + o * st2] = g[o]
+          for (int64_t m = 0; m < Mg; ++m) {  // the g line between zeros: dl[off + o] = g[o]
             float* dl = &gl[size_t((nv * Mg + m) * L)];
-            std::fill(dl, dl + L, 0.f);
             const T* src = g + ((bb * cg.M + gr * Mg + m) * P) + (od * cg.out[1] + oh) * cg.out[2];
-            for (int64_t o = 0; o < cg.out[2] && off + o * cg.st[2] < L; ++o) dl[off + o * cg.st[2]] = to_f(src[o]);
+            // Short lines: whole-vector moves in place (a libc memcpy/memset call
+            // per line cost ~10% of the kernel).
+            const int64_t n = std::min<int64_t>(cg.out[2], L - off);
+            for (int64_t i = 0; i < L; i += VW) store_first(dl + i, vf{}, std::min<int64_t>(VW, L - i));
+            for (int64_t o = 0; o < n; o += VW) {
+              const int64_t e = std::min<int64_t>(VW, n - o);
+              store_first(dl + off + o, e == VW ? load_full(src + o) : load_masked(src + o, 0, e), e);
+            }
           }
           valid[size_t(nv++)] = kd * cg.ker[1] + kh;
         }
       T* gx_line = gx + ((bb * cg.C + gr * Cg) * cg.in[0] + id) * cg.in[1] * cg.in[2] + ih * cg.in[2];
       const T* x_line = x + ((bb * cg.C + gr * Cg) * cg.in[0] + id) * cg.in[1] * cg.in[2] + ih * cg.in[2];
-      for (int64_t c0 = 0; c0 < Cg_pad; c0 += CONV_CT) {
-        for (int c = 0; c < CONV_CT; ++c) {  // this tile's x lines, zero padded
-          float* d = &xl[size_t(c * in2_pad)];
-          for (int64_t i = 0; i < in2_pad; ++i) d[i] = c0 + c < Cg && i < cg.in[2] ? to_f(x_line[(c0 + c) * S + i]) : 0.f;
-        }
-        for (int64_t i0 = 0; i0 < in2_pad; i0 += VW) {
-          vf acc[CONV_CT], xv[CONV_CT];
-          for (int c = 0; c < CONV_CT; ++c) {
-            acc[c] = vf{};
-            xv[c] = load(&xl[size_t(c * in2_pad + i0)]);
+      const int64_t st2 = cg.st[2];
+      for (int64_t ph = 0; ph < std::min(st2, cg.in[2]); ++ph) {  // inputs ph + st2 * jj, jj < n_ph
+        const int64_t n_ph = (cg.in[2] - ph + st2 - 1) / st2;
+        for (int64_t c0 = 0; c0 < Cg_pad; c0 += CONV_CT) {
+          for (int c = 0; c < CONV_CT; ++c) {  // this tile's x lines (this phase), zero padded
+            float* d = &xl[size_t(c * in2_pad)];
+            for (int64_t i = 0; i < in2_pad; ++i)
+              d[i] = c0 + c < Cg && i < n_ph ? to_f(x_line[(c0 + c) * S + ph + st2 * i]) : 0.f;
           }
-          for (int64_t j = 0; j < nv; ++j)
-            for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
-              // Lanes whose output o = i + pad - kw * dil exists; the others get no
-              // term at all (not 0 * phi, which is NaN for a NaN weight), as in im2col.
-              // Lane l reaches t = o0 + l = o * st2: an output exists iff t >= 0, t % st2 == 0, o < out2.
-              const int64_t o0 = i0 + cg.pad[2] - kw * cg.dil[2], st2 = cg.st[2];
-              const int64_t lo = std::max<int64_t>(0, -o0), hi = std::min<int64_t>(VW, (cg.out[2] - 1) * st2 + 1 - o0);
-              if (hi <= lo) continue;
-              vi live = (lane >= int32_t(lo)) & (lane < int32_t(hi));
-              if (st2 != 1)
-                for (int l = 0; l < VW; ++l) live[l] = ((o0 + l) % st2 + st2) % st2 == 0 ? live[l] : 0;
-              const int64_t q = valid[size_t(j)] * cg.ker[2] + kw;
-              const float* gq = &gl[size_t(j * Mg * L + o0 + off)];
-              const float* wq = &wt[size_t(((gr * kv + q) * Mg) * Cg_pad + c0)];
-              // Two copies of the loop, so the interior (every lane live) has no mask.
-              auto reduce = [&](auto full) {
-                for (int64_t m = 0; m < Mg; ++m) {
-                  const vf gv = load(gq + m * L);
-                  const vf ga = MODE == 2 ? gv * splat(a) : gv, gb = gv * splat(b);
-                  const float* wm = wq + m * Cg_pad;
-                  for (int c = 0; c < CONV_CT; ++c) {
-                    const vf d = splat(wm[c]) - xv[c];
-                    if (decltype(full)::value) {
-                      acc[c] += (MODE == 0 ? vsign(d) : clamp1(d)) * ga;
-                      if (MODE == 2) acc[c] += vsign(d) * gb;
-                    } else {
-                      vf t = (MODE == 0 ? vsign(d) : clamp1(d)) * ga;
-                      if (MODE == 2) t += vsign(d) * gb;
-                      acc[c] += (vf)((vi)t & live);
+          for (int64_t j0 = 0; j0 < n_ph; j0 += VW) {
+            vf acc[CONV_CT], xv[CONV_CT];
+            for (int c = 0; c < CONV_CT; ++c) {
+              acc[c] = vf{};
+              xv[c] = load(&xl[size_t(c * in2_pad + j0)]);
+            }
+            for (int64_t j = 0; j < nv; ++j)
+              for (int64_t kw = 0; kw < cg.ker[2]; ++kw) {
+                // Input ph + st2 * (j0 + l) reaches output o = (ph + pad - kw * dil) / st2 + j0 + l
+                // when st2 divides ph + pad - kw * dil (else no output at all for this kw);
+                // lanes whose o falls outside the output get no term at all (not
+                // 0 * phi, which is NaN for a NaN weight), as in im2col.
+                const int64_t t0 = ph + cg.pad[2] - kw * cg.dil[2];
+                if ((t0 % st2 + st2) % st2 != 0) continue;
+                const int64_t o0 = t0 / st2 + j0;
+                const int64_t lo = std::max<int64_t>(0, -o0), hi = std::min<int64_t>(VW, cg.out[2] - o0);
+                if (hi <= lo) continue;
+                const vi live = (lane >= int32_t(lo)) & (lane < int32_t(hi));
+                const uint32_t live_m = ((hi >= 32 ? 0u : (1u << hi)) - 1u) & ~((1u << lo) - 1u);
+                const int64_t q = valid[size_t(j)] * cg.ker[2] + kw;
+                const float* gq = &gl[size_t(j * Mg * L + o0 + off)];
+                const float* wq = &wt[size_t(((gr * kv + q) * Mg) * Cg_pad + c0)];
+                // Two copies of the loop, so the interior (every lane live) has no mask.
+                auto reduce = [&](auto full) {
+                  for (int64_t m = 0; m < Mg; ++m) {
+                    const vf gv = load(gq + m * L);
+                    const vf ga = MODE == 2 ? gv * splat(a) : gv, gb = gv * splat(b);
+                    const float* wm = wq + m * Cg_pad;
+                    for (int c = 0; c < CONV_CT; ++c) {
+                      const vf d = splat(wm[c]) - xv[c];
+                      if (decltype(full)::value) {
+                        acc[c] += (MODE == 0 ? vsign(d) : clamp1_<FIN>(d)) * ga;
+                        if (MODE == 2) acc[c] += vsign(d) * gb;
+                      } else {
+                        acc[c] = fma_lanes(acc[c], MODE == 0 ? vsign(d) : clamp1_<FIN>(d), ga, live_m, live);
+                        if (MODE == 2) acc[c] = fma_lanes(acc[c], vsign(d), gb, live_m, live);
+                      }
                     }
                   }
-                }
-              };
-              if (lo == 0 && hi == VW && st2 == 1)
-                reduce(std::true_type{});
-              else
-                reduce(std::false_type{});
+                };
+                if (lo == 0 && hi == VW)
+                  reduce(std::true_type{});
+                else
+                  reduce(std::false_type{});
+              }
+            const int64_t n = std::min<int64_t>(VW, n_ph - j0);
+            for (int c = 0; c < CONV_CT && c0 + c < Cg; ++c) {
+              float out[VW];
+              store(out, acc[c]);
+              T* dst = gx_line + (c0 + c) * S + ph + st2 * j0;
+              for (int64_t i = 0; i < n; ++i) from_f(out[i], dst + st2 * i);
             }
-          const int64_t n = std::min<int64_t>(VW, cg.in[2] - i0);
-          for (int c = 0; c < CONV_CT && c0 + c < Cg; ++c) {
-            float out[VW];
-            store(out, acc[c]);
-            for (int64_t i = 0; i < n; ++i) from_f(out[i], gx_line + (c0 + c) * S + i0 + i);
           }
         }
       }
@@ -937,12 +1099,18 @@ void conv_input_grad(const T* g, const T* x, const T* w, T* gx, const ConvGeom& 
 template <typename T>
 void conv_input_grad_dispatch(const T* g, const T* x, const T* w, T* gx, const ConvGeom& cg, float mix,
                               int nthreads) {
-  if (mix == 1.0f)
-    conv_input_grad<1>(g, x, w, gx, cg, 1.f, 0.f, nthreads);
+  // Finite x and w (the usual case, checked in one pass) take the faster clamp.
+  const bool fin = mix != 0.0f && all_finite(x, cg.B * cg.C * cg.S()) && all_finite(w, cg.M * cg.Kg());
+  if (mix == 1.0f && fin)
+    conv_input_grad<1, true>(g, x, w, gx, cg, 1.f, 0.f, nthreads);
+  else if (mix == 1.0f)
+    conv_input_grad<1, false>(g, x, w, gx, cg, 1.f, 0.f, nthreads);
   else if (mix == 0.0f)
-    conv_input_grad<0>(g, x, w, gx, cg, 0.f, 1.f, nthreads);
+    conv_input_grad<0, false>(g, x, w, gx, cg, 0.f, 1.f, nthreads);
+  else if (fin)
+    conv_input_grad<2, true>(g, x, w, gx, cg, mix, 1.f - mix, nthreads);
   else
-    conv_input_grad<2>(g, x, w, gx, cg, mix, 1.f - mix, nthreads);
+    conv_input_grad<2, false>(g, x, w, gx, cg, mix, 1.f - mix, nthreads);
 }
 
 // ---------------------------------------------------------------- backward
@@ -959,7 +1127,7 @@ void conv_input_grad_dispatch(const T* g, const T* x, const T* w, T* gx, const C
 // Input gradient of one packed row block, vectorised over k (so the sum over
 // filters is a plain vertical add): xp [rows_pad, K_pad], gp [rows_pad, M],
 // wr [M, K_pad]; gx[n, k] = sum_m g[n, m] phi_x(w[m, k] - x[n, k]).
-template <int MODE, int R, int KV, typename T>
+template <int MODE, bool FIN, int R, int KV, typename T>
 void input_grad_block(const float* xp, const float* gp, const float* wr, int64_t rows, int64_t rows_pad, int64_t K,
                       int64_t K_pad, int64_t M, float a, float b, T* gx, int64_t n0) {
   for (int64_t r0 = 0; r0 < rows_pad; r0 += R) {
@@ -978,7 +1146,7 @@ void input_grad_block(const float* xp, const float* gp, const float* wr, int64_t
           const vf ga = splat(MODE == 2 ? gs * a : gs), gb = splat(gs * b);
           for (int j = 0; j < KV; ++j) {
             const vf d = wv[j] - xv[r][j];
-            if (MODE != 0) acc[r][j] += clamp1(d) * ga;
+            if (MODE != 0) acc[r][j] += clamp1_<FIN>(d) * ga;
             if (MODE == 0) acc[r][j] += vsign(d) * ga;
             if (MODE == 2) acc[r][j] += vsign(d) * gb;
           }
@@ -1037,7 +1205,7 @@ void weight_grad_block(const float* xp, int64_t xs_n, int64_t xs_k, const float*
 
 // One pass over row blocks computing gx (if gx != nullptr) and the weight
 // gradient (if s_out != nullptr, float32 [M, K]), sharing the packed row blocks.
-template <int MODE, typename T>
+template <int MODE, bool FIN, typename T>
 void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, float b, int64_t N, int64_t K,
               int64_t M, int nthreads) {
   constexpr int R = MODE == 1 ? GX1_R : MODE == 0 ? GXS_R : GXB_R;
@@ -1067,7 +1235,7 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
       pack_rows(x, K, n0, rows, rows_pad, K_pad, xp.data());
       if (gx) {
         pack_rows(g, M, n0, rows, rows_pad, M, gp.data());
-        input_grad_block<MODE, R, KV>(xp.data(), gp.data(), pw.rows.data(), rows, rows_pad, K, K_pad, M, a, b, gx,
+        input_grad_block<MODE, FIN, R, KV>(xp.data(), gp.data(), pw.rows.data(), rows, rows_pad, K, K_pad, M, a, b, gx,
                                       n0);
       }
       if (S) {
@@ -1091,12 +1259,18 @@ void backward(const T* g, const T* x, const T* w, T* gx, float* s_out, float a, 
 template <typename T>
 void backward_dispatch(const T* g, const T* x, const T* w, T* gx, float* s, float mix, int64_t N, int64_t K,
                        int64_t M, int nthreads) {
-  if (mix == 1.0f)
-    backward<1>(g, x, w, gx, s, 1.f, 0.f, N, K, M, nthreads);
+  // Finite x and w (checked in one pass; only the input gradient clamps) take the faster clamp.
+  const bool fin = gx != nullptr && mix != 0.0f && all_finite(x, N * K) && all_finite(w, M * K);
+  if (mix == 1.0f && fin)
+    backward<1, true>(g, x, w, gx, s, 1.f, 0.f, N, K, M, nthreads);
+  else if (mix == 1.0f)
+    backward<1, false>(g, x, w, gx, s, 1.f, 0.f, N, K, M, nthreads);
   else if (mix == 0.0f)
-    backward<0>(g, x, w, gx, s, 0.f, 1.f, N, K, M, nthreads);
+    backward<0, false>(g, x, w, gx, s, 0.f, 1.f, N, K, M, nthreads);
+  else if (fin)
+    backward<2, true>(g, x, w, gx, s, mix, 1.f - mix, N, K, M, nthreads);
   else
-    backward<2>(g, x, w, gx, s, mix, 1.f - mix, N, K, M, nthreads);
+    backward<2, false>(g, x, w, gx, s, mix, 1.f - mix, N, K, M, nthreads);
 }
 
 // ---------------------------------------------------------------- direct conv weight gradient
@@ -1134,12 +1308,16 @@ void conv_weight_grad(const T* g, const T* x, const T* w, float* gw, const ConvG
     // Panels [RT / CONV_PW][K][CONV_PW], plus one panel's worth of zeros: the k
     // blocks of weight_grad_block may run up to K_pad > K (those sums are dropped).
     std::vector<float> xp(static_cast<size_t>((RT + CONV_PW) * K_pad), 0.f), gp(static_cast<size_t>(RT * M_pad), 0.f);
+    PanelReads pr(cg);
     float* S = &s_priv[size_t(tid * cg.G * K_pad * M_pad)];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t t = it % n_tiles, gr = (it / n_tiles) % cg.G, bb = it / (n_tiles * cg.G);
       const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
-      pack_conv_panels(x, cg, bb, gr, pos0, rows, xp.data());
+      for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW) {  // panels of CONV_PW positions, the forward's vector packer
+        pr.plan(cg, pos0 + r0, std::min<int64_t>(CONV_PW, rows - r0));
+        pack_conv_slice(x, cg, bb, gr, pr, 0, cg.Cg(), &xp[size_t(r0 * K)]);
+      }
       for (int64_t m = 0; m < Mg; ++m) {  // g[b, m, pos0 + r] -> gp[r][m]
         const T* src = g + (bb * cg.M + gr * Mg + m) * P + pos0;
         for (int64_t r = 0; r < rows; ++r) gp[size_t(r * M_pad + m)] = to_f(src[r]);
