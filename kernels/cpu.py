@@ -147,13 +147,16 @@ def _conv_weight_grad_fn():
 
 
 def _check_rc(rc: int, fn: str) -> None:
-    """Turn a C return code into an exception (not an ``assert``: ``python -O`` would drop it)."""
+    """Turn a C return code into an exception (not an ``assert``: ``python -O`` would drop it).
+
+    A kernel failing at run time is a :class:`~l1fx.errors.KernelError`, not a build error.
+    """
     if rc == 0:
         return
-    from ..errors import KernelBuildError  # local: leaves the module's import block to the loader
+    from ..errors import KernelError  # local: leaves the module's import block to the loader
 
     why = {1: "unsupported dtype code", 2: "unsupported geometry (stride != 1)"}.get(rc, "unknown error")
-    raise KernelBuildError(
+    raise KernelError(
         f"l1fx cpu kernel {fn} failed with code {rc} ({why}); this is a bug in l1fx, please report it "
         f"(set L1FX_BACKEND=reference to work around it)"
     )

@@ -319,11 +319,11 @@ def test_conv_forward_kernel_choice():
 
 
 def test_kernel_return_codes_raise_real_exceptions():
-    # Not an assert (python -O removes those): a failing C call raises KernelBuildError.
-    from l1fx.errors import KernelBuildError
+    # Not an assert (python -O removes those): a failing C call raises KernelError.
+    from l1fx.errors import KernelError
 
     cpu._check_rc(0, "l1fx_forward")
-    with pytest.raises(KernelBuildError, match="l1fx_forward failed with code 1"):
+    with pytest.raises(KernelError, match="l1fx_forward failed with code 1"):
         cpu._check_rc(1, "l1fx_forward")
     # And a real call into the library with an unknown dtype code returns non-zero.
     lib = cpu._lib()
