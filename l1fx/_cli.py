@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence, TypeVar
+from typing import BinaryIO, Callable, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +34,28 @@ class CLIError(UsageError):
 
 # The exit codes every l1fx command line uses.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def write_stdout(text: str = "", data: Optional[bytes] = None) -> None:
+    """Write the command's result to stdout (``data`` as bytes where stdout has a byte stream), flushed now.
+
+    A stdout that cannot be written (a full disk, a closed pipe) is a :class:`CLIError` (one line, exit 2),
+    not a traceback at interpreter exit.
+    """
+    try:
+        if data is not None and hasattr(sys.stdout, "buffer"):
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    except OSError as e:
+        try:  # nothing more can reach this stdout: don't let the interpreter's final flush fail again
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        raise CLIError(f"cannot write to stdout: {e.strerror or e}") from None
 
 
 def run_cli(prog: str, body, argv) -> int:

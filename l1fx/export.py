@@ -127,7 +127,7 @@ def _main(argv) -> int:
         result = export_onnx(model, inputs, args.output, dynamic_batch=not args.static_batch, opset=args.opset,
                              custom_op=not args.standard_ops, verify=not args.no_verify, rtol=args.rtol,
                              allow_nondeterministic=args.allow_nondeterministic)
-    print(result.summary())
+    _cli.write_stdout(result.summary() + "\n")
     return 0
 
 

@@ -203,7 +203,8 @@ def _torch_export(model, inputs, dynamic_batch, opset, table):
     if opset is not None:
         kwargs["opset_version"] = int(opset)
     # The exporter prints progress lines, graphs and warnings (through print, warnings and
-    # logging, e.g. "torchvision is not installed"); its errors carry what matters.
+    # logging, e.g. "torchvision is not installed"); its errors carry what matters. The redirection is
+    # process-wide while it runs (documented: export_onnx is not meant to run beside other printing threads).
     log = io.StringIO()
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
@@ -646,6 +647,10 @@ def _export_to(file, model: nn.Module, inputs: tuple[Tensor, ...], path: Path, *
             raise OnnxExportError(_explain_export_failure(model, e, dynamic_batch)) from e
     budget = onnx_ops.default_chunk_bytes() if chunk_bytes is None else (int(chunk_bytes) or None)
     proto, used_opset = _finish_model(proto, custom_op, budget)
+    if opset is not None and used_opset != int(opset):
+        # torch's exporter silently substitutes an opset it cannot target; the user asked for this one.
+        raise OnnxInputError(f"export_onnx: opset {opset} was asked for but torch's exporter wrote opset "
+                              f"{used_opset}; choose an opset it supports (e.g. {used_opset}) or leave it unset")
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # noqa: BLE001

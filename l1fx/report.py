@@ -113,7 +113,7 @@ def _run(args) -> int:
     if args.output:
         _cli.write_text_atomic(args.output, text, "--output")
     else:
-        sys.stdout.write(text)
+        _cli.write_stdout(text)
     return 0
 
 

@@ -111,3 +111,31 @@ def test_model_file_loads_without_touching_sys_path(tmp_path):
     torch.save(model, buf)
     buf.seek(0)
     assert type(torch.load(buf, weights_only=False)) is type(model)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_unwritable_stdout_and_unsupported_opset_are_one_line_usage_errors(tmp_path):
+    # A full stdout used to end in an OSError traceback with exit 1 (rewrite's "would rewrite" code), and an
+    # opset the exporter cannot target was silently replaced by another one.
+    model = tmp_path / "m.py"
+    model.write_text("import torch\n\n\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                     "        self.fc = torch.nn.Linear(4, 3)\n\n    def forward(self, x):\n        return self.fc(x)\n")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    runs = {
+        "report": (["l1fx.report", "--demo"], "/dev/full"),
+        "rewrite": (["l1fx.rewrite", "--diff", str(model)], "/dev/full"),
+        "opset": (["l1fx.export", f"{model}:M", "--input-shape", "2,4", "--opset", "3", "-o", str(tmp_path / "o.onnx")],
+                  os.devnull),
+    }
+    procs = {}
+    for name, (argv, out) in runs.items():
+        with open(out, "w") as stdout:
+            procs[name] = subprocess.Popen([sys.executable, "-m", *argv], stdout=stdout, stderr=subprocess.PIPE,
+                                           text=True, cwd=tmp_path, env=env)
+    for name, p in procs.items():
+        err = p.communicate(timeout=300)[1]
+        lines = [ln for ln in err.splitlines() if "rewrote" not in ln]
+        assert p.returncode == 2, (name, err)
+        assert "Traceback" not in err and len(lines) == 1, (name, err)
+        assert ("opset 3 was asked for" if name == "opset" else "cannot write to stdout") in lines[0], (name, err)
+    assert not (tmp_path / "o.onnx").exists()

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
-from l1fx import _atomicfile
+from l1fx import _atomicfile, _cli
 
 __all__ = ["atomic_write", "walk", "Input", "collect_inputs", "output_paths", "write_stdout"]
 
@@ -76,10 +75,7 @@ def output_paths(inputs: list[Input], out: str) -> tuple[dict[Path, Path], list[
 
 
 def write_stdout(data: Union[str, bytes], text: str) -> None:
-    """``data`` as bytes where stdout has a byte stream (the file's own encoding); else ``text``."""
-    if isinstance(data, bytes) and hasattr(sys.stdout, "buffer"):
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    else:
-        sys.stdout.write(text)
+    """``data`` as bytes where stdout has a byte stream (the file's own encoding); else ``text``.
+
+    A stdout that cannot be written is one line and exit 2 (``l1fx._cli.write_stdout``)."""
+    _cli.write_stdout(text, data if isinstance(data, bytes) else None)
