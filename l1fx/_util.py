@@ -3,21 +3,17 @@
 * :func:`evaluating` - run a model in eval mode without grad, then give every
   submodule its own train flag back (not ``model.train(old)``, which would
   overwrite submodules the user had set differently);
-* :func:`default_file_mode` - the permissions a new file gets (the umask, read without changing it);
 * :func:`as_input_tuple` - "a tensor or a tuple/list of forward() arguments" as a tuple.
 """
 from __future__ import annotations
 
 import contextlib
-import os
-import stat
-import tempfile
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["evaluating", "as_input_tuple", "default_file_mode"]
+__all__ = ["evaluating", "as_input_tuple"]
 
 
 @contextlib.contextmanager
@@ -34,19 +30,6 @@ def evaluating(model: nn.Module, *, no_grad: bool = True) -> Iterator[nn.Module]
     finally:
         for m, mode in modes:
             m.training = mode
-
-
-def default_file_mode() -> int:
-    """The permissions ``open(path, "w")`` would give a new file (0o666 minus the umask).
-
-    Read from a file created for the purpose, not with ``os.umask``: setting the
-    umask, even to put it straight back, applies to every thread of the process.
-    (Atomic file writes: :func:`l1fx._atomicfile.atomic_write`, the one implementation.)
-    """
-    with tempfile.TemporaryDirectory(prefix="l1fx-mode-") as d:
-        probe = os.path.join(d, "probe")
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        return stat.S_IMODE(os.stat(probe).st_mode)
 
 
 def as_input_tuple(example_inputs: Any, what: str = "example_inputs", *, tensors_only: bool = False) -> tuple:

@@ -6,7 +6,16 @@ import time
 
 import pytest
 
-from l1fx import _atomicfile, _util
+from l1fx import _atomicfile
+
+
+def _new_file_mode(directory) -> int:
+    """The mode ``open(path, "w")`` gives a new file here (0o666 minus the umask), read without os.umask."""
+    probe = directory / "mode-probe"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.unlink()
+    return mode
 
 
 def _leftover(directory, name, pid):
@@ -61,7 +70,7 @@ def test_modes_without_touching_the_umask(tmp_path, monkeypatch):
     def no_umask(*a):
         raise AssertionError("os.umask changes the mask of every thread of the process")
 
-    expected_new = _util.default_file_mode()
+    expected_new = _new_file_mode(tmp_path)
     monkeypatch.setattr(os, "umask", no_umask)
     fresh = tmp_path / "sub" / "new.bin"
     _atomicfile.atomic_write_bytes(fresh, b"\x00\x01")  # parents are created
