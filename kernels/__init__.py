@@ -234,3 +234,60 @@ def _register_builtin() -> None:
 
 
 _register_builtin()
+
+
+# ---------------------------------------------------------------- transposed convolution (l1fx::conv_transpose)
+# Backend name -> loader of its (forward, backward) kernels of the l1 transposed convolution
+# (kernels/conv_transpose.py has the reference and the signatures); a loader raises BackendUnavailable
+# when its kernels cannot run (a failed C++ build). "triton" runs the reference kernel: plain torch ops
+# on the tensors' device. A backend without an entry does not run the op.
+CONV_TRANSPOSE = "conv_transpose"
+CONV_TRANSPOSE_KERNELS: dict[str, Callable[[], tuple[Callable, Callable]]] = {}
+_transpose_warned: set = set()
+
+
+def _reference_transpose():
+    from . import conv_transpose as _ct
+
+    return _ct.conv_transpose_forward, _ct.conv_transpose_backward
+
+
+def _cpu_transpose():
+    from . import cpu_transpose
+
+    return cpu_transpose.kernels()
+
+
+CONV_TRANSPOSE_KERNELS.update(reference=_reference_transpose, triton=_reference_transpose, cpu=_cpu_transpose)
+
+
+def conv_transpose_kernels(x: torch.Tensor, name: Optional[str] = None) -> tuple[str, Callable, Callable]:
+    """(backend name, forward, backward) of the l1 transposed convolution on tensors like ``x``.
+
+    Chosen as for conv (device, dtype, availability: ``get_backend(x, op="conv")``) among the backends
+    with an entry in :data:`CONV_TRANSPOSE_KERNELS`; under ``auto`` a backend whose transposed kernels
+    cannot load is passed over with a one-line warning, forced it raises ``BackendUnavailable``.
+    """
+    name = requested_backend() if name is None else name
+    if name != "auto":
+        get_backend(x, name, op="conv")  # raises for a missing/unavailable backend or unsupported tensors
+        loader = CONV_TRANSPOSE_KERNELS.get(name)
+        if loader is None:
+            raise BackendUnavailable(f"l1fx backend {name!r} does not implement the l1 {CONV_TRANSPOSE} op (it "
+                                     f"runs on: {', '.join(CONV_TRANSPOSE_KERNELS)}); unset {BACKEND_ENV} or use "
+                                     f"{BACKEND_ENV}=auto")
+        return (name, *loader())
+    for backend in _by_priority():
+        loader = CONV_TRANSPOSE_KERNELS.get(backend.name)
+        if loader is None or not (backend.handles("conv", x) and backend.available()[0]):
+            continue
+        try:
+            return (backend.name, *loader())
+        except BackendUnavailable as e:
+            if backend.name not in _transpose_warned:
+                _transpose_warned.add(backend.name)
+                import warnings
+
+                warnings.warn(f"l1fx: {e}; the l1 {CONV_TRANSPOSE} op uses the next backend", RuntimeWarning,
+                              stacklevel=2)
+    raise BackendUnavailable(f"no l1fx backend runs the l1 {CONV_TRANSPOSE} op on {x.dtype} tensors on {x.device}")

@@ -52,7 +52,8 @@ class ConvertConfig:
     normalize: Optional[str] = "auto"
     example_inputs: Optional[tuple] = None
     inplace: bool = False
-    init: Union[str, float] = "dense"
+    init: Union[str, float] = "auto"
+    pretrained: bool = False  # True: the dense weights are trained, keep them (init="dense")
 
     def validate(self) -> "ConvertConfig":
         """A copy with ``ratio`` a float, ``strategy`` a :class:`Strategy` and ``example_inputs`` a tuple;
@@ -69,9 +70,18 @@ class ConvertConfig:
                 raise ConversionTypeError(f"{_PREFIX}{e}") from None
         if isinstance(self.init, bool) or not (self.init in passes.INIT_CHOICES or (
                 isinstance(self.init, numbers.Real) and math.isfinite(self.init) and self.init > 0)):
-            raise ConversionError(f"{_PREFIX}init must be 'dense' (keep the dense weights), 'data' (set the l1 "
+            raise ConversionError(f"{_PREFIX}init must be 'auto' (weights that train: 'data' with example_inputs, "
+                                  f"else a scale rule), 'dense' (keep the dense weights), 'data' (set the l1 "
                                   f"weights from input statistics) or a positive factor, got {self.init!r}")
-        if self.init == "data" and example_inputs is None:
+        if not isinstance(self.pretrained, bool):
+            raise ConversionTypeError(f"{_PREFIX}pretrained must be True or False, got {self.pretrained!r}")
+        init = self.init
+        if self.pretrained:
+            if init not in ("auto", "dense"):
+                raise ConversionError(f"{_PREFIX}pretrained=True keeps the dense weights; it contradicts "
+                                      f"init={init!r} (drop one of them)")
+            init = "dense"
+        if init == "data" and example_inputs is None:
             raise ConversionError(f"{_PREFIX}init='data' sets the l1 weights from the statistics of their inputs, "
                                   "which needs example_inputs=(a batch of inputs,)")
         if strategy == Strategy.ENERGY and example_inputs is None:
@@ -86,7 +96,7 @@ class ConvertConfig:
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConversionTypeError(f"{_PREFIX}filter_fn must be a function (module, fqn) -> bool, "
                                       f"got {self.filter_fn!r}")
-        return dataclasses.replace(self, ratio=ratio, strategy=strategy, example_inputs=example_inputs)
+        return dataclasses.replace(self, ratio=ratio, strategy=strategy, example_inputs=example_inputs, init=init)
 
 
 def _warn_old_filter_order(include: Filter, exclude: Filter) -> None:
@@ -103,7 +113,7 @@ def _warn_old_filter_order(include: Filter, exclude: Filter) -> None:
 def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exclude: Filter = None,
             filter_fn: Optional[FilterFn] = None, strategy: str = "depth", normalize: Optional[str] = "auto",
             example_inputs: Optional[tuple] = None, inplace: bool = False,
-            init: Union[str, float] = "dense") -> nn.Module:
+            init: Union[str, float] = "auto", pretrained: bool = False) -> nn.Module:
     """Return ``model`` with inner-product layers replaced by l1 layers.
 
     Args:
@@ -125,11 +135,16 @@ def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exc
         example_inputs: a tuple of forward() arguments; enables MACs, the energy strategy and the
             output-shape check.
         inplace: convert ``model`` itself (its submodules are swapped in place); use the return value.
-        init: the converted l1 layers' weights. ``"dense"`` keeps the dense weights exactly (pretrained
+        init: the converted l1 layers' weights. ``"auto"`` (default; weights that train from scratch):
+            ``"data"`` when ``example_inputs`` are given, else a scale rule that needs no data (templates
+            at the statistics of a ReLU's or a unit-normal input, see :mod:`l1fx.passes.init`).
+            ``"dense"`` keeps the dense weights exactly (pretrained
             checkpoints). ``"data"`` (needs ``example_inputs``, for training from scratch) sets each
             layer's weights, as l1 templates, to ``mean_c + std_c * standardised dense weight`` per
             input channel ``c``, from the layer's inputs on ``example_inputs``
             (:func:`l1fx.passes.init_l1_weights`). A positive number multiplies them by that factor.
+            The summary's notes say which init was used.
+        pretrained: ``True`` says the dense weights are trained: they are kept exactly (``init="dense"``).
 
     Returns:
         A ``torch.fx.GraphModule`` when the model could be traced (possibly with untraced
@@ -147,7 +162,7 @@ def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exc
     """
     config = ConvertConfig(ratio=ratio, include=include, exclude=exclude, filter_fn=filter_fn, strategy=strategy,
                            normalize=normalize, example_inputs=example_inputs, inplace=inplace,
-                           init=init).validate()
+                           init=init, pretrained=pretrained).validate()
     _warn_old_filter_order(include, exclude)
     if not isinstance(model, nn.Module):
         raise ConversionTypeError(f"l1fx.convert expects an nn.Module, got {type(model).__name__}")
@@ -183,6 +198,9 @@ def _conversion_error(e: Exception) -> ConversionError:
 
 def build_summary(state: passes.ConversionState) -> Summary:
     report = state.trace or passes.TraceReport()
+    notes = list(state.notes)
+    if getattr(state.config, "init", None) == "dense" and not any(n.startswith("init='dense'") for n in notes):
+        notes.append("init='dense': the dense weights are kept exactly (pretrained)")
     rows = sorted(state.candidates, key=lambda c: (c.unit is None, c.unit if c.unit is not None else 0, c.order))
     root = state.result if state.result is not None else state.root
     return Summary(
@@ -191,8 +209,8 @@ def build_summary(state: passes.ConversionState) -> Summary:
         ratio=getattr(state.config, "ratio", None), strategy=getattr(state.config, "strategy", ""),
         normalize=getattr(state.config, "normalize", None), leaves=dict(report.leaves),
         opaque_functions=dict(report.opaque_functions), whole_model_error=report.whole_model_error,
-        order_note=state.order_note, notes=list(state.notes), l1_weight_names=l1_weight_names(root),
-        shared_weights=shared_groups(root),
+        order_note=state.order_note, notes=notes, l1_weight_names=l1_weight_names(root),
+        shared_weights=shared_groups(root), trace_check=report.check, shape_branches=list(report.shape_branches),
     )
 
 

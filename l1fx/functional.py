@@ -199,3 +199,83 @@ def _conv_nd(nd: int):
 l1_conv1d = _conv_nd(1)
 l1_conv2d = _conv_nd(2)
 l1_conv3d = _conv_nd(3)
+
+
+# ---------------------------------------------------------------- transposed convolution
+from . import ops_transpose  # noqa: E402  (defines torch.ops.l1fx.conv_transpose)
+
+__all__ += ["l1_conv_transpose1d", "l1_conv_transpose2d", "l1_conv_transpose3d"]
+
+
+def _l1_conv_transpose(nd, x, weight, bias, stride, padding, output_padding, groups, dilation, mix, name) -> Tensor:
+    """Checks as :func:`_l1_conv`, for ``F.conv_transpose*d``'s arguments and weight ``[in, out/groups, *k]``."""
+    label = _label(name, f"l1_conv_transpose{nd}d")
+    if not _is_proxy(weight) and weight.dim() != nd + 2:
+        raise UsageError(f"{label}: weight must be {nd + 2}-D [in_channels, out_channels/groups, *kernel], "
+                         f"got shape {tuple(weight.shape)}")
+    if not _is_int(groups):
+        raise UsageError(f"{label}: groups must be a positive int, got {groups!r}")
+    if isinstance(padding, str):
+        raise UsageError(f"{label}: padding must be an int or a tuple of {nd} ints (transposed convolutions "
+                         f"have no 'same'/'valid'), got {padding!r}")
+    stride_ = _tuple(stride, nd, "stride", label)
+    padding_ = _tuple(padding, nd, "padding", label)
+    output_padding_ = _tuple(output_padding, nd, "output_padding", label)
+    dilation_ = _tuple(dilation, nd, "dilation", label)
+    if _is_proxy(x, weight, bias):
+        return ops_transpose.conv_transpose(x, weight, bias, stride_, padding_, output_padding_, groups, dilation_,
+                                            mix)
+    mix = _check_mix(mix, label)
+    if any(s < 1 for s in stride_) or any(d < 1 for d in dilation_) or any(p < 0 for p in padding_):
+        raise UsageError(f"{label}: stride and dilation must be >= 1 and padding >= 0, got "
+                         f"stride={stride_}, padding={padding_}, dilation={dilation_}")
+    if any(op < 0 or (op >= s and op >= d) for op, s, d in zip(output_padding_, stride_, dilation_)):
+        raise UsageError(f"{label}: output_padding must be >= 0 and smaller than stride or dilation (as in "
+                         f"F.conv_transpose{nd}d), got output_padding={output_padding_}, stride={stride_}, "
+                         f"dilation={dilation_}")
+    if groups < 1:
+        raise UsageError(f"{label}: groups must be a positive int, got {groups!r}")
+    if x.dim() != nd + 2:
+        raise UsageError(f"{label}: expected a {nd + 2}-D input [batch, channels, {', '.join('DHW'[3 - nd:])}], "
+                         f"got shape {tuple(x.shape)}")
+    in_c, out_per_group = weight.shape[0], weight.shape[1]
+    if in_c % groups:
+        raise UsageError(f"{label}: groups={groups} does not divide in_channels={in_c} (weight shape "
+                         f"{tuple(weight.shape)})")
+    if x.shape[1] != in_c:
+        raise UsageError(f"{label}: input has {x.shape[1]} channels (shape {tuple(x.shape)}) but weight "
+                         f"{tuple(weight.shape)} expects {in_c} (weight layout [in, out/groups, *kernel])")
+    if bias is not None and tuple(bias.shape) != (out_per_group * groups,):
+        raise UsageError(f"{label}: bias must have shape ({out_per_group * groups},), got {tuple(bias.shape)}")
+    kernel = list(weight.shape[2:])
+    if any(k < 1 for k in kernel):
+        raise UsageError(f"{label}: kernel size must be >= 1 in every dimension, got weight shape "
+                         f"{tuple(weight.shape)}")
+    if any(s == 0 for s in x.shape[2:]):
+        raise UsageError(f"{label}: input spatial size must be >= 1 in every dimension, got shape {tuple(x.shape)}")
+    from l1fx.kernels.conv_transpose import out_shape
+
+    out = out_shape(x.shape[2:], kernel, stride_, padding_, output_padding_, dilation_)
+    if any(o < 1 for o in out):
+        raise UsageError(f"{label}: the output size {tuple(out)} is not positive (input {tuple(x.shape[2:])}, "
+                         f"padding {padding_} too large for the kernel {tuple(kernel)} and stride {stride_})")
+    x, weight, bias = _common_dtype(label, x, weight, bias)
+    return ops_transpose.conv_transpose(x, weight, bias, stride_, padding_, output_padding_, int(groups), dilation_,
+                                        mix)
+
+
+def _conv_transpose_nd(nd: int):
+    def fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _IntOrTuple = 1,
+           padding: _IntOrTuple = 0, output_padding: _IntOrTuple = 0, groups: int = 1, dilation: _IntOrTuple = 1,
+           *, mix: float = 1.0, name: Optional[str] = None) -> Tensor:
+        return _l1_conv_transpose(nd, x, weight, bias, stride, padding, output_padding, groups, dilation, mix, name)
+
+    fn.__name__ = fn.__qualname__ = f"l1_conv_transpose{nd}d"
+    fn.__doc__ = (f"l1 analogue of ``F.conv_transpose{nd}d`` (same arguments, weight ``[in, out/groups, *k]``): "
+                  f"``y[o] = b - sum |x[i] - w[k]|`` over the pairs ``o = i*stride + k*dilation - padding``.")
+    return fn
+
+
+l1_conv_transpose1d = _conv_transpose_nd(1)
+l1_conv_transpose2d = _conv_transpose_nd(2)
+l1_conv_transpose3d = _conv_transpose_nd(3)

@@ -1,4 +1,4 @@
-"""l1 layers that drop in for ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+"""l1 layers that drop in for ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d``.
 
 Constructor signatures, parameter names and shapes are those of the
 torch.nn classes, so a dense layer's ``state_dict`` loads with
@@ -170,6 +170,68 @@ def _copy_params(src: nn.Module, dst: nn.Module) -> None:
     dst.train(src.training)
 
 
+# ---------------------------------------------------------------- transposed convolutions
+from torch.nn.modules.conv import _ConvTransposeNd  # noqa: E402
+
+__all__ += ["L1ConvTranspose1d", "L1ConvTranspose2d", "L1ConvTranspose3d"]
+
+
+class _L1ConvTransposeNd(L1Module, _ConvTransposeNd):
+    """``y[o] = b - sum |x[i] - w[k]|`` over the pairs ``o = i*stride + k*dilation - padding`` (docs/l1_ops.md).
+
+    Not a subclass of the dense ``nn.ConvTransposeNd`` (as ``L1ConvNd`` is not of ``nn.ConvNd``), so code
+    that looks for dense layers does not count it; same parameters, state_dict keys and ``forward(input,
+    output_size=None)``.
+    """
+
+    _dense: type = nn.ConvTranspose1d
+
+    def forward(self, input: Tensor, output_size: Optional[list[int]] = None) -> Tensor:
+        nd = len(self.kernel_size)
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
+                                              nd, self.dilation)
+        fn = (L1F.l1_conv_transpose1d, L1F.l1_conv_transpose2d, L1F.l1_conv_transpose3d)[nd - 1]
+        return fn(input, self.weight, self.bias, self.stride, self.padding, output_padding, self.groups,
+                  self.dilation, mix=self.mgs_mix, name=self._error_name())
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, *, share_parameters: bool = False):
+        """The l1 layer with ``module``'s weights: copies, or with ``share_parameters`` the same Parameters."""
+        if not isinstance(module, cls._dense):
+            raise TypeError(f"{cls.__name__}.from_dense expects {cls._dense.__name__}, got {type(module).__name__}")
+        new = cls(
+            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+            padding=module.padding, output_padding=module.output_padding, groups=module.groups,
+            bias=module.bias is not None, dilation=module.dilation, padding_mode=module.padding_mode,
+            device="meta", dtype=module.weight.dtype,
+        )
+        _take_params(module, new, share_parameters)
+        return new
+
+
+def _make_conv_transpose(nd: int, dense: type, to_tuple, size_t):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: size_t, stride: size_t = 1,
+                 padding: size_t = 0, output_padding: size_t = 0, groups: int = 1, bias: bool = True,
+                 dilation: size_t = 1, padding_mode: str = "zeros", device=None, dtype=None) -> None:
+        factory = {"device": device, "dtype": dtype}
+        _ConvTransposeNd.__init__(
+            self, in_channels, out_channels, to_tuple(kernel_size), to_tuple(stride), to_tuple(padding),
+            to_tuple(dilation), True, to_tuple(output_padding), groups, bias, padding_mode, **factory,
+        )
+        self._init_l1()
+
+    return type(f"L1ConvTranspose{nd}d", (_L1ConvTransposeNd,), {
+        "__init__": __init__, "_dense": dense, "__module__": __name__,
+        "__doc__": f"l1 analogue of ``nn.ConvTranspose{nd}d`` (same constructor and forward): "
+                   f"``y[o] = b - sum |x[i] - w[k]|`` over the real (input, tap) pairs of ``o``.",
+    })
+
+
+L1ConvTranspose1d = _make_conv_transpose(1, nn.ConvTranspose1d, _single, _size_1_t)
+L1ConvTranspose2d = _make_conv_transpose(2, nn.ConvTranspose2d, _pair, _size_2_t)
+L1ConvTranspose3d = _make_conv_transpose(3, nn.ConvTranspose3d, _triple, _size_3_t)
+
+
 class _RegistryView(Mapping):
     """A read-only dict computed from :mod:`l1fx.layers` on each use, so kinds registered later show up."""
 
@@ -227,10 +289,21 @@ class L1OutputNorm(_BatchNorm):
         dim = self.channel_dim % input.dim()
         if dim == 1:
             return super().forward(input)
-        return super().forward(input.movedim(dim, 1)).movedim(1, dim)
+        # movedim back gives a non-contiguous view (a later .view would fail): return it in the input's layout
+        y = super().forward(input.movedim(dim, 1)).movedim(1, dim)
+        return y.contiguous(memory_format=_memory_format(input))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, channel_dim={self.channel_dim}"
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    """The layout of ``t``: channels-last (4-D/5-D) when it is stored so, else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def l1_output_norm_hook(module: nn.Module, args, output: Tensor) -> Tensor:
@@ -282,3 +355,4 @@ class L1FunctionalCall(L1Module, nn.Module):
 
     def extra_repr(self) -> str:
         return f"op=l1_{self.op}, weight={self.weight_name}"
+

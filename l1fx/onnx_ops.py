@@ -1,6 +1,6 @@
 """The ``l1fx`` ONNX domain: op schemas, reference function bodies, exporter translations.
 
-Two ops, one node per l1 layer:
+Three ops, one node per l1 layer:
 
 * ``l1fx.L1Linear(X[..., K], W[M, K], B[M]) -> Y[..., M]``,
   ``Y = -sum_k |X[..., k] - W[m, k]| + B[m]``;
@@ -8,6 +8,10 @@ Two ops, one node per l1 layer:
   attributes of ONNX ``Conv``: ``strides``, ``pads`` (``[begin..., end...]``),
   ``dilations``, ``group``; the negative l1 distance between every zero-padded
   input patch and every filter of its group.
+
+* ``l1fx.L1ConvTranspose(X[N, C, *S], W[C, M/group, *k], B[M]) -> Y[N, M, *out]`` with the
+  attributes of ONNX ``ConvTranspose`` (``strides``, ``pads``, ``output_padding``, ``dilations``,
+  ``group``): ``-sum |x - w|`` over the real (input, tap) pairs of each output (docs/l1_ops.md).
 
 ``B`` is a required input (the translation feeds zeros for bias-free layers),
 because a function body cannot test whether an optional input is present.
@@ -45,6 +49,7 @@ from . import layers
 # The ONNX ops of the built-in kinds, as their specs declare them.
 LINEAR = layers.get("linear").onnx.op_type
 CONV = layers.get("conv2d").onnx.op_type  # conv1d/2d/3d share one op
+CONV_TRANSPOSE = layers.get("conv_transpose2d").onnx.op_type  # conv_transpose1d/2d/3d share one op
 DOMAIN = layers.get("linear").onnx.domain
 DOMAIN_VERSION = layers.get("linear").onnx.version
 DISTANCE = "L1Distance"  # the shared helper of the function bodies: not a layer kind's op
@@ -68,6 +73,13 @@ _DOCS = {
                 "Y": "output [N, M, *out]", "strides": "stride per spatial axis",
                 "pads": "zero padding [begin..., end...]", "dilations": "dilation per spatial axis",
                 "group": "groups"}),
+    "L1ConvTranspose": ("Y[n, m, o] = B[m] - sum |X[n, c, i] - W[c, m, k]| over the real (input i, tap k) pairs "
+                        "with o = i*stride + k*dilation - pad_begin (no zero-stuffed input); attributes as ONNX "
+                        "ConvTranspose.",
+                        {"X": "input [N, C, *spatial]", "W": "weight [C, M/group, *kernel]", "B": "bias [M]",
+                         "Y": "output [N, M, *out]", "strides": "stride per spatial axis",
+                         "pads": "padding [begin..., end...]", "output_padding": "extra output size at the end",
+                         "dilations": "dilation per spatial axis", "group": "groups"}),
 }
 
 
@@ -291,6 +303,76 @@ def conv_function(opset: int) -> onnx.FunctionProto:
     )
 
 
+def conv_transpose_function(opset: int) -> onnx.FunctionProto:
+    """``l1fx.L1ConvTranspose``: per-(input, tap) distances by ``L1Distance``, placed by a one-hot ``ConvTranspose``.
+
+    ``D[n, i, m, k] = -sum_{c in group} |X[n, c, i] - W[c, m_g, k]|`` is one ``L1Distance`` of the input rows
+    ``[N*I, G, C_g]`` against the filters ``[G, M_g*K, C_g]``; output ``o`` then needs the sum of ``D`` over the
+    pairs ``o = i*stride + k*dilation - pad``, which is a ``ConvTranspose`` of ``D`` (channels: the K taps)
+    with one-hot kernels ``E[K, 1, *k]`` (tap ``p`` at kernel offset ``p``): multiplies by 0 and 1 only, so
+    exact for finite values (as the one-hot patch ``Conv`` of ``L1Conv``; a non-finite ``D`` would also reach
+    the other taps of its input through ``0 * inf``).
+    """
+    n = helper.make_node
+    ref = helper.make_attribute_ref
+    A = onnx.AttributeProto
+    place = n("ConvTranspose", ["dk", "E"], ["placed"])
+    place.attribute.extend([ref("strides", A.INTS), ref("pads", A.INTS), ref("dilations", A.INTS),
+                            ref("output_padding", A.INTS)])
+    nodes = [
+        _ints("minus1", [-1]), _ints("one", [1]),
+        n("Shape", ["X"], ["nb"], start=0, end=1),               # [N]
+        n("Shape", ["X"], ["c"], start=1, end=2),                # [C]
+        n("Shape", ["X"], ["spatial"], start=2),                 # I
+        n("Shape", ["W"], ["mg"], start=1, end=2),               # [M / group]
+        n("Shape", ["W"], ["k"], start=2),                       # kernel
+        n("ReduceProd", ["k"], ["p"], keepdims=1),               # [P] kernel elements (taps)
+        n("Shape", ["B"], ["m"]),                                # [M]
+        n("Div", ["m", "mg"], ["g"]),
+        n("Div", ["c", "g"], ["cg"]),
+        # Input rows [N*L, G, Cg].
+        n("Concat", ["nb", "g", "cg", "minus1"], ["x4_shape"], axis=0),
+        n("Reshape", ["X", "x4_shape"], ["x4"]),                 # [N, G, Cg, L]
+        n("Transpose", ["x4"], ["x4t"], perm=[0, 3, 1, 2]),       # [N, L, G, Cg]
+        n("Concat", ["minus1", "g", "cg"], ["rows_shape"], axis=0),
+        n("Reshape", ["x4t", "rows_shape"], ["rows"]),
+        # Filters [G, Mg*P, Cg] from W [C, Mg, *k] = [G, Cg, Mg*P].
+        n("Mul", ["mg", "p"], ["mgp"]),
+        n("Concat", ["g", "cg", "mgp"], ["w3_shape"], axis=0),
+        n("Reshape", ["W", "w3_shape"], ["w3"]),
+        n("Transpose", ["w3"], ["wg"], perm=[0, 2, 1]),
+        n(DISTANCE, ["rows", "wg"], ["d"], domain=DOMAIN),       # [N*L, G, Mg*P]
+        # [N, L, M*P] -> [N, M*P, L] -> [N*M, P, *I]
+        n("Mul", ["m", "p"], ["mp"]),
+        n("Concat", ["nb", "minus1", "mp"], ["d3_shape"], axis=0),
+        n("Reshape", ["d", "d3_shape"], ["d3"]),
+        n("Transpose", ["d3"], ["dt"], perm=[0, 2, 1]),
+        n("Concat", ["minus1", "p", "spatial"], ["dk_shape"], axis=0),
+        n("Reshape", ["dt", "dk_shape"], ["dk"]),
+        # One-hot kernels E[P, 1, *k].
+        n("Concat", ["p", "p"], ["pp"], axis=0),
+        n("ConstantOfShape", ["pp"], ["zpp"]),
+        n("EyeLike", ["zpp"], ["eye"]),
+        n("CastLike", ["eye", "X"], ["eye_t"]),
+        n("Concat", ["p", "one", "k"], ["e_shape"], axis=0),
+        n("Reshape", ["eye_t", "e_shape"], ["E"]),
+        place,                                                   # [N*M, 1, *O]
+        n("Shape", ["placed"], ["out"], start=2),
+        n("Concat", ["nb", "m", "out"], ["y_shape"], axis=0),
+        n("Reshape", ["placed", "y_shape"], ["y"]),
+        n("Shape", ["k"], ["nd"]),
+        n("ConstantOfShape", ["nd"], ["ones_nd"], value=helper.make_tensor("v", TensorProto.INT64, [1], [1])),
+        n("Concat", ["m", "ones_nd"], ["b_shape"], axis=0),
+        n("Reshape", ["B", "b_shape"], ["b"]),                   # [M, 1, ...]
+        n("Add", ["y", "b"], ["Y"]),
+    ]
+    return helper.make_function(
+        DOMAIN, CONV_TRANSPOSE, ["X", "W", "B"], ["Y"], nodes,
+        [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+        attributes=["strides", "pads", "output_padding", "dilations", "group"],
+    )
+
+
 def default_chunk_bytes() -> int:
     from l1fx.kernels import chunk_bytes
 
@@ -302,6 +384,7 @@ def default_chunk_bytes() -> int:
 FUNCTION_BODIES: dict[str, Callable[[int], onnx.FunctionProto]] = {
     LINEAR: lambda opset: linear_function(opset),
     CONV: lambda opset: conv_function(opset),
+    CONV_TRANSPOSE: lambda opset: conv_transpose_function(opset),
 }
 
 
@@ -334,9 +417,24 @@ def _translate_conv(l1, op):
     return l1_conv
 
 
+def _translate_conv_transpose(l1, op):
+    def l1_conv_transpose(x, weight, bias, stride, padding, output_padding, groups: int, dilation,
+                          mix: float = 1.0):
+        # ONNX ConvTranspose's bias has M = W.shape[1] * group entries; _bias would give W.shape[0]
+        b = bias if bias is not None else op.CastLike(
+            op.ConstantOfShape(op.Mul(op.Shape(weight, start=1, end=2), op.Constant(value_ints=[int(groups)]))),
+            weight)
+        return getattr(l1, CONV_TRANSPOSE)(x, weight, b, strides=list(stride), pads=list(padding) * 2,
+                                           output_padding=list(output_padding), dilations=list(dilation),
+                                           group=int(groups))
+
+    return l1_conv_transpose
+
+
 # ONNX op type -> ``make(l1_opset, onnx_opset) -> translation`` of the torch op into one node of that type
 # (``l1_opset`` is the onnxscript Opset of the op's domain, ``onnx_opset`` onnxscript's opset18).
-TRANSLATIONS: dict[str, Callable] = {LINEAR: _translate_linear, CONV: _translate_conv}
+TRANSLATIONS: dict[str, Callable] = {LINEAR: _translate_linear, CONV: _translate_conv,
+                                     CONV_TRANSPOSE: _translate_conv_transpose}
 
 
 def translation_table() -> dict:

@@ -5,8 +5,9 @@
 
     trace -> analyse -> select -> rewrite -> verify
 
-With ``init="data"`` (or a number) it runs :func:`pipeline_for` ``(config)``,
-which adds :func:`init_l1_weights` between rewrite and verify.
+Unless ``init="dense"`` (the default is ``"auto"``) it runs :func:`pipeline_for` ``(config)``,
+which adds :func:`init_l1_weights` between rewrite and verify. The trace pass also
+checks the graph against the eager model (:mod:`l1fx.passes.trace_check`).
 
 Build your own pipeline by running some of them, replacing one, or adding
 your own pass between them, e.g.::
@@ -44,7 +45,7 @@ from .rng import preserved_rng
 from .select import Choice, Layer, Matcher, check_ratio, choose, choose_in_order, nearest_count, select
 from .state import Candidate, ConversionState, Summary, TraceReport, Unit
 from .status import CandidateKind, Status, Strategy, UnitKind
-from .trace import L1Tracer, OpaqueFunction, trace, trace_model
+from .trace import _TRACE_LOCK, L1Tracer, OpaqueFunction, trace, trace_model
 from .verify import verify
 
 __all__ = [
@@ -89,8 +90,10 @@ def run_pipeline(model: nn.Module, config, pipeline: Optional[Sequence[Pass]] = 
                             f"({type(e).__name__}: {e}); pass inplace=True to convert it in place") from e
     state = ConversionState(model=working, config=config)
     # The passes run the model (tracing, the example run, init='data'): any pipeline leaves the
-    # caller's random number generators as they were.
-    with preserved_rng():
+    # caller's random number generators as they were. One conversion at a time (the tracing lock,
+    # re-entrant): the trace check and init='data' seed the global generators, which another
+    # thread's conversion would reseed or restore under them.
+    with _TRACE_LOCK, preserved_rng():
         for p in pipeline:
             state = p(state)
     return state

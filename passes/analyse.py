@@ -165,15 +165,41 @@ def find_candidates(state: ConversionState) -> list[Candidate]:
         for leaf, key in leaves.items():
             out.extend(_swapped_candidates(root, leaf, key, seen, registration))
         # Layers never called as modules in the graph (unused, or weights applied functionally).
+        opaque_users = _opaque_weight_users(gm)
+        # a subclass traced through (torchvision's Conv3DSimple(nn.Conv3d)) is its F.conv3d call's row
+        called = {c.name for c in out if c.kind == CandidateKind.FUNCTION}
         for name, m in root.named_modules():
             if id(m) in seen or name.startswith(HELPERS) or _module_op(m) is None or _inside(name, leaves):
                 continue
+            if f"{name}.weight" in called:
+                continue
             seen.add(id(m))
             c = _module_candidate(name, m, _module_op(m), Region.TRACED, (math.inf, math.inf, registration[id(m)]))
+            fn = opaque_users.get(f"{name}.weight")
+            if fn is not None:  # e.g. torchvision's fx-wrapped shifted_window_attention(x, qkv.weight, ...)
+                c.skip = (f"left dense: its weight is used inside {fn}, a function called as one graph node "
+                          f"(torch.fx.wrap or untraceable); it runs as an inner product")
             c.skip = c.skip or "not called as a module in forward (unused, or its weight is applied functionally)"
             out.append(c)
     else:
         out.extend(_swapped_candidates(root, "", (0, 0), seen, registration))
+    return out
+
+
+def _opaque_weight_users(gm: fx.GraphModule) -> dict[str, str]:
+    """Parameter name -> the function (not a layer kind's) whose graph node receives it as an argument."""
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        for user in node.users:
+            if user.op == "call_function" and layers.spec_for_function(user.target) is None \
+                    and getattr(user.target, "__module__", "") not in ("_operator", "operator") \
+                    and not str(getattr(user.target, "__module__", "")).startswith("torch"):
+                out.setdefault(node.target, getattr(user.target, "__qualname__", str(user.target)))
+            elif user.op == "call_module" and user.target.startswith(HELPERS + "."):
+                fn = getattr(gm.get_submodule(user.target), "fn", None)
+                out.setdefault(node.target, getattr(fn, "__qualname__", user.target))
     return out
 
 

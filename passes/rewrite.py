@@ -95,12 +95,13 @@ def _convert_function(gm: fx.GraphModule, c: Candidate) -> None:
 
 
 # ------------------------------------------------------------------ normalisation
-def _features(layer: nn.Module, root: nn.Module) -> tuple[int, int, torch.Tensor]:
+def _features(layer: nn.Module, root: nn.Module, call: Optional[fx.Node] = None) -> tuple[int, int, torch.Tensor]:
     """(number of output features, channel dim, weight) of an l1 layer, as its kind's spec says."""
     spec = layers.spec_for_module(layer)
-    if isinstance(layer, L1FunctionalCall):  # no attributes of its own: the weight's first dim
+    if isinstance(layer, L1FunctionalCall):  # no attributes of its own: from the weight and the call's arguments
         w = root.get_parameter(layer.weight_name)
-        return w.shape[0], spec.channel_dim, w
+        args, kwargs = (call.args, call.kwargs) if call is not None else ((), {})
+        return spec.features_of_call(w, args, kwargs), spec.channel_dim, w
     features, channel_dim = spec.features(layer)
     return features, channel_dim, layer.weight
 
@@ -165,8 +166,8 @@ def _named_norm_after(root: nn.Module, name: str, features: int) -> bool:
     return False
 
 
-def _add_norm(layer: nn.Module, root: nn.Module) -> L1OutputNorm:
-    features, channel_dim, w = _features(layer, root)
+def _add_norm(layer: nn.Module, root: nn.Module, call: Optional[fx.Node] = None) -> L1OutputNorm:
+    features, channel_dim, w = _features(layer, root, call)
     norm = L1OutputNorm(features, channel_dim, device=w.device, dtype=w.dtype)
     norm.train(layer.training)
     layer.add_module(NORM_NAME, norm)
@@ -180,7 +181,6 @@ def _normalise(state: ConversionState, c: Candidate) -> None:
     if hasattr(layer, NORM_NAME):
         c.norm = "existing"
         return
-    features, _, _ = _features(layer, root)
     gm = root if isinstance(root, fx.GraphModule) and c.traced else None
     if gm is not None:
         calls = [n for n in gm.graph.nodes if n.op == "call_module" and gm.get_submodule(n.target) is layer]
@@ -188,13 +188,14 @@ def _normalise(state: ConversionState, c: Candidate) -> None:
         if calls and all(followed):
             c.norm = f"followed by {followed[0]}"
             return
-        _add_norm(layer, root)
+        _add_norm(layer, root, calls[0] if calls else None)
         for n in calls:
             with gm.graph.inserting_after(n):
                 new = gm.graph.call_module(f"{n.target}.{NORM_NAME}", (n,))
             n.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
         c.norm = "inserted"
         return
+    features, _, _ = _features(layer, root)
     followed = c.measured_norm if c.measured_norm is not None else _named_norm_after(root, path, features)
     if followed:
         c.norm = "followed by a norm" + (" (seen on example_inputs)" if c.measured_norm else " (by name)")

@@ -91,6 +91,10 @@ class TraceReport:
     # set when even leaves did not help and the whole model is converted by module swap
     whole_model_error: Optional[str] = None
     attempts: int = 0
+    # the comparison of the traced graph with the eager model (passes/trace_check.py), one line
+    check: str = ""
+    # branches on shapes decided by example_inputs while tracing ("gt_1 -> True")
+    shape_branches: list[str] = field(default_factory=list)
 
     @property
     def fully_traced(self) -> bool:
@@ -149,6 +153,9 @@ class Summary:
     l1_weight_names: list[str] = field(default_factory=list)
     # groups of qualified names that are one Parameter/buffer (weight ties), kept tied by convert
     shared_weights: list[list[str]] = field(default_factory=list)
+    # the traced graph compared with the eager model before converting (TraceReport.check)
+    trace_check: str = ""
+    shape_branches: list[str] = field(default_factory=list)
 
     @property
     def converted(self) -> list[str]:
@@ -165,11 +172,18 @@ class Summary:
         return "partial" if self.leaves else "full"
 
     def __str__(self) -> str:
-        lines = [f"l1fx conversion of {self.model_name}: {len(self.converted)} of "
-                 f"{sum(1 for r in self.rows if not r.skip)} layers are l1 "
-                 f"({self.selected_units}/{self.units} units, ratio={self.ratio}, strategy={self.strategy}, "
+        # every inner-product layer counts: one left dense (inside an fx-wrapped function, say) is a
+        # layer that is not l1, not a layer that is not there
+        dense = sum(1 for r in self.rows if r.skip)
+        lines = [f"l1fx conversion of {self.model_name}: {len(self.converted)} of {len(self.rows)} layers are l1"
+                 + (f", {dense} left dense (reasons in the note column)" if dense else "")
+                 + f" ({self.selected_units}/{self.units} units, ratio={self.ratio}, strategy={self.strategy}, "
                  f"normalize={self.normalize})"]
         lines.append(f"tracing: {self.tracing}")
+        if getattr(self, "trace_check", ""):  # absent in summaries pickled before it existed
+            lines.append(f"  trace check: {self.trace_check}")
+        if getattr(self, "shape_branches", None):
+            lines.append(f"  branches on shapes decided by example_inputs: {', '.join(self.shape_branches)}")
         if self.whole_model_error is not None:
             lines.append(f"  whole model swapped: {self.whole_model_error}")
         for name, why in self.leaves.items():

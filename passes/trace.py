@@ -227,9 +227,13 @@ class L1Tracer(fx.Tracer):
     random calls are kept again).
     """
 
-    def __init__(self, leaves: Iterable[nn.Module] = (), opaque: Optional[dict] = None) -> None:
+    def __init__(self, leaves: Iterable[nn.Module] = (), opaque: Optional[dict] = None,
+                 example_values: Optional[dict] = None) -> None:
         super().__init__()
         self.leaf_ids = {id(m) for m in leaves}
+        # placeholder name -> example input: a branch on shapes only (``if x.dim() > 3``) is decided by it
+        self.example_values = dict(example_values or {})
+        self.shape_branches: list[str] = []  # "node == value" for each branch decided so
         # fn -> (target name, [(globals dict, name bound to fn), ...])
         self.opaque = dict(opaque or {})
         # id(tensor made in forward) -> (tensor, proxy of the random in-place call that filled it)
@@ -253,8 +257,46 @@ class L1Tracer(fx.Tracer):
         # The patches are process-wide (torch.randn, Tensor.uniform_, module flags): two threads tracing
         # at once would save each other's wrappers as the "originals" and leave torch patched for good.
         with _TRACE_LOCK, self._patched_helpers(), self._patched_random(root), self._training_flags(root), \
-                _RandomFillGuard(self):
+                self._patched_jit_isinstance(), _RandomFillGuard(self):
             return super().trace(root, concrete_args)
+
+    @contextlib.contextmanager
+    def _patched_jit_isinstance(self):
+        """``torch.jit.isinstance(proxy, torch.Tensor)`` is True while tracing (MONAI's ``UpCat``).
+
+        Eagerly it is False for a Proxy, so the traced graph would silently take the other branch (a
+        skip connection dropped). Only the plain Tensor check is answered; anything else (``List[Tensor]``,
+        ``Optional[...]``) runs as usual and the trace check catches a wrong branch.
+        """
+        original = torch.jit.isinstance
+        tracer, thread = self, threading.get_ident()
+
+        def jit_isinstance(obj, target_type):
+            if isinstance(obj, fx.Proxy) and obj.tracer is tracer and threading.get_ident() == thread and \
+                    isinstance(target_type, type) and issubclass(torch.Tensor, target_type):
+                return True
+            return original(obj, target_type)
+
+        jit_isinstance.__wrapped__ = original
+        torch.jit.isinstance = jit_isinstance
+        try:
+            yield
+        finally:
+            torch.jit.isinstance = original
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A branch on shapes only (``if x.dim() > 3``, ``if x.shape[1] == 3``) is taken as the example input decides.
+
+        Only when every value the condition reads is tensor metadata (``shape``, ``size()``, ``dim()``,
+        ``numel()``...) of the example inputs, combined by plain Python operators; anything that reads
+        tensor values still fails to trace (its module becomes a leaf). The graph then assumes these
+        shapes: the trace check compares it with the eager model on the same inputs.
+        """
+        value = _shape_value(obj.node, self.example_values) if self.example_values else _MISSING
+        if value is _MISSING:
+            return super().to_bool(obj)
+        self.shape_branches.append(f"{obj.node.name} -> {bool(value)}")
+        return bool(value)
 
     @contextlib.contextmanager
     def _training_flags(self, root):
@@ -393,6 +435,44 @@ class L1Tracer(fx.Tracer):
         return call
 
 
+# ------------------------------------------------------------------ shape branches
+_SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})
+_SHAPE_ATTRS = frozenset({"shape", "ndim"})
+
+
+def _shape_value(node: fx.Node, example_values: dict) -> Any:
+    """The value of ``node`` if it depends on the example inputs' metadata only, else ``_MISSING``."""
+    import operator
+
+    memo: dict = {}
+
+    def value(n: fx.Node, tensor_ok: bool) -> Any:
+        key = (n, tensor_ok)
+        if key in memo:
+            return memo[key]
+        out = _MISSING
+        if n.op == "placeholder":
+            if tensor_ok and n.target in example_values:
+                out = example_values[n.target]
+        elif n.op == "call_method" and n.target in _SHAPE_METHODS or (
+                n.op == "call_function" and n.target is getattr and len(n.args) == 2 and n.args[1] in _SHAPE_ATTRS):
+            args = [value(a, True) if isinstance(a, fx.Node) else a for a in n.args]
+            if _MISSING not in args and isinstance(args[0], torch.Tensor):
+                out = getattr(args[0], n.target)(*args[1:]) if n.op == "call_method" else getattr(args[0], args[1])
+        elif n.op == "call_function" and getattr(n.target, "__module__", None) in ("_operator", "operator") \
+                and n.target is not operator.setitem:
+            args = [value(a, False) if isinstance(a, fx.Node) else a for a in n.args]
+            if _MISSING not in args and not any(isinstance(a, torch.Tensor) for a in args):
+                out = n.target(*args)
+        memo[key] = out
+        return out
+
+    try:
+        return value(node, False)
+    except Exception:  # noqa: BLE001 - could not decide: let it fail to trace as before
+        return _MISSING
+
+
 # ------------------------------------------------------------------ culprit search
 def _library_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
     import numpy
@@ -456,7 +536,9 @@ def _next_step(exc: BaseException, names: dict, model: nn.Module, leaves: dict, 
             if obj not in tried_functions:
                 return (kind, obj, *rest)
         elif obj is model:
-            return None
+            # a method of the root (a helper a submodule calls back into): the submodule that
+            # called it, further out, becomes the leaf; with none, the whole model is swapped
+            continue
         elif id(obj) not in leaves:
             return (kind, obj)
     return None
@@ -562,48 +644,105 @@ def _resolve(root: nn.Module, target: str) -> Any:
     return obj
 
 
-def trace_model(model: nn.Module, example_inputs=None, max_attempts: Optional[int] = None) -> TraceReport:
-    """Trace ``model`` with torch.fx, narrowing failures to opaque helpers and leaf modules."""
+class _Narrowing:
+    """One model's tracing attempts: the leaves and opaque helpers found so far."""
+
+    def __init__(self, model: nn.Module, example_inputs, report: TraceReport, quiet: bool = False) -> None:
+        self.model, self.report, self.quiet = model, report, quiet
+        self.names: dict[int, str] = {}
+        for name, m in model.named_modules():
+            self.names.setdefault(id(m), name)
+        self.leaves: dict[int, nn.Module] = {}
+        self.opaque: dict[Callable, tuple[str, list]] = {}
+        self.helpers: dict[str, nn.Module] = {}
+        self.tried_functions: set = set()
+        self.concrete = _concrete_args(model, example_inputs)
+        self.example_values = _example_values(model, example_inputs, self.concrete)
+
+    def add_leaf(self, m: nn.Module, why: str) -> None:
+        self.leaves[id(m)] = m
+        name = self.names[id(m)]
+        self.report.leaves[name] = why
+        if not self.quiet:
+            warnings.warn(
+                f"l1fx.convert: torch.fx cannot trace module '{name}' ({type(m).__name__}): {why}. "
+                f"It is kept as one graph node and its layers are converted by module swap.",
+                stacklevel=_user_stacklevel(),
+            )
+
+    def run(self, limit: int) -> Optional[str]:
+        """Trace until it works (the graph module is in the report) or give up (returns why)."""
+        report = self.report
+        while report.attempts < limit:
+            report.attempts += 1
+            tracer = L1Tracer(self.leaves.values(), self.opaque, self.example_values)
+            try:
+                graph = tracer.trace(self.model, concrete_args=self.concrete)
+                report.graph_module = _build_graph_module(self.model, graph, self.helpers, type(self.model).__name__)
+                report.shape_branches = list(tracer.shape_branches)
+                return None
+            except Exception as e:  # noqa: BLE001 - any tracing failure is narrowed, not raised
+                why = first_line(e)
+                step = _next_step(e, self.names, self.model, self.leaves, self.tried_functions)
+                if step is None:
+                    return why
+                if step[0] == "function":
+                    fn, caller_globals = step[1], step[2]
+                    self.tried_functions.add(fn)
+                    target = f"{HELPERS}.{_unique(fn.__name__, self.helpers, self.model)}"
+                    self.helpers[target] = OpaqueFunction(fn)
+                    self.opaque[fn] = (target, _bindings(fn, caller_globals))
+                    report.opaque_functions[_qualname(fn)] = why
+                else:
+                    self.add_leaf(step[1], why)
+        return f"gave up after {report.attempts} tracing attempts"
+
+
+def _example_values(model: nn.Module, example_inputs, concrete: Optional[dict]) -> dict:
+    """forward() parameter name -> example tensor (the placeholders' names), for shape branches."""
+    if not example_inputs:
+        return {}
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*example_inputs)
+    except (TypeError, ValueError):
+        return {}
+    return {k: v for k, v in bound.arguments.items()
+            if isinstance(v, torch.Tensor) and k not in (concrete or {})}
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside l1fx (the caller of convert)."""
+    import l1fx
+    import l1fx.kernels
+    import l1fx.passes
+
+    own = tuple(os.path.realpath(os.path.dirname(m.__file__)) + os.sep for m in (l1fx, l1fx.passes, l1fx.kernels))
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None and os.path.realpath(frame.f_code.co_filename).startswith(own):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def trace_model(model: nn.Module, example_inputs=None, max_attempts: Optional[int] = None,
+                check: bool = True) -> TraceReport:
+    """Trace ``model`` with torch.fx, narrowing failures to opaque helpers and leaf modules.
+
+    With ``check`` the graph is then compared with the eager model (:mod:`.trace_check`) on
+    ``example_inputs`` (or a generated input) and modules are made leaves until they agree.
+    """
     report = TraceReport()
-    names = {}
-    for name, m in model.named_modules():
-        names.setdefault(id(m), name)
-    leaves: dict[int, nn.Module] = {}
-    opaque: dict[Callable, tuple[str, list]] = {}
-    helpers: dict[str, nn.Module] = {}
-    tried_functions: set = set()
-    concrete = _concrete_args(model, example_inputs)
-    limit = max_attempts or (len(names) + 64)
-    while report.attempts < limit:
-        report.attempts += 1
-        tracer = L1Tracer(leaves.values(), opaque)
-        try:
-            graph = tracer.trace(model, concrete_args=concrete)
-            report.graph_module = _build_graph_module(model, graph, helpers, type(model).__name__)
-            return report
-        except Exception as e:  # noqa: BLE001 - any tracing failure is narrowed, not raised
-            why = first_line(e)
-            step = _next_step(e, names, model, leaves, tried_functions)
-            if step is None:
-                return _whole_model(report, model, why)
-            if step[0] == "function":
-                fn, caller_globals = step[1], step[2]
-                tried_functions.add(fn)
-                target = f"{HELPERS}.{_unique(fn.__name__, helpers, model)}"
-                helpers[target] = OpaqueFunction(fn)
-                opaque[fn] = (target, _bindings(fn, caller_globals))
-                report.opaque_functions[_qualname(fn)] = why
-            else:
-                m = step[1]
-                leaves[id(m)] = m
-                name = names[id(m)]
-                report.leaves[name] = why
-                warnings.warn(
-                    f"l1fx.convert: torch.fx cannot trace module '{name}' ({type(m).__name__}): {why}. "
-                    f"It is kept as one graph node and its layers are converted by module swap.",
-                    stacklevel=5,  # the caller of l1fx.convert
-                )
-    return _whole_model(report, model, f"gave up after {report.attempts} tracing attempts")
+    narrowing = _Narrowing(model, example_inputs, report)
+    limit = max_attempts or (len(narrowing.names) + 64)
+    why = narrowing.run(limit)
+    if why is not None:
+        return _whole_model(report, model, why)
+    if check:
+        from .trace_check import check_trace
+
+        check_trace(report, narrowing, example_inputs, limit)
+        if report.whole_model_error is not None:
+            return _whole_model(report, model, report.whole_model_error)
+    return report
 
 
 def _unique(base: str, taken: dict, model: nn.Module) -> str:
@@ -625,7 +764,7 @@ def _whole_model(report: TraceReport, model: nn.Module, why: str) -> TraceReport
         f"l1fx.convert: torch.fx cannot trace {type(model).__name__}.forward ({why}). "
         f"No graph is kept: the whole model is converted by module swap (functional "
         f"F.linear/F.conv calls are left dense and the order of layers is their registration order).",
-        stacklevel=6,  # the caller of l1fx.convert
+        stacklevel=_user_stacklevel(),  # the caller of l1fx.convert
     )
     return report
 

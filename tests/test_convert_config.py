@@ -195,7 +195,7 @@ class _Net(nn.Module):
 
 def test_a_layer_kind_registered_outside_l1fx_is_converted(channel_mix_kind):
     model, x = _Net(), torch.randn(2, 3, 16)
-    out = l1fx.convert(model, example_inputs=(x,))
+    out = l1fx.convert(model, example_inputs=(x,), pretrained=True)
     info = l1fx.summary(out)
     rows = {r.name: r for r in info.rows}
     assert info.converted == ["mix1", "mix2", "head"]

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l1fx.nn import L1Linear, L1Module
+from l1fx.nn import L1ConvTranspose1d, L1Linear, L1Module
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "part_segmentation.py"
 
@@ -28,11 +28,11 @@ def test_fallback_swap_rounds_halves_up_and_uses_the_registry(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), Wide(4, 4), nn.ConvTranspose1d(4, 4, 1), nn.Conv1d(4, 4, 1),
                           L1Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
-    # 5 dense layers of a kind with an l1 layer (not the transposed conv, not the L1Linear): 0.5 * 5 = 2.5 -> 3
+    # 6 dense layers of a kind with an l1 layer (the transposed conv too, not the L1Linear): 0.5 * 6 = 3
     out = example.to_l1(model, 0.5)
-    assert [isinstance(m, L1Module) for m in out] == [True, True, False, True, True, False, False]
-    assert type(out[2]) is nn.ConvTranspose1d and out[4] is not model[4]  # a deep copy
+    assert [isinstance(m, L1Module) for m in out] == [True, True, True, False, True, False, False]
+    assert type(out[2]) is L1ConvTranspose1d and out[4] is not model[4]  # a deep copy
     assert not any(isinstance(m, L1Module) for m in list(model)[:4])  # the original is left alone
     torch.testing.assert_close(out[0].weight, model[0].weight)  # weights copied
-    assert sum(isinstance(m, L1Module) for m in example.to_l1(model, 1.0)) == 6
+    assert sum(isinstance(m, L1Module) for m in example.to_l1(model, 1.0)) == 7
     assert sum(isinstance(m, L1Module) for m in example.to_l1(model, 0.0)) == 1

@@ -37,10 +37,11 @@ def test_every_kind_is_registered_with_what_the_tree_uses_today():
     # subclasses and the l1 classes are their kind
     assert layers.spec_for_module(type("MyLinear", (nn.Linear,), {})(2, 2)).name == "linear"
     assert layers.spec_for_module(l1nn.L1Conv3d(2, 2, 1)).name == "conv3d"
-    # transposed convolutions: recognised, with the reason they stay dense
+    # transposed convolutions are a kind with an l1 layer too
     t = layers.spec_for_module(nn.ConvTranspose3d(2, 2, 2))
-    assert t.unsupported == "transposed convolution has no l1 analogue" and t.l1_class is None
-    assert set(layers.FunctionNames()) == {F.linear, F.conv1d, F.conv2d, F.conv3d}
+    assert t.unsupported is None and t.l1_class is l1nn.L1ConvTranspose3d
+    assert set(layers.FunctionNames()) == {F.linear, F.conv1d, F.conv2d, F.conv3d,
+                                           F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 
 
 def test_source_names_are_the_codemods_table():
@@ -70,8 +71,7 @@ def test_build_replacement_copies_the_layer():
     assert torch.equal(new.weight, conv.weight) and torch.equal(new.bias, conv.bias)
     assert new.weight is not conv.weight
     assert layers.build_replacement(conv, share_parameters=True).weight is conv.weight  # options reach from_dense
-    with pytest.raises(TypeError, match="no 'l1' replacement: transposed convolution"):
-        layers.build_replacement(nn.ConvTranspose2d(2, 2, 2))
+    assert type(layers.build_replacement(nn.ConvTranspose2d(2, 2, 2))) is l1nn.L1ConvTranspose2d
     with pytest.raises(TypeError, match="ReLU is not a registered layer kind"):
         layers.build_replacement(nn.ReLU())
 

@@ -108,6 +108,10 @@ class LayerSpec:
     onnx: Optional[OnnxSchema] = None
     channel_dim: int = 1  # where the output features are: -1 for linear, 1 for convolutions
     features_attr: str = "out_channels"
+    # the weight dim of the input channels: 1 for [out, in/groups, *k] (linear, conv), 0 for [in, out/groups, *k]
+    weight_in_dim: int = 1
+    # output features of a functional call from (weight, args, kwargs); None: the weight's first dim
+    call_features: Optional[Callable[[torch.Tensor, tuple, dict], int]] = None
     pointwise_module: Callable[[nn.Module], bool] = _never
     pointwise_call: Callable[[tuple, dict, torch.Tensor], bool] = _never
     macs: Callable[..., int] = count_macs  # macs(out_shape, weight_shape, in_shape) of one call
@@ -138,6 +142,12 @@ class LayerSpec:
     def weight_of(self, args: tuple, kwargs: dict) -> Any:
         index, key = self.weight_arg
         return args[index] if len(args) > index else kwargs.get(key)
+
+    def features_of_call(self, weight: torch.Tensor, args: tuple = (), kwargs: Optional[dict] = None) -> int:
+        """Output features of a functional call of this kind on ``weight``."""
+        if self.call_features is None:
+            return weight.shape[0]
+        return self.call_features(weight, args, kwargs or {})
 
     def features(self, layer: nn.Module) -> tuple[int, int]:
         """(output features, channel dim) of a layer of this kind (dense or ℓ1 module)."""

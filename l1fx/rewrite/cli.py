@@ -34,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     # l1fx._cli's parser: a bad option is one line and exit 2, like every l1fx command line.
     p = ArgumentParser(
         prog=PROG,
-        description="Rewrite nn.Conv1d/2d/3d, nn.Linear, F.conv1d/2d/3d and F.linear calls in Python source "
-                    "to their l1fx equivalents. With one input file and no output option the rewritten code "
+        description="Rewrite the layer calls of every registered kind (nn.Linear, nn.Conv1d/2d/3d, "
+                    "nn.ConvTranspose1d/2d/3d and their F.* functions) in Python source to their l1fx "
+                    "equivalents. With one input file and no output option the rewritten code "
                     "goes to stdout; the input is only changed with --in-place. See docs/rewrite.md.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="Python files, or directories walked for *.py")

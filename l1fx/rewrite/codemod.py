@@ -27,7 +27,7 @@ from l1fx._cli import ratio_type
 from l1fx.errors import UsageError
 from l1fx.passes.select import check_ratio, choose_in_order
 
-from .collect import Collector, Tables
+from .collect import FACTORY_HINTS, Collector, Tables
 from .results import CallSite, Note, RewriteError, named_like, site_names
 
 __all__ = ["L1Codemod", "Outcome", "select_sites", "select", "DENSE_TO_L1", "L1_NAMES", "Patterns", "add_imports"]
@@ -222,7 +222,7 @@ class L1Codemod(VisitorBasedCodemodCommand):
         # Name resolution is the slow part; a file that never spells a candidate's
         # leaf name (every import style spells it somewhere) cannot have one.
         text = tree.code if text is None else text
-        if any(leaf in text for leaf in tables.leaves):
+        if any(leaf in text for leaf in tables.leaves) or any(h in text for h in FACTORY_HINTS):
             wrapper.visit(collector)
 
         flags, unmatched_inc, unmatched_exc = select_sites(

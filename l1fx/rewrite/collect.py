@@ -14,9 +14,16 @@ from libcst.metadata import ImportAssignment, PositionProvider, QualifiedNamePro
 
 from l1fx import layers
 
-from .results import Note
+from .results import NOT_VISIBLE, Note
 
-__all__ = ["Tables", "Site", "Collector"]
+__all__ = ["Tables", "Site", "Collector", "FACTORY_HINTS"]
+
+# Text that may build a layer through a factory (MONAI's ``Conv[Conv.CONV, 3]``, ``getattr(nn, f"Conv{d}d")``):
+# a file spelling one is searched even when it names no layer class.
+FACTORY_HINTS = ("Conv", "Linear", "getattr(nn", "getattr(torch.nn")
+_LAYER_WORDS = ("Conv", "Linear")
+_TORCH_NAMESPACES = frozenset({"torch.nn", "torch.nn.functional", "torch", "torch.nn.modules"})
+_CONVERT_HINT = "a source rewrite cannot change it: convert the built model with l1fx.convert(model)"
 
 
 @dataclass(frozen=True)
@@ -63,10 +70,26 @@ class Collector(cst.CSTVisitor):
         self._targets: list[tuple[str, ...]] = []
         self._callees: set[int] = set()
         self._paired: dict[int, str] = {}  # id(value element) -> its target in a tuple assignment
+        self._typechecks: set[int] = set()  # names/attributes that are base classes or isinstance arguments
 
     # --- context
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
         self._scope.append(node.name.value)
+        for base in node.bases:
+            self._mark_typecheck(base.value)
+
+    def _mark_typecheck(self, expr: cst.CSTNode) -> None:
+        """Names in ``expr`` are type checks (a base class, an ``isinstance`` argument), not factories."""
+        marks = self._typechecks
+
+        class _Mark(cst.CSTVisitor):
+            def visit_Name(self, n: cst.Name) -> None:
+                marks.add(id(n))
+
+            def visit_Attribute(self, n: cst.Attribute) -> None:
+                marks.add(id(n))
+
+        expr.visit(_Mark())
 
     def leave_ClassDef(self, node: cst.ClassDef) -> None:
         self._scope.pop()
@@ -148,8 +171,11 @@ class Collector(cst.CSTVisitor):
 
     def visit_Call(self, node: cst.Call) -> None:
         names = self._qualified(node.func)
+        if names & {"builtins.isinstance", "builtins.issubclass"} and len(node.args) == 2:
+            self._mark_typecheck(node.args[1].value)
         known = names & self.tables.known
         if not known:
+            self._factory_call(node)
             return
         self._callees.add(id(node.func))
         line, col = self._where(node)
@@ -170,6 +196,22 @@ class Collector(cst.CSTVisitor):
         self.sites.append(Site(node, line, col, callee, dense, l1, targets, ".".join(self._scope),
                                self._clash(node, l1.split(".", 1)[0])))
 
+    def _factory_call(self, node: cst.Call) -> None:
+        """A layer built by a factory: ``getattr(nn, name)(...)``, ``Conv[Conv.CONV, 3](...)`` (MONAI)."""
+        func = node.func
+        what = None
+        if isinstance(func, cst.Call) and self._qualified(func.func) & {"builtins.getattr"} and func.args \
+                and self._qualified(func.args[0].value) & _TORCH_NAMESPACES:
+            what = "builds a torch layer from a name computed at run time"
+        elif isinstance(func, cst.Subscript):
+            base = self.module.code_for_node(func.value).rsplit(".", 1)[-1]
+            if any(w in base for w in _LAYER_WORDS):
+                what = "calls what a layer factory returns (MONAI style), a class the source does not name"
+        if what is not None:
+            line, col = self._where(node)
+            self.notes.append(Note(line, col, f"{self.module.code_for_node(func)}(...) {what}; the layer is "
+                                              f"{NOT_VISIBLE}, so {_CONVERT_HINT}", NOT_VISIBLE))
+
     def _clash(self, node: cst.Call, package: str) -> Optional[tuple[int, int]]:
         """The rewritten call says ``l1fx.…`` (``package.…``): find a binding that makes it mean something else."""
         for assignment in self.get_metadata(ScopeProvider, node)[package]:
@@ -188,12 +230,17 @@ class Collector(cst.CSTVisitor):
             line, col = self._where(node)
             name = sorted(dense)[0]
             written = self.module.code_for_node(node)
-            if name.rsplit(".", 1)[1][0].isupper():  # a class
-                why = "used but not called (base class, isinstance check, factory argument...); left as is, " \
-                      "and isinstance checks against it do not match l1fx layers"
+            kind = ""
+            if id(node) in self._typechecks:
+                why = "used but not called (base class, isinstance check); left as is, and isinstance checks " \
+                      "against it do not match l1fx layers"
+            elif name.rsplit(".", 1)[1][0].isupper():  # a class chosen or passed here, called elsewhere
+                why = (f"used but not called here (bound to a name, passed as a factory argument...): the layers "
+                       f"it builds are {NOT_VISIBLE}, so {_CONVERT_HINT}")
+                kind = NOT_VISIBLE
             else:
                 why = "used but not called (passed as a function...); left as is"
-            self.notes.append(Note(line, col, f"{written} ({name}) {why}"))
+            self.notes.append(Note(line, col, f"{written} ({name}) {why}", kind))
             return False
         return None
 

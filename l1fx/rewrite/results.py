@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 from l1fx import errors as _errors
 
-__all__ = ["CallSite", "Candidate", "Note", "RewriteResult", "RewriteError"]
+__all__ = ["CallSite", "Candidate", "Note", "RewriteResult", "RewriteError", "NOT_VISIBLE"]
 
 
 def site_names(targets: tuple[str, ...], scope: str) -> tuple[str, ...]:
@@ -67,6 +67,10 @@ class Note:
     line: int
     column: int
     message: str
+    kind: str = ""  # NOT_VISIBLE for a layer built where the source does not say which (a factory)
+
+
+NOT_VISIBLE = "not visible in source"
 
 
 @dataclass
@@ -121,9 +125,21 @@ class RewriteResult:
         lines += [f"{self.path}:{n.line}:{n.column}: note: {n.message}" for n in self.notes]
         return "\n".join(lines)
 
+    @property
+    def not_visible(self) -> list[Note]:
+        """Notes on layers built through factories, which a source rewrite cannot see (use l1fx.convert)."""
+        return [n for n in self.notes if n.kind == NOT_VISIBLE]
+
     def _summary(self) -> str:
+        hidden = len(self.not_visible)
+        hint = (f"; {hidden} factory-built layer site{'s' * (hidden != 1)} not visible in source (notes below): "
+                "convert those with l1fx.convert(model)") if hidden else ""
         if not self.candidates:
-            return "no candidates (no nn.Conv1d/2d/3d, nn.Linear, F.conv1d/2d/3d or F.linear calls); left unchanged"
+            return ("no candidates (no nn.Conv1d/2d/3d, nn.Linear, F.conv1d/2d/3d or F.linear calls); "
+                    "left unchanged") + hint
+        return self._calls_summary() + hint
+
+    def _calls_summary(self) -> str:
         done = self.converted
         already = sum(c.already_l1 for c in self.candidates)
         kept = [c for c in self.candidates if not c.selected and not c.already_l1]
