@@ -201,7 +201,11 @@ def ort_session(model: Union[str, Path, "onnx.ModelProto"], sess_options=None,  
                           OrtFallbackWarning, stacklevel=2)
         sess.l1fx_path = path
         return sess
-    raise AssertionError("unreachable: the portable path raises")  # pragma: no cover
+    # Only reached when ``paths`` leaves out "portable" and every path asked for failed.
+    from .errors import BackendUnavailable
+
+    raise BackendUnavailable("l1fx.ort_session: no path of " + ", ".join(repr(p) for p in paths) + " works here: "
+                             + "; ".join(f"{p}: {w}" for p, w in failures))
 
 
 __all__ = ["ort_session", "native_library", "OrtFallbackWarning", "OrtOptionsWarning", "PATHS"]

@@ -212,6 +212,16 @@ def test_native_unavailable_falls_back_to_python_with_one_warning(exported, monk
     assert sess.l1fx_path == "python" and len(rec) == 1
 
 
+def test_only_unavailable_paths_asked_for_is_a_clear_error(exported, monkeypatch):
+    """paths without "portable", none of them working: an error naming each failure (was AssertionError)."""
+    from l1fx.errors import BackendUnavailable
+
+    _, path = exported
+    monkeypatch.setattr(S, "native_library", lambda: (_ for _ in ()).throw(KernelBuildError("simulated")))
+    with pytest.raises(BackendUnavailable, match="no path of 'native' works here: native: KernelBuildError: simulated"):
+        S.ort_session(path, paths=("native",))
+
+
 def test_file_and_options_are_left_alone(exported, native_lib):
     _, path = exported
     before = hashlib.sha256(path.read_bytes()).hexdigest()
