@@ -262,3 +262,4 @@ def build_model(name: str, num_parts: int, num_categories: int, **kwargs) -> nn.
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](num_parts, num_categories, **kwargs)
 from .models_scene import SCENE_MODELS, PointNet2SemSeg, PointNetSemSeg, build_scene_model  # noqa: E402,F401
+from .models_garment import GarmentNets, extract_mesh, scatter_to_grid, warp_points  # noqa: E402,F401
