@@ -53,6 +53,7 @@ class ConvertConfig:
     example_inputs: Optional[tuple] = None
     inplace: bool = False
     init: Union[str, float] = "dense"
+    p: float = 1.0  # the norm of the new layers: 1 (l1, the default), any real >= 1, or inf
 
     def validate(self) -> "ConvertConfig":
         """A copy with ``ratio`` a float, ``strategy`` a :class:`Strategy` and ``example_inputs`` a tuple;
@@ -86,7 +87,10 @@ class ConvertConfig:
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConversionTypeError(f"{_PREFIX}filter_fn must be a function (module, fqn) -> bool, "
                                       f"got {self.filter_fn!r}")
-        return dataclasses.replace(self, ratio=ratio, strategy=strategy, example_inputs=example_inputs)
+        from .kernels.lp import check_p
+
+        p = check_p(self.p, f"{_PREFIX}p", error=ConversionError)
+        return dataclasses.replace(self, ratio=ratio, strategy=strategy, example_inputs=example_inputs, p=p)
 
 
 def _warn_old_filter_order(include: Filter, exclude: Filter) -> None:
@@ -103,7 +107,7 @@ def _warn_old_filter_order(include: Filter, exclude: Filter) -> None:
 def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exclude: Filter = None,
             filter_fn: Optional[FilterFn] = None, strategy: str = "depth", normalize: Optional[str] = "auto",
             example_inputs: Optional[tuple] = None, inplace: bool = False,
-            init: Union[str, float] = "dense") -> nn.Module:
+            init: Union[str, float] = "dense", p: float = 1.0) -> nn.Module:
     """Return ``model`` with inner-product layers replaced by l1 layers.
 
     Args:
@@ -130,6 +134,9 @@ def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exc
             layer's weights, as l1 templates, to ``mean_c + std_c * standardised dense weight`` per
             input channel ``c``, from the layer's inputs on ``example_inputs``
             (:func:`l1fx.passes.init_l1_weights`). A positive number multiplies them by that factor.
+        p: the norm of the new layers, ``y = -||x - w||_p + b``: ``1`` (default) makes the ℓ1 layers
+            (:class:`l1fx.nn.L1Linear` ...), any other real ``p >= 1`` or ``float("inf")`` the ℓp layers
+            (:class:`l1fx.nn.LpLinear` ..., the registry's ``"lp"`` variant); see docs/l1_ops.md.
 
     Returns:
         A ``torch.fx.GraphModule`` when the model could be traced (possibly with untraced
@@ -147,7 +154,7 @@ def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exc
     """
     config = ConvertConfig(ratio=ratio, include=include, exclude=exclude, filter_fn=filter_fn, strategy=strategy,
                            normalize=normalize, example_inputs=example_inputs, inplace=inplace,
-                           init=init).validate()
+                           init=init, p=p).validate()
     _warn_old_filter_order(include, exclude)
     if not isinstance(model, nn.Module):
         raise ConversionTypeError(f"l1fx.convert expects an nn.Module, got {type(model).__name__}")
@@ -192,7 +199,7 @@ def build_summary(state: passes.ConversionState) -> Summary:
         normalize=getattr(state.config, "normalize", None), leaves=dict(report.leaves),
         opaque_functions=dict(report.opaque_functions), whole_model_error=report.whole_model_error,
         order_note=state.order_note, notes=list(state.notes), l1_weight_names=l1_weight_names(root),
-        shared_weights=shared_groups(root),
+        shared_weights=shared_groups(root), p=getattr(state.config, "p", 1.0),
     )
 
 

@@ -149,6 +149,7 @@ class Summary:
     l1_weight_names: list[str] = field(default_factory=list)
     # groups of qualified names that are one Parameter/buffer (weight ties), kept tied by convert
     shared_weights: list[list[str]] = field(default_factory=list)
+    p: float = 1.0  # the norm of the converted layers (1: l1)
 
     @property
     def converted(self) -> list[str]:
@@ -168,7 +169,7 @@ class Summary:
         lines = [f"l1fx conversion of {self.model_name}: {len(self.converted)} of "
                  f"{sum(1 for r in self.rows if not r.skip)} layers are l1 "
                  f"({self.selected_units}/{self.units} units, ratio={self.ratio}, strategy={self.strategy}, "
-                 f"normalize={self.normalize})"]
+                 f"normalize={self.normalize}{self._p_text()})"]
         lines.append(f"tracing: {self.tracing}")
         if self.whole_model_error is not None:
             lines.append(f"  whole model swapped: {self.whole_model_error}")
@@ -197,5 +198,9 @@ class Summary:
             lines.append(f"shared weight (one Parameter, used by {what}): {' = '.join(group)}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def _p_text(self) -> str:
+        p = getattr(self, "p", 1.0)  # absent in summaries pickled before it existed
+        return "" if p == 1.0 else f", p={'inf' if p == float('inf') else f'{p:g}'}"
 
     __repr__ = __str__
