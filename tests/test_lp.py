@@ -283,3 +283,16 @@ def test_triton_interpreter():
     run = subprocess.run([sys.executable, "-W", "ignore", "-c", _TRITON_CHILD], capture_output=True, text=True,
                          env=env, timeout=600)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_energy_report_counts_lp_operations():
+    """Only p = 1 (and the compare-only p = inf) is multiplication-free; p = 2 is one multiply per MAC."""
+    from l1fx.energy import energy_report
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    x = torch.randn(2, 3, 5, 5)
+    macs = energy_report(model, x).total["mul"]
+    totals = {p: energy_report(l1fx.convert(model, p=p, normalize=None), x).total for p in (1, 2, INF, 3, 2.5)}
+    assert totals[1]["mul"] == 0 and totals[INF]["mul"] == 0 and totals[1]["add"] == 2 * macs
+    assert totals[2]["mul"] == macs and totals[3]["mul"] == 2 * macs
+    assert totals[2.5]["mul"] == 18 * macs and totals[2.5]["energy_pJ"] > totals[3]["energy_pJ"] > totals[1]["energy_pJ"]

@@ -13,6 +13,8 @@ Importing this module also registers the FLOP formula of the ℓp custom ops
 """
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from . import l1_flops, register_replacement, resolve, spec_for_module
@@ -51,3 +53,34 @@ def _register_flops() -> None:
 
 
 _register_flops()
+
+
+# ---------------------------------------------------------------- operation counts (l1fx.energy)
+# A general power |d|^p = exp2(p log2 |d|) is priced as what the kernels evaluate: a degree-8
+# log2 and a degree-7 exp2 polynomial by Horner's rule, about 17 multiplies and 17 additions
+# (exponent/mantissa bit operations and the rounding not counted). Documented in docs/energy.md.
+POW_MUL, POW_ADD = 17, 17
+
+
+def ops_per_element(p: float) -> tuple[int, int]:
+    """(multiplies, additions) of one reduction element ``k`` of an ℓp output, as the kernels compute it.
+
+    p = 1: subtract, accumulate |d| (0, 2) - the only multiplication-free case; p = 2: subtract, square,
+    accumulate (1, 2); p = inf: subtract, compare (priced as an addition) (0, 2); integer p = n: the
+    power as n - 1 products (n - 1, 2); any other p: a max pass (subtract,
+    compare) and a scaled pass (subtract, multiply by 1/max, a power, accumulate)
+    (1 + POW_MUL, 4 + POW_ADD). The per-output root and bias are not counted (as FlopCounterMode
+    does not count a bias).
+    """
+    if p == 1.0 or math.isinf(p):
+        return 0, 2
+    if p == int(p):
+        return int(p) - 1, 2
+    return 1 + POW_MUL, 4 + POW_ADD
+
+
+def p_of_call(packet, args: tuple) -> float:
+    """The ``p`` of a call of an ℓp op (raw arguments: ``p`` is the second last), 1 for any other op."""
+    if getattr(packet, "_qualified_op_name", None) in LP_OPS or str(packet) in LP_OPS:
+        return float(args[-2])
+    return 1.0
