@@ -16,6 +16,7 @@ Convolutions are lowered onto the linear core by the chunked im2col of
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import numbers
@@ -54,16 +55,21 @@ def p_name(p: float) -> str:
     return "inf" if math.isinf(p) else f"{p:g}"
 
 
+@functools.lru_cache(maxsize=None)
+def _module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:  # an optional kernel module left out of this installation
+        if e.name != name:
+            raise
+        return lp_reference_core
+
+
 def _kernels(x: Tensor) -> tuple[Callable, Callable]:
     backend = get_backend(x, op="linear")
     module = LP_KERNELS.get(backend.name)
     if module is not None:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:  # an optional kernel module left out of this installation
-            if e.name != module:
-                raise
-            mod = lp_reference_core
+        mod = _module(module)
         if mod.supports(x) and mod.available()[0]:
             return mod.lp_linear_forward, mod.lp_linear_backward
     return lp_reference_core.lp_linear_forward, lp_reference_core.lp_linear_backward

@@ -1,7 +1,8 @@
 """The ``cpu`` backend's ℓp kernels (``csrc/lp_cpu.cpp``, built and cached like the ℓ1 kernels).
 
 float32 (and bfloat16, computed in float32) CPU tensors with finite values;
-anything else (NaN/inf in the data, mixed dtypes) runs the reference ℓp kernel,
+anything else (NaN/inf in the data, found by the C++ entry points; mixed dtypes)
+runs the reference ℓp kernel,
 which puts NaN/inf where the formula does. Fast paths for p = 2 (one FMA per
 element, no ``||x||^2 + ||w||^2 - 2 x.w``), p = inf (a max), integer and
 half-integer p (multiplies, a square root); other p take two passes (the max,
@@ -64,10 +65,12 @@ def _check(rc: int, fn: str) -> None:
                           "(set L1FX_BACKEND=reference to work around it)")
 
 
-def _runs_here(*ts: Optional[Tensor]) -> bool:
-    """Same dtype, all finite: the C++ kernel's contract (else the reference kernel answers)."""
+NONFINITE = 3  # the C++ return code for a NaN/inf input (then the reference kernel answers)
+
+
+def _same_dtype(*ts: Optional[Tensor]) -> bool:
     present = [t for t in ts if t is not None]
-    return all(t.dtype == present[0].dtype for t in present) and all(bool(torch.isfinite(t).all()) for t in present)
+    return all(t.dtype == present[0].dtype for t in present)
 
 
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -75,21 +78,23 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def lp_linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], p: float) -> Tensor:
-    if not _runs_here(x, w, bias):
+    if not _same_dtype(x, w, bias):
         return lp_reference.linear_forward(x, w, bias, p)
     n, k = x.shape
     m = w.shape[0]
     xf, wf, bf = _f32(x), _f32(w), _f32(bias)
     y = torch.empty(n, m, dtype=torch.float32)
-    _check(_library().l1fx_lp_forward(_ptr(xf), _ptr(wf), _ptr(bf), _ptr(y), n, k, m, float(p),
-                                      torch.get_num_threads()), "l1fx_lp_forward")
+    rc = _library().l1fx_lp_forward(_ptr(xf), _ptr(wf), _ptr(bf), _ptr(y), n, k, m, float(p), torch.get_num_threads())
+    if rc == NONFINITE:
+        return lp_reference.linear_forward(x, w, bias, p)
+    _check(rc, "l1fx_lp_forward")
     return y.to(x.dtype)
 
 
 def lp_linear_backward(g: Tensor, x: Tensor, w: Tensor, p: float, mix: float, need_x: bool, need_w: bool):
     if not (need_x or need_w):
         return None, None
-    if not _runs_here(g, x, w):
+    if not _same_dtype(g, x, w):
         return lp_reference.linear_backward(g, x, w, p, mix, need_x, need_w)
     n, k = x.shape
     m = w.shape[0]
@@ -98,6 +103,9 @@ def lp_linear_backward(g: Tensor, x: Tensor, w: Tensor, p: float, mix: float, ne
     r = lp_linear_forward(xf, wf, None, p).neg_() if mix != 1.0 else torch.zeros(n, m)
     gx = torch.empty(n, k) if need_x else None
     gw = torch.empty(m, k) if need_w else None
-    _check(_library().l1fx_lp_backward(_ptr(gf), _ptr(xf), _ptr(wf), _ptr(r), _ptr(gx), _ptr(gw), float(mix),
-                                       n, k, m, float(p), torch.get_num_threads()), "l1fx_lp_backward")
+    rc = _library().l1fx_lp_backward(_ptr(gf), _ptr(xf), _ptr(wf), _ptr(r), _ptr(gx), _ptr(gw), float(mix),
+                                     n, k, m, float(p), torch.get_num_threads())
+    if rc == NONFINITE:
+        return lp_reference.linear_backward(g, x, w, p, mix, need_x, need_w)
+    _check(rc, "l1fx_lp_backward")
     return (None if gx is None else gx.to(x.dtype), None if gw is None else gw.to(w.dtype))

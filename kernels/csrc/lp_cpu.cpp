@@ -6,7 +6,8 @@
 //             gw[m,k] = sum_n g[n,m] (a d + b e),  gx[n,k] = -sum_m g[n,m] (a clamp(d,-1,1) + b e)
 //             with a = mix, b = 1 - mix.
 //
-// float32, finite inputs (the Python wrapper sends anything else to the reference kernel). Every
+// float32, finite inputs (both entry points return 3 on a NaN/inf input, and the Python wrapper
+// runs the reference kernel instead). Every
 // summand is formed from the difference d = fl(x - w) itself (never from ||x||^2 + ||w||^2 - 2 x.w,
 // whose terms grow with the data's offset), so each output is within ~K eps |y| of the exact value.
 //
@@ -28,6 +29,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -52,6 +56,18 @@ inline vf vsqrt(vf a) {
   vf r;
   for (int i = 0; i < VW; ++i) r[i] = __builtin_sqrtf(a[i]);  // vectorised (VSQRTPS) at -O3
   return r;
+}
+// sqrt(a) for the summands of p = n + 1/2: VSQRTPS is a slow unit (it made p = 1.5 ~3x slower than
+// p = 3); on AVX-512 the 14-bit VRSQRT14PS estimate y and one Newton step, a y (3 - a y^2) / 2,
+// give ~1 ulp. a below 2^-100 (y may be inf, and a^(n+1/2) is negligible there): 0.
+inline vf vsqrt_fast(vf a) {
+#if defined(__AVX512F__)
+  const vf y = (vf)_mm512_rsqrt14_ps((__m512)a);
+  const vf r = a * y * (1.5f - 0.5f * a * y * y);
+  return a >= splat(7.8886091e-31f) ? r : vf{};
+#else
+  return vsqrt(a);
+#endif
 }
 
 // log2(t) for t >= 0 (t = 0 and denormals give about -127..-149, whose powers are negligible
@@ -139,8 +155,21 @@ double rescue_norm(const float* x, const float* w, int64_t K, float p) {
   return m * std::pow(s, 1.0 / double(p));
 }
 
-// One-pass sums below this (or overflowed) are recomputed by rescue_norm.
+// One-pass sums below kSmall or above kBig (overflowed, or too near it for the root's Newton step)
+// are recomputed by rescue_norm.
 constexpr float kSmall = 7.8886091e-31f;  // 2^-100
+constexpr float kBig = 1.0e37f;
+
+// s^(1/p) for the one-pass sums (s in [2^-100, 1e37], p = NP or NP + 1/2): a first guess
+// r0 = exp2(log2(s) / p), whose error grows with |log2 s| (up to ~30 eps), then one Newton step on
+// r^p = s, r1 = r0 (1 - (1 - s / r0^p) / p), which squares it away (r0^p by products: ~NP eps).
+template <int NP, bool HALF>
+inline vf root_newton(vf s, float p) {
+  const vf r0 = vexp2(vlog2(s) * (1.0f / p));
+  vf rp = vpowi<NP>(r0);
+  if constexpr (HALF) rp = rp * vsqrt(r0);
+  return r0 * (1.0f - (1.0f - s / rp) * (1.0f / p));
+}
 
 // R x F tile. xp: micro-panel [K][R]; wpp: panel [K][F]. out[r][f] = ||d||_p.
 template <int R, int NP, bool HALF>
@@ -178,16 +207,16 @@ inline void tile(const float* xp, const float* wpp, int64_t K, const Params& q, 
             sum[r][f] = sum[r][f] + vpow(t, q.p);
           }
         }
-      const double ip = 1.0 / double(q.p);
+      const vf ip = splat(1.0f / q.p), tiny = splat(1.17549435e-38f), inf = splat(__builtin_inff());
       for (int r = 0; r < R; ++r)
-        for (int f = 0; f < FV; ++f)
-          for (int i = 0; i < VW; ++i) {
-            const float m = acc[r][f][i];
-            // m < FLT_MIN: 1/m overflowed (or m = 0: r = 0); m = inf: r = inf. Flag with -1 for the rescue.
-            out[r][f * VW + i] = m == 0.0f || std::isinf(m) ? m
-                                 : m < 1.17549435e-38f ? -1.0f
-                                 : float(double(m) * std::pow(double(sum[r][f][i]), ip));
-          }
+        for (int f = 0; f < FV; ++f) {
+          const vf m = acc[r][f];
+          // sum in [1, K]: its root by exp2/log2 loses ~log2(K) eps at most (far below K eps)
+          vf v = m * vexp2(vlog2(sum[r][f]) * ip);
+          // m = 0: r = 0; m = inf: r = inf; 0 < m < FLT_MIN (1/m overflowed): -1, the rescue
+          v = (m == 0.0f) | (m == inf) ? m : m < tiny ? splat(-1.0f) : v;
+          store(out[r] + f * VW, v);
+        }
       return;
     }
   } else if constexpr (NP > 0) {  // POWI
@@ -197,22 +226,28 @@ inline void tile(const float* xp, const float* wpp, int64_t K, const Params& q, 
         for (int f = 0; f < FV; ++f) {
           const vf a = vabs(xv - load(wpp + k * F + f * VW));
           const vf t = vpowi<NP>(a);
-          if constexpr (HALF) acc[r][f] = acc[r][f] + t * vsqrt(a);
+          if constexpr (HALF) acc[r][f] = acc[r][f] + t * vsqrt_fast(a);
           else acc[r][f] = acc[r][f] + t;
         }
       }
   }
+  const vf small = splat(kSmall), big = splat(kBig);
   for (int r = 0; r < R; ++r)
-    for (int f = 0; f < FV; ++f)
-      for (int i = 0; i < VW; ++i) {
-        const float s = acc[r][f][i];
-        float v;
-        if (q.mode == LINF) v = s;
-        else if (!(s >= kSmall) || std::isinf(s)) v = -1.0f;  // rescue
-        else if (q.mode == L2) v = std::sqrt(s);
-        else v = float(std::pow(double(s), 1.0 / double(q.p)));
-        out[r][f * VW + i] = v;
+    for (int f = 0; f < FV; ++f) {
+      const vf sum = acc[r][f];
+      vf v = sum;
+      if (q.mode == LINF) {
+        v = sum;
+      } else {
+        if (q.mode == L2) {
+          v = vsqrt(sum);
+        } else if constexpr (NP > 0) {
+          v = root_newton<NP, HALF>(sum, q.p);
+        }
+        v = (sum >= small) & (sum < big) ? v : splat(-1.0f);  // overflowed or tiny: the rescue
       }
+      store(out[r] + f * VW, v);
+    }
 }
 
 template <int R, int NP = 0, bool HALF = false>
@@ -224,7 +259,8 @@ void forward(const float* x, const float* w, const float* bias, float* y, int64_
   std::vector<float> wp(size_t(n_panels * K * F), 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) wp[size_t(((m / F) * K + k) * F + m % F)] = w[m * K + k];
-  (void)M_pad;
+  std::vector<float> bt(size_t(M_pad), 0.f);  // the bias, zero padded to whole panels
+  for (int64_t m = 0; m < M; ++m) bt[size_t(m)] = bias ? bias[m] : 0.f;
   const int64_t NB = std::max<int64_t>(R, std::min<int64_t>(256, 16384 / std::max<int64_t>(K, 1)) / R * R);
   const int64_t n_blocks = (N + NB - 1) / NB;
   const int64_t groups = std::min<int64_t>(n_panels, std::max<int64_t>(1, (4 * nthreads + n_blocks - 1) / n_blocks));
@@ -240,8 +276,11 @@ void forward(const float* x, const float* w, const float* bias, float* y, int64_
       const int64_t n0 = blk * NB, rows = std::min(NB, N - n0);
       for (int64_t r0 = 0; r0 < rows; r0 += R) {  // micro-panels [K][R], the tail repeating its last row
         const int live = int(std::min<int64_t>(R, rows - r0));
-        for (int64_t k = 0; k < K; ++k)
-          for (int j = 0; j < R; ++j) xb[size_t(r0 * K + k * R + j)] = x[(n0 + r0 + std::min(j, live - 1)) * K + k];
+        for (int j = 0; j < R; ++j) {
+          const float* src = x + (n0 + r0 + std::min(j, live - 1)) * K;
+          float* dst = &xb[size_t(r0 * K + j)];
+          for (int64_t k = 0; k < K; ++k) dst[k * R] = src[k];
+        }
       }
       const int64_t p1 = std::min(n_panels, (grp + 1) * per_group);
       for (int64_t pn = grp * per_group; pn < p1; ++pn) {
@@ -251,11 +290,20 @@ void forward(const float* x, const float* w, const float* bias, float* y, int64_
           tile<R, NP, HALF>(&xb[size_t(r0 * K)], &wp[size_t(pn * K * F)], K, q, out);
           for (int r = 0; r < R && r0 + r < rows; ++r) {
             const int64_t n = n0 + r0 + r;
-            for (int64_t c = 0; c < mcols; ++c) {
-              float norm = out[r][c];
-              if (norm < 0.0f) norm = float(rescue_norm(x + n * K, w + (m0 + c) * K, K, p));
-              y[n * M + m0 + c] = (bias ? bias[m0 + c] : 0.0f) - norm;
+            bool rescue = false;
+            float yv[F];
+            for (int f = 0; f < FV; ++f) {
+              const vf v = load(out[r] + f * VW);
+              const vi neg = v < 0.0f;
+              for (int i = 0; i < VW; ++i) rescue |= neg[i] != 0;
+              store(yv + f * VW, load(&bt[size_t(m0 + f * VW)]) - v);
             }
+            float* yr = y + n * M + m0;
+            std::memcpy(yr, yv, size_t(mcols) * sizeof(float));
+            if (rescue)  // rare: only where a one-pass sum overflowed/underflowed (norm flagged -1)
+              for (int64_t c = 0; c < mcols; ++c)
+                if (out[r][c] < 0.0f)
+                  yr[c] = bt[size_t(m0 + c)] - float(rescue_norm(x + n * K, w + (m0 + c) * K, K, p));
           }
         }
       }
@@ -298,14 +346,29 @@ inline void exact_grad_row(const float* x, const float* w, int64_t K, float p, f
   }
 }
 
+// Whether every value is finite (exponent bits not all ones), vectorised.
+bool all_finite(const float* p, int64_t n) {
+  if (!p) return true;
+  uint32_t bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, p + i, 4);
+    bad |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
+  }
+  return !bad;
+}
+
 }  // namespace
 
 extern "C" {
 
 // y [N, M] = bias - ||x[n] - w[m]||_p; x [N, K], w [M, K] float32 (finite), bias [M] or null.
+// Returns 3 (nothing written) if any input is NaN or infinite: the caller runs the reference kernel.
 int l1fx_lp_forward(const float* x, const float* w, const float* bias, float* y, int64_t n, int64_t k, int64_t m,
                     float p, int nthreads) {
   if (!(p > 1.0f)) return 1;
+  if (!all_finite(x, n * k) || !all_finite(w, m * k) || !all_finite(bias, m)) return 3;
   const Params q = params_for(p);
   constexpr int RF = VW == 16 ? 8 : 4;
   if (q.mode == GENERAL) { forward<4>(x, w, bias, y, n, k, m, p, nthreads); return 0; }
@@ -330,6 +393,7 @@ int l1fx_lp_forward(const float* x, const float* w, const float* bias, float* y,
 int l1fx_lp_backward(const float* g, const float* x, const float* w, const float* r, float* gx, float* gw,
                      float mix, int64_t N, int64_t K, int64_t M, float p, int nthreads) {
   if (!(p > 1.0f)) return 1;
+  if (!all_finite(g, N * M) || !all_finite(x, N * K) || !all_finite(w, M * K)) return 3;
   const float a = mix, b = 1.0f - mix;
   if (gx) {
 #pragma omp parallel num_threads(int(std::max<int64_t>(1, std::min<int64_t>(nthreads, N))))
