@@ -233,6 +233,10 @@ def _finish_model(model_proto, custom_op: bool, chunk_bytes: Optional[int]):
     uses_l1 = any(n.domain == onnx_ops.DOMAIN for n in model_proto.graph.node)
     if uses_l1:
         model_proto.functions.extend(onnx_ops.functions(opset, chunk_bytes))
+        from . import onnx_lp  # the ℓp ops' bodies, where the graph has ℓp nodes
+
+        if any(n.domain == onnx_ops.DOMAIN and n.op_type in onnx_lp.OPS for n in model_proto.graph.node):
+            model_proto.functions.extend(onnx_lp.functions(opset, chunk_bytes))
     if not custom_op:
         if uses_l1:
             model_proto = onnx.inliner.inline_local_functions(model_proto)

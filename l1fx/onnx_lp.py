@@ -22,6 +22,7 @@ from onnx import helper
 from . import onnx_ops
 
 LP_LINEAR, LP_CONV, LP_DISTANCE = "LpLinear", "LpConv", "LpDistance"
+OPS = (LP_LINEAR, LP_CONV)  # the layer ops (l1fx/onnx_export.py attaches functions() where they occur)
 DOMAIN, VERSION = onnx_ops.DOMAIN, onnx_ops.DOMAIN_VERSION
 _CONV_ATTRS = ("strides", "pads", "dilations", "group")
 

@@ -314,10 +314,8 @@ FUNCTION_BODIES: dict[str, Callable[[int], onnx.FunctionProto]] = {
 
 def functions(opset: int, chunk_bytes: Optional[int]) -> list[onnx.FunctionProto]:
     """The model-local definitions of every registered kind's op (that has a body), then ``L1Distance``."""
-    from . import onnx_lp
-
     bodies = [FUNCTION_BODIES[op.op_type](opset) for op in onnx_specs() if op.op_type in FUNCTION_BODIES]
-    return bodies + [distance_function(opset, chunk_bytes)] + onnx_lp.functions(opset, chunk_bytes)
+    return bodies + [distance_function(opset, chunk_bytes)]
 
 
 # ---------------------------------------------------------------- exporter translations
