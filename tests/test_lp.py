@@ -296,3 +296,12 @@ def test_energy_report_counts_lp_operations():
     assert totals[1]["mul"] == 0 and totals[INF]["mul"] == 0 and totals[1]["add"] == 2 * macs
     assert totals[2]["mul"] == macs and totals[3]["mul"] == 2 * macs
     assert totals[2.5]["mul"] == 18 * macs and totals[2.5]["energy_pJ"] > totals[3]["energy_pJ"] > totals[1]["energy_pJ"]
+
+
+def test_rewrite_file_takes_p(tmp_path):
+    from l1fx.rewrite import rewrite_file
+
+    f = tmp_path / "m.py"
+    f.write_text("import torch.nn as nn\nfc = nn.Linear(2, 3)\n")
+    assert "l1fx.nn.L1Linear(2, 3)" in rewrite_file(f).text()
+    assert "l1fx.nn.LpLinear(2, 3, p=3.0)" in rewrite_file(f, p=3).text()

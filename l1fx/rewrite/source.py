@@ -106,10 +106,11 @@ def rewrite_source(code: Union[str, bytes], *, ratio: float = 1.0, include: Patt
 
 def rewrite_file(path: Union[str, os.PathLike], *, ratio: float = 1.0, include: Patterns = None,
                  exclude: Patterns = None, p: float = 1.0) -> RewriteResult:
-    """Rewrite a file's source in memory (bytes in, bytes out: encoding and newlines kept). Writes nothing."""
-    p = Path(path)
+    """Rewrite a file's source in memory (bytes in, bytes out: encoding and newlines kept). Writes nothing.
+
+    ``p`` as :func:`rewrite_source`'s."""
     try:
-        data = p.read_bytes()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise RewriteError(str(path), None, None, "no such file") from None
     except IsADirectoryError:
