@@ -11,6 +11,7 @@ from . import functional, kernels, nn, ops, passes, train  # noqa: F401,E402
 from .convert import ConvertConfig, convert, summary  # noqa: F401,E402
 from .nn import L1Conv1d, L1Conv2d, L1Conv3d, L1Linear  # noqa: F401,E402
 from .nn import L1ConvTranspose1d, L1ConvTranspose2d, L1ConvTranspose3d  # noqa: F401,E402
+from .nn import LpConv1d, LpConv2d, LpConv3d, LpLinear  # noqa: F401,E402  (ℓp layers, issue 16)
 from .train import DLC, MGS, TrainingWrapper  # noqa: F401,E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
 from . import metrics  # noqa: F401,E402  (l1fx.metrics.chamfer_distance, the garment task's metrics)

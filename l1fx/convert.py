@@ -54,6 +54,7 @@ class ConvertConfig:
     inplace: bool = False
     init: Union[str, float] = "auto"
     pretrained: bool = False  # True: the dense weights are trained, keep them (init="dense")
+    p: float = 1.0  # the norm of the new layers: 1 (l1, the default), any real >= 1, or inf
 
     def validate(self) -> "ConvertConfig":
         """A copy with ``ratio`` a float, ``strategy`` a :class:`Strategy` and ``example_inputs`` a tuple;
@@ -96,7 +97,11 @@ class ConvertConfig:
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConversionTypeError(f"{_PREFIX}filter_fn must be a function (module, fqn) -> bool, "
                                       f"got {self.filter_fn!r}")
-        return dataclasses.replace(self, ratio=ratio, strategy=strategy, example_inputs=example_inputs, init=init)
+        from .kernels.lp import check_p
+
+        p = check_p(self.p, f"{_PREFIX}p", error=ConversionError)
+        return dataclasses.replace(self, ratio=ratio, strategy=strategy, example_inputs=example_inputs, init=init,
+                                   p=p)
 
 
 def _warn_old_filter_order(include: Filter, exclude: Filter) -> None:
@@ -113,7 +118,7 @@ def _warn_old_filter_order(include: Filter, exclude: Filter) -> None:
 def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exclude: Filter = None,
             filter_fn: Optional[FilterFn] = None, strategy: str = "depth", normalize: Optional[str] = "auto",
             example_inputs: Optional[tuple] = None, inplace: bool = False,
-            init: Union[str, float] = "auto", pretrained: bool = False) -> nn.Module:
+            init: Union[str, float] = "auto", pretrained: bool = False, p: float = 1.0) -> nn.Module:
     """Return ``model`` with inner-product layers replaced by l1 layers.
 
     Args:
@@ -145,6 +150,9 @@ def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exc
             (:func:`l1fx.passes.init_l1_weights`). A positive number multiplies them by that factor.
             The summary's notes say which init was used.
         pretrained: ``True`` says the dense weights are trained: they are kept exactly (``init="dense"``).
+        p: the norm of the new layers, ``y = -||x - w||_p + b``: ``1`` (default) makes the ℓ1 layers
+            (:class:`l1fx.nn.L1Linear` ...), any other real ``p >= 1`` or ``float("inf")`` the ℓp layers
+            (:class:`l1fx.nn.LpLinear` ..., the registry's ``"lp"`` variant); see docs/l1_ops.md.
 
     Returns:
         A ``torch.fx.GraphModule`` when the model could be traced (possibly with untraced
@@ -162,7 +170,7 @@ def convert(model: nn.Module, ratio: float = 1.0, *, include: Filter = None, exc
     """
     config = ConvertConfig(ratio=ratio, include=include, exclude=exclude, filter_fn=filter_fn, strategy=strategy,
                            normalize=normalize, example_inputs=example_inputs, inplace=inplace,
-                           init=init, pretrained=pretrained).validate()
+                           init=init, pretrained=pretrained, p=p).validate()
     _warn_old_filter_order(include, exclude)
     if not isinstance(model, nn.Module):
         raise ConversionTypeError(f"l1fx.convert expects an nn.Module, got {type(model).__name__}")
@@ -211,6 +219,7 @@ def build_summary(state: passes.ConversionState) -> Summary:
         opaque_functions=dict(report.opaque_functions), whole_model_error=report.whole_model_error,
         order_note=state.order_note, notes=notes, l1_weight_names=l1_weight_names(root),
         shared_weights=shared_groups(root), trace_check=report.check, shape_branches=list(report.shape_branches),
+        p=getattr(state.config, "p", 1.0),
     )
 
 

@@ -32,6 +32,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from . import layers
+from .layers import lp as lp_layers
 from ._util import as_input_tuple, evaluating
 from .errors import L1fxError, UsageError
 
@@ -222,13 +223,13 @@ def _count_per_module(model: nn.Module, args: tuple) -> dict[str, tuple[int, int
     (FlopCounterMode's own per-module table adds each op to every enclosing name) do not.
     """
     stack: list[nn.Module] = []
-    booked: dict[tuple[int, Any], int] = {}  # (id(innermost module) or 0, op packet) -> FLOPs
+    booked: dict[tuple[int, Any, float], int] = {}  # (id(innermost module) or 0, op packet, p) -> FLOPs
     modules_by_id = {0: None}
 
     def book(packet, formula):
         def counted(*a, out_val=None, **kw):
             flops = formula(*a, out_val=out_val, **kw)
-            key = (id(stack[-1]) if stack else 0, packet)
+            key = (id(stack[-1]) if stack else 0, packet, lp_layers.p_of_call(packet, a))
             booked[key] = booked.get(key, 0) + flops
             return flops
 
@@ -259,19 +260,22 @@ def _count_per_module(model: nn.Module, args: tuple) -> dict[str, tuple[int, int
 
     names = {id(m): n for n, m in model.named_modules()}  # a shared module: its first name
     own: dict[str, tuple[int, int]] = {}
-    for (mod_id, packet), flops in booked.items():
+    for (mod_id, packet, p), flops in booked.items():
         if mod_id == 0:
             name = "(outside any module)"
         else:
             name = names.get(mod_id, f"({type(modules_by_id[mod_id]).__name__} outside the model)")
-        mul, add = _split(packet, flops)
+        mul, add = _split(packet, flops, p)
         old = own.get(name, (0, 0))
         own[name] = (old[0] + mul, old[1] + add)
     return own
 
 
-def _split(packet, flops: int) -> tuple[int, int]:
-    """FLOPs of one op -> (multiplies, additions)."""
+def _split(packet, flops: int, p: float = 1.0) -> tuple[int, int]:
+    """FLOPs of one op -> (multiplies, additions); ``p``: the norm of an ℓp op (1 for every other op)."""
+    if p != 1.0:  # an ℓp op: what each of its "MACs" (flops // 2) costs, l1fx.layers.lp.ops_per_element
+        mul, add = lp_layers.ops_per_element(p)
+        return (flops // 2) * mul, (flops // 2) * add
     if layers.spec_for_l1_op(packet) is not None:
         return 0, flops  # a registered kind's l1 op: K subtractions + K accumulations, all additions
     # FlopCounterMode's formulas count 2 per multiply-accumulate.

@@ -64,9 +64,26 @@ def _common_dtype(label: str, *ts: Optional[Tensor]) -> list[Optional[Tensor]]:
 def l1_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, mix: float = 1.0,
               name: Optional[str] = None) -> Tensor:
     """``y[..., m] = -sum_k |x[..., k] - weight[m, k]| (+ bias[m])``."""
-    if _is_proxy(x, weight, bias):
+    return _linear(x, weight, bias, mix, name, 1.0, "l1_linear")
+
+
+def _linear_op(x, weight, bias, mix, p: float) -> Tensor:
+    # p = 1 is the l1 op itself (same kernels); any other p the lp op (l1fx/ops_lp.py)
+    if p == 1.0:
         return ops.linear(x, weight, bias, mix)
-    label = _label(name, "l1_linear")
+    return _ops_lp().lp_linear(x, weight, bias, p, mix)
+
+
+def _ops_lp():
+    from . import ops_lp  # on first use: l1fx.ops_lp imports l1fx.kernels.lp
+
+    return ops_lp
+
+
+def _linear(x, weight, bias, mix, name, p: float, default_label: str) -> Tensor:
+    if _is_proxy(x, weight, bias):
+        return _linear_op(x, weight, bias, mix, p)
+    label = _label(name, default_label)
     mix = _check_mix(mix, label)
     if weight.dim() != 2:
         raise UsageError(f"{label}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
@@ -80,7 +97,7 @@ def l1_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, mix: 
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise UsageError(f"{label}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     x, weight, bias = _common_dtype(label, x, weight, bias)
-    return ops.linear(x, weight, bias, mix)
+    return _linear_op(x, weight, bias, mix, p)
 
 
 def _is_int(v) -> bool:
@@ -113,8 +130,15 @@ def l1_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _I
     return _l1_conv(weight.dim() - 2, x, weight, bias, stride, padding, dilation, groups, mix, name)
 
 
-def _l1_conv(nd, x, weight, bias, stride, padding, dilation, groups, mix, name) -> Tensor:
-    label = _label(name, f"l1_conv{nd}d" if nd in (1, 2, 3) else "l1_conv")
+def _conv_op(x, weight, bias, stride, padding, dilation, groups, mix, p: float) -> Tensor:
+    if p == 1.0:
+        return ops.conv(x, weight, bias, stride, padding, dilation, groups, mix)
+    return _ops_lp().lp_conv(x, weight, bias, stride, padding, dilation, groups, p, mix)
+
+
+def _l1_conv(nd, x, weight, bias, stride, padding, dilation, groups, mix, name, p: float = 1.0) -> Tensor:
+    prefix = "l1" if p == 1.0 else "lp"
+    label = _label(name, f"{prefix}_conv{nd}d" if nd in (1, 2, 3) else f"{prefix}_conv")
     if nd not in (1, 2, 3) or (not _is_proxy(weight) and weight.dim() != nd + 2):
         raise UsageError(f"{label}: weight must be 3-, 4- or 5-D [out, in/groups, *kernel], got shape {tuple(weight.shape)}")
     if not _is_int(groups):
@@ -146,7 +170,7 @@ def _l1_conv(nd, x, weight, bias, stride, padding, dilation, groups, mix, name) 
     if _is_proxy(x, weight, bias):
         if pre_pad is not None:
             x = F.pad(x, pre_pad)
-        return ops.conv(x, weight, bias, stride_, padding_, dilation_, groups, mix)
+        return _conv_op(x, weight, bias, stride_, padding_, dilation_, groups, mix, p)
     mix = _check_mix(mix, label)
     if any(s < 1 for s in stride_) or any(d < 1 for d in dilation_) or any(p < 0 for p in padding_):
         raise UsageError(f"{label}: stride and dilation must be >= 1 and padding >= 0, got "
@@ -182,7 +206,7 @@ def _l1_conv(nd, x, weight, bias, stride, padding, dilation, groups, mix, name) 
             f"{label}: input spatial size {tuple(x.shape[2:])} (padded {tuple(padded)}) is smaller than the "
             f"dilated kernel {tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation_))}"
         )
-    return ops.conv(x, weight, bias, stride_, padding_, dilation_, int(groups), mix)
+    return _conv_op(x, weight, bias, stride_, padding_, dilation_, int(groups), mix, p)
 
 
 def _conv_nd(nd: int):
@@ -279,3 +303,55 @@ def _conv_transpose_nd(nd: int):
 l1_conv_transpose1d = _conv_transpose_nd(1)
 l1_conv_transpose2d = _conv_transpose_nd(2)
 l1_conv_transpose3d = _conv_transpose_nd(3)
+# ---------------------------------------------------------------- lp layers (any p >= 1, and inf)
+__all__ += ["lp_linear", "lp_conv1d", "lp_conv2d", "lp_conv3d", "lp_conv", "check_p"]
+
+
+def check_p(p, label: str = "p") -> float:
+    """``p`` as a float >= 1 (or inf); a :class:`UsageError` naming ``label`` otherwise (p < 1, NaN, not a number)."""
+    from l1fx.kernels.lp import check_p as _check
+
+    return _check(p, label)
+
+
+def lp_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, p: float = 1.0, mix: float = 1.0,
+              name: Optional[str] = None) -> Tensor:
+    """``y[..., m] = -||x[..., :] - weight[m, :]||_p (+ bias[m])``; ``p = 1`` is :func:`l1_linear` exactly.
+
+    ``p`` is a real >= 1 or ``float("inf")`` (``-max_k |x_k - w_k|``); see docs/l1_ops.md, "ℓp layers".
+    """
+    label = _label(name, "lp_linear")
+    if not _is_proxy(x, weight, bias):
+        p = check_p(p, label)
+    return _linear(x, weight, bias, mix, name, float(p), "lp_linear")
+
+
+def lp_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _IntOrTuple = 1,
+            padding: Union[str, _IntOrTuple] = 0, dilation: _IntOrTuple = 1, groups: int = 1, *,
+            p: float = 1.0, mix: float = 1.0, name: Optional[str] = None) -> Tensor:
+    """N-d ℓp convolution; ``weight.dim() - 2`` spatial dimensions (1, 2 or 3)."""
+    return _lp_conv(weight.dim() - 2, x, weight, bias, stride, padding, dilation, groups, p, mix, name)
+
+
+def _lp_conv(nd, x, weight, bias, stride, padding, dilation, groups, p, mix, name) -> Tensor:
+    label = _label(name, f"lp_conv{nd}d" if nd in (1, 2, 3) else "lp_conv")
+    if not _is_proxy(x, weight, bias):
+        p = check_p(p, label)
+    return _l1_conv(nd, x, weight, bias, stride, padding, dilation, groups, mix, name, float(p))
+
+
+def _lp_conv_nd(nd: int):
+    def fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _IntOrTuple = 1,
+           padding: Union[str, _IntOrTuple] = 0, dilation: _IntOrTuple = 1, groups: int = 1, *,
+           p: float = 1.0, mix: float = 1.0, name: Optional[str] = None) -> Tensor:
+        return _lp_conv(nd, x, weight, bias, stride, padding, dilation, groups, p, mix, name)
+
+    fn.__name__ = fn.__qualname__ = f"lp_conv{nd}d"
+    fn.__doc__ = (f"ℓp analogue of ``F.conv{nd}d`` (same arguments, plus ``p`` and ``mix``), "
+                  f"``y = -||patch - filter||_p (+ bias)``; ``p = 1`` is :func:`l1_conv{nd}d` exactly.")
+    return fn
+
+
+lp_conv1d = _lp_conv_nd(1)
+lp_conv2d = _lp_conv_nd(2)
+lp_conv3d = _lp_conv_nd(3)

@@ -101,11 +101,15 @@ class _L1ConvNd(L1Module, _ConvNd):
                 padding = [lo for lo, _ in pairs]
         else:
             padding = self.padding
-        fn = (L1F.l1_conv1d, L1F.l1_conv2d, L1F.l1_conv3d)[nd - 1]
+        fn = self._conv_function(nd)
         return fn(input, weight, bias, self.stride, padding, self.dilation, self.groups, mix=self.mgs_mix, name=name)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.weight, self.bias)
+
+    def _conv_function(self, nd: int) -> Callable:
+        """The functional op of this layer (the ℓp layers bind their ``p``)."""
+        return (L1F.l1_conv1d, L1F.l1_conv2d, L1F.l1_conv3d)[nd - 1]
 
     @classmethod
     def from_dense(cls, module: nn.Module, *, share_parameters: bool = False):
@@ -356,3 +360,115 @@ class L1FunctionalCall(L1Module, nn.Module):
     def extra_repr(self) -> str:
         return f"op=l1_{self.op}, weight={self.weight_name}"
 
+
+# ---------------------------------------------------------------- ℓp layers (any p >= 1, and inf)
+__all__ += ["LpLinear", "LpConv1d", "LpConv2d", "LpConv3d", "LpModule", "LpFunctionalCall"]
+
+
+class LpModule:
+    """Mixin of the ℓp layers: ``p`` (float >= 1 or inf), kept in the state_dict as extra state.
+
+    The state_dict carries ``p`` (key ``<layer>._extra_state``: ``{"p": p}``), so a saved ℓp model
+    reloads with its p. A dense (or ℓ1) state_dict, which has no such key, still loads with
+    ``strict=True`` and leaves ``p`` as constructed.
+    """
+
+    p: float = 1.0
+
+    def _set_p(self, p) -> None:
+        self.p = L1F.check_p(p, f"{type(self).__name__}")
+
+    def get_extra_state(self) -> dict:
+        return {"p": self.p}
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or "p" not in state:
+            raise ValueError(f"{type(self).__name__}: extra state must be {{'p': p}}, got {state!r}")
+        self._set_p(state["p"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+        if key in missing_keys:  # a dense/ℓ1 checkpoint: p stays as constructed
+            missing_keys.remove(key)
+
+    def _p_repr(self) -> str:
+        from .kernels.lp import p_name
+
+        return f"p={p_name(self.p)}"
+
+
+class LpLinear(LpModule, L1Linear):
+    """``y = -||x - W[m]||_p + b[m]`` with ``nn.Linear``'s interface plus ``p``; ``p = 1`` is :class:`L1Linear`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 p: float = 1.0) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._set_p(p)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return L1F.lp_linear(input, self.weight, self.bias, p=self.p, mix=self.mgs_mix, name=self._error_name())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._p_repr()}"
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, *, share_parameters: bool = False, p: float = 1.0) -> "LpLinear":
+        new = super().from_dense(module, share_parameters=share_parameters)
+        new._set_p(p)
+        return new
+
+
+def _make_lp_conv(base: type):
+    nd = int(base.__name__[-2])  # L1Conv2d -> 2
+
+    def __init__(self, *args, p: float = 1.0, **kwargs) -> None:
+        base.__init__(self, *args, **kwargs)
+        self._set_p(p)
+
+    def _conv_function(self, nd_: int) -> Callable:
+        fn = (L1F.lp_conv1d, L1F.lp_conv2d, L1F.lp_conv3d)[nd_ - 1]
+        return lambda *a, **k: fn(*a, p=self.p, **k)
+
+    def extra_repr(self) -> str:
+        return f"{base.extra_repr(self)}, {self._p_repr()}"
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, *, share_parameters: bool = False, p: float = 1.0):
+        new = base.from_dense.__func__(cls, module, share_parameters=share_parameters)
+        new._set_p(p)
+        return new
+
+    name = f"LpConv{nd}d"
+    return type(name, (LpModule, base), {
+        "__init__": __init__, "_conv_function": _conv_function, "extra_repr": extra_repr, "from_dense": from_dense,
+        "__module__": __name__,
+        "__doc__": f"ℓp analogue of ``nn.Conv{nd}d`` (same constructor, plus keyword ``p``), "
+                   f"``y = -||patch - filter||_p + b``; ``p = 1`` is :class:`L1Conv{nd}d`.",
+    })
+
+
+LpConv1d = _make_lp_conv(L1Conv1d)
+LpConv2d = _make_lp_conv(L1Conv2d)
+LpConv3d = _make_lp_conv(L1Conv3d)
+
+
+class LpFunctionalCall(LpModule, L1FunctionalCall):
+    """An ``F.linear`` / ``F.conv*d`` call made ℓp by ``l1fx.convert(p=...)`` (see :class:`L1FunctionalCall`)."""
+
+    def __init__(self, op: str, weight_name: str, weight: Optional[Tensor] = None, *, p: float = 1.0) -> None:
+        L1FunctionalCall.__init__(self, op, weight_name, weight)
+        self._set_p(p)
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        spec = layers.get(self.op)
+        weight = spec.weight_of(args, kwargs)
+        if isinstance(weight, nn.Parameter):
+            self.__dict__["_l1fx_weight"] = weight
+        fn = layers.resolve(layers.lp.LP_FUNCTIONS[self.op])
+        return fn(*args, **kwargs, p=self.p, mix=self.mgs_mix, name=self._error_name())
+
+    def extra_repr(self) -> str:
+        return f"op=lp_{self.op}, weight={self.weight_name}, {self._p_repr()}"

@@ -154,6 +154,9 @@ def register_schemas() -> None:
             onnx.defs.get_schema(schema.name, schema.since_version, schema.domain)
         except onnx.defs.SchemaError:
             onnx.defs.register_schema(schema)
+    from . import onnx_lp  # the ℓp ops (LpLinear, LpConv, LpDistance)
+
+    onnx_lp.register_schemas()
 
 
 # ---------------------------------------------------------------- function bodies
@@ -180,20 +183,24 @@ def _broadcast_distance(x: str, w: str, y: str, prefix: str) -> list[onnx.NodePr
     ]
 
 
-def distance_function(opset: int, chunk_bytes: Optional[int]) -> onnx.FunctionProto:
+def distance_function(opset: int, chunk_bytes: Optional[int], *, block: Optional[Callable] = None,
+                      name: str = DISTANCE, inputs: tuple[str, ...] = ("X", "W")) -> onnx.FunctionProto:
     """``l1fx.L1Distance``: blocked over rows so one block's difference tensor fits ``chunk_bytes``.
 
     The block size is computed in the graph from the runtime shapes:
     ``rows = clamp(budget // (G*Mg*Kg), 1, R)`` with ``budget = chunk_bytes // 4``
     (float32 elements); rows are zero-padded to whole blocks, a ``Scan`` maps
-    each block, and the padding rows are sliced off.
+    each block, and the padding rows are sliced off. ``block(x, w, y, prefix)`` (default the l1 one)
+    gives the nodes of one block; ``name`` and ``inputs`` (extra inputs are read from the outer scope)
+    let the ℓp ops (l1fx/onnx_lp.py) reuse this.
     """
     n = helper.make_node
+    block = block or _broadcast_distance
     if chunk_bytes is None:
-        nodes = _broadcast_distance("X", "W", "Y", "")
+        nodes = block("X", "W", "Y", "")
     else:
         body = helper.make_graph(
-            _broadcast_distance("xb", "W", "yb", "b_"), "l1_block", [_untyped("xb")], [_untyped("yb")])
+            block("xb", "W", "yb", "b_"), "l1_block", [_untyped("xb")], [_untyped("yb")])
         nodes = [
             _ints("zero", [0]), _ints("one", [1]), _ints("minus1", [-1]), _ints("zeros2", [0, 0]),
             _ints("budget", [max(1, int(chunk_bytes) // 4)]),
@@ -220,7 +227,7 @@ def distance_function(opset: int, chunk_bytes: Optional[int]) -> onnx.FunctionPr
             n("Reshape", ["yblocks", "flat_shape"], ["yflat"]),
             n("Slice", ["yflat", "zero", "r"], ["Y"]),
         ]
-    return helper.make_function(DOMAIN, DISTANCE, ["X", "W"], ["Y"], nodes, [helper.make_opsetid("", opset)])
+    return helper.make_function(DOMAIN, name, list(inputs), ["Y"], nodes, [helper.make_opsetid("", opset)])
 
 
 def linear_function(opset: int) -> onnx.FunctionProto:
@@ -458,4 +465,7 @@ def translation_table() -> dict:
         if overload not in table:
             l1 = onnxscript.values.Opset(spec.onnx.domain, spec.onnx.version)
             table[overload] = TRANSLATIONS[spec.onnx.op_type](l1, op)
+    from . import onnx_lp
+
+    table.update(onnx_lp.translations(op))
     return table

@@ -29,7 +29,7 @@ from torch import nn
 
 from l1fx import layers
 from l1fx.errors import ConversionError
-from l1fx.nn import L1FunctionalCall, L1OutputNorm, l1_output_norm_hook
+from l1fx.nn import L1FunctionalCall, L1OutputNorm, LpFunctionalCall, l1_output_norm_hook
 
 from .analyse import NORM_FUNCTIONS, NORM_MODULES, PASS_THROUGH_FUNCTIONS, PASS_THROUGH_MODULES
 from .state import Candidate, ConversionFailed, ConversionState
@@ -55,14 +55,16 @@ def swap_module(roots: list[nn.Module], old: nn.Module, new: nn.Module) -> int:
     return len(places)
 
 
-def _to_l1(m: nn.Module, name: str) -> nn.Module:
+def _to_l1(m: nn.Module, name: str, p: float = 1.0) -> nn.Module:
     """The l1 layer for ``m``, using ``m``'s own Parameter and buffer objects.
 
     Reusing the objects (rather than copying) keeps every tie: to an embedding
     (``head.weight = emb.weight``), to a layer that stays dense, between two
     converted layers, and in swapped regions as in the graph.
     """
-    new = layers.build_replacement(m, share_parameters=True)
+    # p = 1: the registry's "l1" variant; any other p its "lp" variant (l1fx/layers/lp.py)
+    new = (layers.build_replacement(m, share_parameters=True) if p == 1.0
+           else layers.build_replacement(m, "lp", p=p, share_parameters=True))
     new.l1fx_name = name
     # anything else registered on the dense layer (an extra parameter, buffer or child) stays, same object
     for registry in ("_parameters", "_buffers", "_modules"):
@@ -77,7 +79,7 @@ def _to_l1(m: nn.Module, name: str) -> nn.Module:
     return new
 
 
-def _convert_function(gm: fx.GraphModule, c: Candidate) -> None:
+def _convert_function(gm: fx.GraphModule, c: Candidate, p: float = 1.0) -> None:
     node = next(n for n in gm.graph.nodes if n.name == c.node)
     holder = getattr(gm, CALLS, None)
     if holder is None:
@@ -85,7 +87,9 @@ def _convert_function(gm: fx.GraphModule, c: Candidate) -> None:
         gm.add_module(CALLS, holder)
     key = node.name
     spec = layers.spec_for_function(node.target)
-    holder.add_module(key, L1FunctionalCall(spec.name, c.name, gm.get_parameter(c.name)))
+    call = (L1FunctionalCall(spec.name, c.name, gm.get_parameter(c.name)) if p == 1.0
+            else LpFunctionalCall(spec.name, c.name, gm.get_parameter(c.name), p=p))
+    holder.add_module(key, call)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(f"{CALLS}.{key}", node.args, node.kwargs)
     node.replace_all_uses_with(new)
@@ -222,6 +226,7 @@ def rewrite(state: ConversionState) -> ConversionState:
     root = state.root
     roots = [root] + ([state.model] if state.model is not root else [])
     gm = root if isinstance(root, fx.GraphModule) else None
+    p = getattr(state.config, "p", 1.0)  # configs without p (older callers) make l1 layers
     for c in state.candidates:
         if c.skip:
             c.status = Status.SKIPPED
@@ -233,9 +238,9 @@ def rewrite(state: ConversionState) -> ConversionState:
             with _naming(c, "converting"):
                 if c.kind == CandidateKind.MODULE:
                     old = root.get_submodule(c.name)
-                    swap_module(roots, old, _to_l1(old, c.name))
+                    swap_module(roots, old, _to_l1(old, c.name, p))
                 else:
-                    _convert_function(gm, c)
+                    _convert_function(gm, c, p)
             c.status = Status.CONVERTED
     if state.config.normalize == Normalize.AUTO:
         for c in state.candidates:

@@ -156,6 +156,7 @@ class Summary:
     # the traced graph compared with the eager model before converting (TraceReport.check)
     trace_check: str = ""
     shape_branches: list[str] = field(default_factory=list)
+    p: float = 1.0  # the norm of the converted layers (1: l1)
 
     @property
     def converted(self) -> list[str]:
@@ -172,13 +173,11 @@ class Summary:
         return "partial" if self.leaves else "full"
 
     def __str__(self) -> str:
-        # every inner-product layer counts: one left dense (inside an fx-wrapped function, say) is a
-        # layer that is not l1, not a layer that is not there
         dense = sum(1 for r in self.rows if r.skip)
         lines = [f"l1fx conversion of {self.model_name}: {len(self.converted)} of {len(self.rows)} layers are l1"
                  + (f", {dense} left dense (reasons in the note column)" if dense else "")
                  + f" ({self.selected_units}/{self.units} units, ratio={self.ratio}, strategy={self.strategy}, "
-                 f"normalize={self.normalize})"]
+                 f"normalize={self.normalize}{self._p_text()})"]
         lines.append(f"tracing: {self.tracing}")
         if getattr(self, "trace_check", ""):  # absent in summaries pickled before it existed
             lines.append(f"  trace check: {self.trace_check}")
@@ -211,5 +210,9 @@ class Summary:
             lines.append(f"shared weight (one Parameter, used by {what}): {' = '.join(group)}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def _p_text(self) -> str:
+        p = getattr(self, "p", 1.0)  # absent in summaries pickled before it existed
+        return "" if p == 1.0 else f", p={'inf' if p == float('inf') else f'{p:g}'}"
 
     __repr__ = __str__

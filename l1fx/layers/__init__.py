@@ -372,3 +372,4 @@ def _flops_of(macs: Callable[..., int]) -> Callable[..., int]:
 from . import linear  # noqa: E402,F401,I001
 from . import conv  # noqa: E402,F401
 from . import conv_transpose  # noqa: E402,F401
+from . import lp  # noqa: E402,F401  (the "lp" replacement variant of linear/conv*d)

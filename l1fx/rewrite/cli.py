@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
     results: list[tuple[Input, RewriteResult]] = []
     for item in inputs:
         try:
-            results.append((item, _rewrite_one(item, ratio, args.include, args.exclude)))
+            results.append((item, _rewrite_one(item, ratio, args.include, args.exclude, args.p)))
         except RewriteError as e:
             errors.append(str(e))
         except OSError as e:
@@ -148,11 +148,13 @@ def _run(args: argparse.Namespace) -> int:
     return _write_all(args, results, mapping)
 
 
-def _rewrite_one(item: Input, ratio: float, include: list[str], exclude: list[str]) -> RewriteResult:
+def _rewrite_one(item: Input, ratio: float, include: list[str], exclude: list[str],
+                 p: Optional[float] = None) -> RewriteResult:
     # Looked up on the package when called: ``l1fx.rewrite._rewrite`` is the one seam (tests replace it there).
     from l1fx import rewrite as package
 
-    return package._rewrite(item.path.read_bytes(), ratio, include, exclude, str(item.path))
+    lp = {} if p is None or p == 1.0 else {"p": p}  # (the l1 call keeps the seam's old signature)
+    return package._rewrite(item.path.read_bytes(), ratio, include, exclude, str(item.path), **lp)
 
 
 def _write_all(args: argparse.Namespace, results: list[tuple[Input, RewriteResult]],

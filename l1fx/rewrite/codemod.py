@@ -111,10 +111,40 @@ def _patterns(spec: Patterns, what: str) -> Optional[list[str]]:
 
 
 # ----------------------------------------------------------------- the transform
+def lp_names() -> dict[str, str]:
+    """Qualified l1 replacement -> its ℓp counterpart (``l1fx.nn.L1Linear`` -> ``l1fx.nn.LpLinear``), per kind."""
+    from l1fx.layers import lp
+
+    table = {}
+    for spec in layers.specs():
+        if spec.name in lp.KINDS:
+            table[spec.l1_module] = lp.LP_MODULES[spec.name]
+            table[spec.l1_function] = lp.LP_FUNCTIONS[spec.name]
+    return table
+
+
+def _check_p(p) -> float:
+    from l1fx.kernels.lp import check_p
+
+    return check_p(p, "p", error=UsageError)
+
+
+def p_type(text: str) -> float:
+    """argparse type of ``--p``: a number >= 1, or ``inf``."""
+    from l1fx.kernels.lp import check_p
+
+    return check_p(text, "--p", error=argparse.ArgumentTypeError)
+
+
+def _p_literal(p: float) -> str:
+    return 'float("inf")' if p == float("inf") else repr(float(p))
+
+
 class _Replacer(cst.CSTTransformer):
-    def __init__(self, chosen: dict[int, str]):
+    def __init__(self, chosen: dict[int, str], p: float = 1.0):
         super().__init__()
-        self.chosen = chosen  # id(original Call) -> qualified l1 name
+        self.chosen = chosen  # id(original Call) -> qualified replacement name
+        self.p = p  # != 1: the call gets a trailing p=... argument (the replacement is an ℓp name)
 
     def leave_Call(self, original_node: cst.Call, updated_node: cst.Call) -> cst.Call:
         l1 = self.chosen.get(id(original_node))
@@ -124,6 +154,13 @@ class _Replacer(cst.CSTTransformer):
         if l1.startswith("l1fx.functional."):
             args = [a.with_changes(keyword=cst.Name(_FUNCTIONAL_KEYWORDS[a.keyword.value]))
                     if a.keyword is not None and a.keyword.value in _FUNCTIONAL_KEYWORDS else a for a in args]
+        if self.p != 1.0:
+            args = list(args)
+            if args and args[-1].comma is cst.MaybeSentinel.DEFAULT:
+                args[-1] = args[-1].with_changes(comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" ")))
+            args.append(cst.Arg(value=cst.parse_expression(_p_literal(self.p)), keyword=cst.Name("p"),
+                                equal=cst.AssignEqual(whitespace_before=cst.SimpleWhitespace(""),
+                                                      whitespace_after=cst.SimpleWhitespace(""))))
         return updated_node.with_changes(func=cst.parse_expression(l1), args=args)
 
 
@@ -179,9 +216,10 @@ class L1Codemod(VisitorBasedCodemodCommand):
                    "equivalents (l1fx.rewrite; see docs/rewrite.md).")
 
     def __init__(self, context: CodemodContext, ratio: Optional[float] = None, include: Patterns = None,
-                 exclude: Patterns = None) -> None:
+                 exclude: Patterns = None, p: Optional[float] = None) -> None:
         super().__init__(context)
         self.ratio = 1.0 if ratio is None else ratio
+        self.p = 1.0 if p is None else p_type(p) if isinstance(p, str) else _check_p(p)
         self.include, self.exclude = include, exclude
         self.outcome: Optional[Outcome] = None  # of the last module transformed
 
@@ -198,6 +236,9 @@ class L1Codemod(VisitorBasedCodemodCommand):
         arg_parser.add_argument("--exclude", action="append", default=[], metavar="PAT",
                                 help="like --include, but matching call sites stay dense; --ratio counts the "
                                      "others. Repeatable")
+        arg_parser.add_argument("--p", type=p_type, default=None, metavar="P",
+                                help="make ℓp layers (l1fx.nn.LpLinear(..., p=P) ...): a number >= 1 or inf "
+                                     "(default 1: the l1 layers)")
 
     def transform_module_impl(self, tree: cst.Module) -> cst.Module:
         """libcst's entry point: the rewritten module; notes and unmatched patterns become codemod warnings."""
@@ -232,6 +273,9 @@ class L1Codemod(VisitorBasedCodemodCommand):
             for s, f in zip(collector.sites, flags)
         ]
         chosen = {id(s.node): s.l1 for s, c in zip(collector.sites, candidates) if c.converted}
+        if self.p != 1.0:
+            lp = lp_names()
+            chosen = {k: lp.get(v, v) for k, v in chosen.items()}
         for s, c in zip(collector.sites, candidates):
             if c.converted and s.clash:
                 package = s.l1.split(".", 1)[0]
@@ -240,7 +284,7 @@ class L1Codemod(VisitorBasedCodemodCommand):
                                    "rename it")
         module = wrapper.module
         if chosen:
-            module = module.visit(_Replacer(chosen))
+            module = module.visit(_Replacer(chosen, self.p))
             module = add_imports(module, sorted({l1.rsplit(".", 1)[0] for l1 in chosen.values()}))
         self.outcome = Outcome(module, candidates, collector.notes, unmatched_inc, unmatched_exc)
         return self.outcome

@@ -60,23 +60,23 @@ def _has_cookie(source: bytes) -> bool:
 
 
 def _rewrite(source: Union[str, bytes], ratio: float, include: Patterns, exclude: Patterns,
-             path: str) -> RewriteResult:
+             path: str, p: float = 1.0) -> RewriteResult:
     if isinstance(source, bytes):
         _check_decodes(source, path)
     try:
-        return _rewrite_decoded(source, ratio, include, exclude, path)
+        return _rewrite_decoded(source, ratio, include, exclude, path, p)
     except RecursionError:  # libcst parses and visits recursively
         raise RewriteError(path, None, None, "nested too deeply for libcst; split the most deeply nested "
                            "expression") from None
 
 
 def _rewrite_decoded(source: Union[str, bytes], ratio: float, include: Patterns, exclude: Patterns,
-                     path: str) -> RewriteResult:
+                     path: str, p: float = 1.0) -> RewriteResult:
     try:
         module = cst.parse_module(source)
     except cst.ParserSyntaxError as e:
         raise _syntax_error(source, path, e) from None
-    codemod = L1Codemod(CodemodContext(filename=path), ratio=ratio, include=include, exclude=exclude)
+    codemod = L1Codemod(CodemodContext(filename=path), ratio=ratio, include=include, exclude=exclude, p=p)
     # ``rewrite``, not libcst's ``transform_module``, which deep-copies the tree for its metadata first.
     text = source if isinstance(source, str) else source.decode(module.encoding, "replace")
     outcome = codemod.rewrite(module, text)
@@ -88,14 +88,15 @@ def _rewrite_decoded(source: Union[str, bytes], ratio: float, include: Patterns,
 
 
 def rewrite_source(code: Union[str, bytes], *, ratio: float = 1.0, include: Patterns = None,
-                   exclude: Patterns = None, path: str = "<string>") -> RewriteResult:
+                   exclude: Patterns = None, path: str = "<string>", p: float = 1.0) -> RewriteResult:
     """Rewrite one module's source; returns the new code and what was done. Writes nothing.
 
     ``ratio``, ``include`` and ``exclude`` select call sites as :func:`~.codemod.select_sites`
     describes; patterns that match no call site are warned about. Raises
-    :class:`RewriteError` (``path:line:col: ...``) for code that does not parse.
+    :class:`RewriteError` (``path:line:col: ...``) for code that does not parse. ``p`` other than 1
+    (a number >= 1 or inf) writes the ℓp layers instead (``l1fx.nn.LpLinear(..., p=2.0)`` ...).
     """
-    result = _rewrite(code, ratio, include, exclude, path)
+    result = _rewrite(code, ratio, include, exclude, path, **({"p": p} if p != 1.0 else {}))
     unmatched = result.unmatched_include + result.unmatched_exclude
     if unmatched:
         warnings.warn(f"{path}: include/exclude pattern(s) {', '.join(map(repr, unmatched))} match no call site "
@@ -104,14 +105,15 @@ def rewrite_source(code: Union[str, bytes], *, ratio: float = 1.0, include: Patt
 
 
 def rewrite_file(path: Union[str, os.PathLike], *, ratio: float = 1.0, include: Patterns = None,
-                 exclude: Patterns = None) -> RewriteResult:
-    """Rewrite a file's source in memory (bytes in, bytes out: encoding and newlines kept). Writes nothing."""
-    p = Path(path)
+                 exclude: Patterns = None, p: float = 1.0) -> RewriteResult:
+    """Rewrite a file's source in memory (bytes in, bytes out: encoding and newlines kept). Writes nothing.
+
+    ``p`` as :func:`rewrite_source`'s."""
     try:
-        data = p.read_bytes()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise RewriteError(str(path), None, None, "no such file") from None
     except IsADirectoryError:
         raise RewriteError(str(path), None, None, "is a directory (the CLI walks directories; this function "
                                                   "takes one file)") from None
-    return rewrite_source(data, ratio=ratio, include=include, exclude=exclude, path=str(path))
+    return rewrite_source(data, ratio=ratio, include=include, exclude=exclude, path=str(path), p=p)
