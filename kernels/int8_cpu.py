@@ -49,6 +49,8 @@ def _library() -> Optional[ctypes.CDLL]:
                 lib.l1fx_i8_linear.restype = i32
                 lib.l1fx_i8_quantize.argtypes = [vp, vp, i64, f32, i32, i32]
                 lib.l1fx_i8_quantize.restype = i64
+                lib.l1fx_i8_patches.argtypes = [vp, i64, i64, i64, i64, i64, vp, i64, i64, vp, i32]
+                lib.l1fx_i8_patches.restype = i32
                 lib.l1fx_i8_isa.argtypes = []
                 lib.l1fx_i8_isa.restype = i32
                 _state["lib"], _state["path"] = lib, lib._name
@@ -132,3 +134,17 @@ def quantize(x: Tensor, scale: float, zero_point: int) -> tuple[Tensor, int]:
     nans = _lib().l1fx_i8_quantize(_ptr(x), _ptr(q), x.numel(), float(ref.inv_scale(scale)), int(zero_point),
                                    torch.get_num_threads())
     return q, int(nans)
+
+
+def patches(qp: Tensor, geometry: list[int], p0: int, p1: int, c0: int, cg: int) -> Tensor:
+    """Patch rows ``[p1 - p0, cg * prod(kernel)]`` of one padded sample ``qp [C, D, H, W]`` (uint8, 3-d form).
+
+    ``geometry``: kernel, stride, dilation and output size, 3 each (1-d/2-d as 3-d with leading 1s).
+    """
+    qp = qp.contiguous()
+    kprod = geometry[0] * geometry[1] * geometry[2]
+    rows = torch.empty(p1 - p0, cg * kprod, dtype=torch.uint8)
+    g = (ctypes.c_int64 * 12)(*geometry)
+    _lib().l1fx_i8_patches(_ptr(qp), c0, cg, qp.shape[1], qp.shape[2], qp.shape[3], ctypes.cast(g, ctypes.c_void_p),
+                           p0, p1, _ptr(rows), torch.get_num_threads())
+    return rows

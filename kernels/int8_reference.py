@@ -106,32 +106,50 @@ def _patch_view(qp: Tensor, kernel: Sequence[int], stride: Sequence[int], dilati
 
 def conv_rows(q: Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
               dilation: Sequence[int], groups: int, zero_point: int, m: int,
-              linear_fn: Callable[[Tensor, int], Tensor]) -> Tensor:
+              linear_fn: Callable[[Tensor, int], Tensor], gather: Optional[Callable] = None) -> Tensor:
     """The conv of uint8 codes ``q [N, C, *in]`` through ``linear_fn(rows [R, C/g*prod(kernel)], group)``.
 
     ``linear_fn`` returns ``[R, M/g]`` float32; the result is ``[N, M, *out]``.
-    Rows are gathered a chunk of output positions at a time (bounded memory).
+    Rows are gathered a chunk of output positions at a time (bounded memory):
+    by ``gather(qp3 [C, D, H, W], geometry, p0, p1, c0, cg)`` (the C++ gather,
+    :func:`l1fx.kernels.int8_cpu.patches`) where given, else from strided views.
     """
     nd = len(kernel)
     pads = [p for i in reversed(range(nd)) for p in (padding[i], padding[i])]
     qp = F.pad(q, pads, value=zero_point) if any(pads) else q
-    view = _patch_view(qp, kernel, stride, dilation)  # [N, *out, C, *kernel]
-    n, out = view.shape[0], list(view.shape[1:1 + nd])
-    c = q.shape[1]
+    n, c = q.shape[0], q.shape[1]
+    out = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+           for s, p, d, k, st in zip(q.shape[2:], padding, dilation, kernel, stride)]
     cg, mg = c // groups, m // groups
     kg = cg * math.prod(kernel)
+    positions = math.prod(out)
+    y = torch.empty(n, positions, m, dtype=torch.float32)
+    step = split(positions, max(kg, 1), chunk_bytes())
+    if gather is not None:
+        lead = 3 - nd
+        geometry = [1] * lead + list(kernel) + [1] * lead + list(stride) + [1] * lead + list(dilation) + [1] * lead + out
+        qp3 = qp.reshape(n, c, *([1] * lead), *qp.shape[2:])
+        for b in range(n):
+            sample = qp3[b].contiguous()
+            for p0 in range(0, positions, step):
+                p1 = min(p0 + step, positions)
+                for g in range(groups):
+                    rows = gather(sample, geometry, p0, p1, g * cg, cg)
+                    y[b, p0:p1, g * mg:(g + 1) * mg] = linear_fn(rows, g)
+        return y.view(n, *out, m).movedim(-1, 1)
+    view = _patch_view(qp, kernel, stride, dilation)  # [N, *out, C, *kernel]
     inner = math.prod(out[1:])  # positions per index of the first output axis
-    y = torch.empty(n, *out, m, dtype=torch.float32)
+    yv = y.view(n, *out, m)
     # chunks of the first output axis: each reshape copies only the patch rows of one chunk
-    step = split(out[0], max(inner * c * math.prod(kernel), 1), chunk_bytes())
+    step = max(1, step // max(inner, 1))
     for b in range(n):
         for a0 in range(0, out[0], step):
             block = view[b, a0:a0 + step].reshape(-1, c, *kernel)
-            dst = y[b, a0:a0 + step].view(-1, m)
+            dst = yv[b, a0:a0 + step].view(-1, m)
             for g in range(groups):
                 rows = block[:, g * cg:(g + 1) * cg].reshape(block.shape[0], kg)
                 dst[:, g * mg:(g + 1) * mg] = linear_fn(rows.contiguous(), g)
-    return y.movedim(-1, 1)
+    return yv.movedim(-1, 1)
 
 
 def nan_positions(x: Tensor, kernel: Sequence[int], stride, padding, dilation, groups: int, m: int) -> Optional[Tensor]:

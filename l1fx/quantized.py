@@ -250,15 +250,17 @@ def _conv(layer: _Codes, x: Tensor, bias: Optional[Tensor], stride, padding, dil
         rows = x.movedim(1, -1).reshape(-1, x.shape[1])
         y = layer._rows(rows, 0, bias)
         return y.view(x.shape[0], *x.shape[2:], m).movedim(-1, 1).to(dtype)
+    gather = None
     if int8_backend() == "cpu":
         from .kernels import int8_cpu
 
         q, nans = int8_cpu.quantize(x, s, z)
+        gather = int8_cpu.patches
     else:
         q = ref.quantize_codes(x, s, z)
         nans = int(torch.isnan(x).sum())
     y = ref.conv_rows(q, kernel, stride, padding, dilation, groups, z, m,
-                      lambda rows, g: layer._rows(rows, g, bias))
+                      lambda rows, g: layer._rows(rows, g, bias), gather)
     if nans:
         bad = ref.nan_positions(x, kernel, stride, padding, dilation, groups, m)
         y = y.masked_fill(bad, float("nan"))

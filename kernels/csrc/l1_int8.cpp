@@ -163,6 +163,7 @@ struct Epilogue {
   float scale;
   const float* bias;
   const uint8_t* nan;  // per tile row
+  bool sums_fit_int32;  // 255 * K < 2^31
 };
 
 // The accumulators are written straight from registers: VCVTUQQ2PS rounds to nearest like the scalar cast,
@@ -183,7 +184,29 @@ L1FX_NO_CONTRACT void tile_avx512(const uint8_t* xs, int64_t k8, const uint8_t* 
     }
   }
   const __m256 vscale = _mm256_set1_ps(e.scale), sign = _mm256_set1_ps(-0.0f), nanv = _mm256_set1_ps(NAN);
-  for (int c = 0; c < C; ++c) {
+  int c0 = 0;
+  if (e.out_kind == 0 && e.sums_fit_int32) {
+    // Two blocks at once: their 16 sums (< 2^31) as int32, VCVTDQ2PS (exact as the int64 conversion of the same
+    // integer), one multiply, subtract and store for 16 outputs. The last odd block goes the 8-wide way below.
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512 vscale16 = _mm512_set1_ps(e.scale), sign16 = _mm512_set1_ps(-0.0f), nan16 = _mm512_set1_ps(NAN);
+    for (; c0 + 1 < C; c0 += 2) {
+      const int64_t j0 = e.m0 + c0 * 8;
+      if (j0 >= e.m1) break;
+      const int64_t left = e.m1 - j0;
+      const __mmask16 mask = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+      const __m512 b = e.bias ? _mm512_maskz_loadu_ps(mask, e.bias + j0) : _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) {
+        const __m512i sums = _mm512_permutex2var_epi32(acc[r][c0], even, acc[r][c0 + 1]);
+        const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), vscale16);
+        __m512 v = e.bias ? _mm512_sub_ps(b, p) : _mm512_xor_ps(p, sign16);
+        if (e.nan[r]) v = nan16;
+        float* dst = static_cast<float*>(e.y) + (e.row0 + r) * e.ld + j0;
+        if (mask == 0xffff) _mm512_storeu_ps(dst, v); else _mm512_mask_storeu_ps(dst, mask, v);
+      }
+    }
+  }
+  for (int c = c0; c < C; ++c) {
     const int64_t j0 = e.m0 + c * 8;
     if (j0 >= e.m1) break;
     const __mmask8 mask = static_cast<__mmask8>(e.m1 - j0 >= 8 ? 0xff : (1u << (e.m1 - j0)) - 1);
@@ -273,6 +296,8 @@ int l1fx_i8_linear(int in_kind, const void* x, const uint8_t* wp, int64_t n, int
   const int64_t kb = (k + 7) / 8, k8 = kb * 8, mb = (m + 7) / 8;
   const int64_t panels = (n + PANEL - 1) / PANEL;
   const float zp = float(zero_point);
+  const bool fits32 = 255.0 * double(k) < 2147483648.0;
+  (void)fits32;
   int threads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, panels)));
 #pragma omp parallel num_threads(threads)
   {
@@ -289,7 +314,7 @@ int l1fx_i8_linear(int in_kind, const void* x, const uint8_t* wp, int64_t n, int
           const int rr = int(std::min<int64_t>(rt, rows - r0));
 #if defined(__AVX512BW__)
           if (isa == 2) {
-            const Epilogue e{out_kind, y, m, n0 + r0, m0, m1, scale, bias, nan.data() + r0};
+            const Epilogue e{out_kind, y, m, n0 + r0, m0, m1, scale, bias, nan.data() + r0, fits32};
             pick_avx512(rr, cb)(panel.data() + r0 * k8, k8, wp + b0 * kb * 64, kb, e);
             continue;
           }
@@ -332,6 +357,35 @@ int64_t l1fx_i8_quantize(const float* x, uint8_t* q, int64_t count, float inv_sc
     q[i] = bad ? static_cast<uint8_t>(zero_point) : quant1(v, inv_scale, zp);
   }
   return nans;
+}
+
+// Patch rows of one sample for output positions p0 .. p1 and channels c0 .. c0 + cg: the implicit-GEMM gather of
+// the int8 conv (the caller pads q with the zero point). q: [C][D][H][W] codes (1-d/2-d as 3-d with leading 1s);
+// g: kernel[3], stride[3], dilation[3], out[3]; rows: [p1 - p0][cg * kd * kh * kw] in (c, kd, kh, kw) order,
+// the order of the weight's flattening.
+int l1fx_i8_patches(const uint8_t* q, int64_t c0, int64_t cg, int64_t d, int64_t h, int64_t w, const int64_t* g,
+                    int64_t p0, int64_t p1, uint8_t* rows, int nthreads) {
+  const int64_t kd = g[0], kh = g[1], kw = g[2], sd = g[3], sh = g[4], sw = g[5], dd = g[6], dh = g[7], dw = g[8];
+  const int64_t oh = g[10], ow = g[11];
+  const int64_t kg = cg * kd * kh * kw;
+#pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(static)
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t z = p / (oh * ow), y = (p / ow) % oh, x = p % ow;
+    uint8_t* dst = rows + (p - p0) * kg;
+    for (int64_t c = 0; c < cg; ++c)
+      for (int64_t a = 0; a < kd; ++a)
+        for (int64_t b = 0; b < kh; ++b) {
+          const uint8_t* src = q + (((c0 + c) * d + z * sd + a * dd) * h + y * sh + b * dh) * w + x * sw;
+          if (dw == 1) {
+            std::memcpy(dst, src, kw);
+          } else {
+            for (int64_t e = 0; e < kw; ++e) dst[e] = src[e * dw];
+          }
+          dst += kw;
+        }
+  }
+  (void)d;
+  return 0;
 }
 
 }  // extern "C"
