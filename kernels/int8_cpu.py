@@ -121,8 +121,7 @@ def linear(x: Tensor, packed: Tensor, m: int, scale: float, zero_point: int, bia
     x = x.contiguous() if kind else x.to(torch.float32).contiguous()
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     y = torch.empty(n, m, dtype=torch.float32)
-    inv = float(ref.inv_scale(scale))  # float32(1 / s), passed on as that float32
-    _check(_lib().l1fx_i8_linear(kind, _ptr(x), _ptr(packed), n, k, m, inv, int(zero_point), 0, float(scale),
+    _check(_lib().l1fx_i8_linear(kind, _ptr(x), _ptr(packed), n, k, m, float(scale), int(zero_point), 0, float(scale),
                                  _ptr(bias), _ptr(y), _isa(isa), torch.get_num_threads()))
     return y
 
@@ -131,7 +130,7 @@ def quantize(x: Tensor, scale: float, zero_point: int) -> tuple[Tensor, int]:
     """(uint8 codes of float32 ``x``, number of NaNs), as :func:`int8_reference.quantize_codes`."""
     x = x.to(torch.float32).contiguous()
     q = torch.empty(x.shape, dtype=torch.uint8)
-    nans = _lib().l1fx_i8_quantize(_ptr(x), _ptr(q), x.numel(), float(ref.inv_scale(scale)), int(zero_point),
+    nans = _lib().l1fx_i8_quantize(_ptr(x), _ptr(q), x.numel(), float(scale), int(zero_point),
                                    torch.get_num_threads())
     return q, int(nans)
 

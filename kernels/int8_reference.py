@@ -7,8 +7,8 @@ one scale ``s`` and zero point ``z`` for input and weight,
     y[n, m]   = bias[m] + -(s * float32(acc))      (the only rounding)
 
 ``quantize_codes`` is the one definition of the codes,
-``q = clamp(round_half_even(x * float32(1 / s)) + z, 0, 255)``, written with the
-same float32 operations the C++ kernel uses, so both produce the same codes
+``q = clamp(round_half_even(x / s) + z, 0, 255)`` in float32: the operations of
+the C++ kernel and of ONNX ``QuantizeLinear``, so all three give the same codes
 bit for bit. Everything here is chunked by :func:`l1fx.kernels.chunk_bytes`.
 
 The conv lowering (:func:`conv_rows`) is shared by both backends: the input
@@ -32,14 +32,14 @@ QMIN, QMAX = 0, 255
 INT32_MAX_K = (2**31 - 1) // QMAX  # 8,421,504: 255 * K < 2^31 for every K up to this
 
 
-def inv_scale(scale: float) -> Tensor:
-    """``float32(1 / scale)`` as a 0-d float32 tensor: the one multiplier both backends quantise with."""
-    return torch.tensor(1.0 / float(scale), dtype=torch.float32)
+def scale_tensor(scale: float) -> Tensor:
+    """``scale`` as a 0-d float32 tensor (the grid's scales are float32 values, see ``choose_qparams``)."""
+    return torch.tensor(float(scale), dtype=torch.float32)
 
 
 def quantize_codes(x: Tensor, scale: float, zero_point: int) -> Tensor:
     """uint8 codes of float ``x`` (NaN -> ``zero_point``; callers that care find NaNs themselves)."""
-    q = torch.round(x.to(torch.float32) * inv_scale(scale)) + float(zero_point)
+    q = torch.round(x.to(torch.float32) / scale_tensor(scale)) + float(zero_point)
     q = q.clamp_(QMIN, QMAX).nan_to_num_(float(zero_point))
     return q.to(torch.uint8)
 

@@ -89,7 +89,7 @@ def test_quantize_codes_kernel_matches_reference():
         want = R.quantize_codes(x, s, z)
         got, nans = C.quantize(x, s, z)
         assert torch.equal(got, want) and nans == 1
-    # round half to even on the grid: 0.05 / 0.1 = 0.5 -> 0, 0.15 / 0.1 = 1.5 -> 2 (up to the float32 multiply)
+    # round half to even on the grid (x / s: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2)
     exact = R.quantize_codes(torch.tensor([0.0, 0.25, 0.75, 1.25]), 0.5, 10)
     assert exact.tolist() == [10, 10, 12, 12]
 

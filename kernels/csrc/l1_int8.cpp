@@ -20,8 +20,9 @@
 // accumulator cannot overflow for any K below 2^53; the int32 output is
 // requested only when 255 * K < 2^31 (K <= 8,421,504), int64 otherwise.
 //
-// in_kind 0 quantises float32 rows here (q = clamp(nearbyint(x * inv_scale) +
-// zp, 0, 255), the same float operations as the torch reference) into a
+// in_kind 0 quantises float32 rows here (q = clamp(nearbyint(x / scale) + zp,
+// 0, 255), the same float operations as the torch reference and as ONNX
+// QuantizeLinear, so an exported model gives the same codes) into a
 // per-thread panel, so no uint8 copy of x is made; a row holding NaN gives NaN
 // outputs (the float formula's answer). in_kind 1 reads uint8 codes.
 //
@@ -45,14 +46,14 @@ namespace {
 
 constexpr int64_t PANEL = 48;  // rows quantised/copied per thread step (a multiple of every R)
 
-inline uint8_t quant1(float v, float inv, float zp) {
-  float q = std::nearbyint(v * inv) + zp;  // nearbyint: round half to even, as torch.round
+inline uint8_t quant1(float v, float scale, float zp) {
+  float q = std::nearbyint(v / scale) + zp;  // nearbyint: round half to even, as torch.round and ONNX
   q = std::min(std::max(q, 0.0f), 255.0f);
   return static_cast<uint8_t>(q);
 }
 
 // Quantise (or copy) `rows` rows into panel[r * k8 ...], zero padding k..k8; nan[r] = row holds NaN.
-void fill_panel(int in_kind, const void* x, int64_t n0, int64_t rows, int64_t k, int64_t k8, float inv, float zp,
+void fill_panel(int in_kind, const void* x, int64_t n0, int64_t rows, int64_t k, int64_t k8, float qscale, float zp,
                 uint8_t* panel, uint8_t* nan) {
   for (int64_t r = 0; r < rows; ++r) {
     uint8_t* dst = panel + r * k8;
@@ -65,14 +66,14 @@ void fill_panel(int in_kind, const void* x, int64_t n0, int64_t rows, int64_t k,
       int64_t i = 0;
 #if defined(__AVX512BW__)
       // The same operations as quant1, 16 at a time (roundscale to nearest even = nearbyint).
-      const __m512 vinv = _mm512_set1_ps(inv), vzp = _mm512_set1_ps(zp), lo = _mm512_setzero_ps(),
+      const __m512 vscale = _mm512_set1_ps(qscale), vzp = _mm512_set1_ps(zp), lo = _mm512_setzero_ps(),
                    hi = _mm512_set1_ps(255.0f);
       __mmask16 nanmask = 0;
       for (; i + 16 <= k; i += 16) {
         const __m512 v = _mm512_loadu_ps(src + i);
         nanmask |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         __m512 q = _mm512_add_ps(
-            _mm512_roundscale_ps(_mm512_mul_ps(v, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vzp);
+            _mm512_roundscale_ps(_mm512_div_ps(v, vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vzp);
         q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(q)));
       }
@@ -80,7 +81,7 @@ void fill_panel(int in_kind, const void* x, int64_t n0, int64_t rows, int64_t k,
 #endif
       for (; i < k; ++i) {
         bad |= std::isnan(src[i]);
-        dst[i] = quant1(src[i], inv, zp);
+        dst[i] = quant1(src[i], qscale, zp);
       }
       nan[r] = bad;
     }
@@ -280,7 +281,7 @@ int l1fx_i8_isa() { return compiled_isa(); }
 // y [n, m] from x [n, k] (float32 or uint8, row-major) and the packed weight (see the header).
 // Returns 0, or 1 for a bad kind, 2 for an int32 output that could overflow, 3 for NaN-capable input
 // with integer output.
-int l1fx_i8_linear(int in_kind, const void* x, const uint8_t* wp, int64_t n, int64_t k, int64_t m, float inv_scale,
+int l1fx_i8_linear(int in_kind, const void* x, const uint8_t* wp, int64_t n, int64_t k, int64_t m, float qscale,
                    int zero_point, int out_kind, float scale, const float* bias, void* y, int isa, int nthreads) {
   if ((in_kind != 0 && in_kind != 1) || out_kind < 0 || out_kind > 2) return 1;
   if (out_kind == 1 && 255.0 * double(k) >= 2147483648.0) return 2;
@@ -306,7 +307,7 @@ int l1fx_i8_linear(int in_kind, const void* x, const uint8_t* wp, int64_t n, int
 #pragma omp for schedule(dynamic, 1)
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t n0 = p * PANEL, rows = std::min(PANEL, n - n0);
-      fill_panel(in_kind, x, n0, rows, k, k8, inv_scale, zp, panel.data(), nan.data());
+      fill_panel(in_kind, x, n0, rows, k, k8, qscale, zp, panel.data(), nan.data());
       for (int64_t b0 = 0; b0 < mb; b0 += ct) {
         const int cb = int(std::min<int64_t>(ct, mb - b0));
         const int64_t m0 = b0 * 8, m1 = std::min(m, (b0 + cb) * 8);
@@ -345,8 +346,8 @@ int l1fx_i8_linear(int in_kind, const void* x, const uint8_t* wp, int64_t n, int
   return 0;
 }
 
-// q = clamp(nearbyint(x * inv_scale) + zp, 0, 255) elementwise (NaN -> zp); returns the number of NaNs.
-int64_t l1fx_i8_quantize(const float* x, uint8_t* q, int64_t count, float inv_scale, int zero_point, int nthreads) {
+// q = clamp(nearbyint(x / qscale) + zp, 0, 255) elementwise (NaN -> zp); returns the number of NaNs.
+int64_t l1fx_i8_quantize(const float* x, uint8_t* q, int64_t count, float qscale, int zero_point, int nthreads) {
   const float zp = float(zero_point);
   int64_t nans = 0;
 #pragma omp parallel for num_threads(std::max(1, nthreads)) reduction(+ : nans) schedule(static)
@@ -354,7 +355,7 @@ int64_t l1fx_i8_quantize(const float* x, uint8_t* q, int64_t count, float inv_sc
     const float v = x[i];
     const bool bad = std::isnan(v);
     nans += bad;
-    q[i] = bad ? static_cast<uint8_t>(zero_point) : quant1(v, inv_scale, zp);
+    q[i] = bad ? static_cast<uint8_t>(zero_point) : quant1(v, qscale, zp);
   }
   return nans;
 }
