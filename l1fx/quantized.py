@@ -141,6 +141,8 @@ class _Codes(nn.Module):
         self.groups = int(groups)
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
         self.register_buffer("zero_point", torch.tensor(int(zero_point), dtype=torch.int64))
+        # Python numbers of the buffers: the ops take them as constants (torch.export cannot read buffers' values)
+        self._qparams = (float(self.scale), int(self.zero_point))
         self.register_buffer("weight_codes", ref.quantize_codes(w, float(self.scale), int(self.zero_point)))
         self.register_buffer("bias", None if bias is None else bias.detach().to("cpu", torch.float32).clone())
         self.register_buffer("weight_packed", self._pack(), persistent=False)
@@ -151,27 +153,60 @@ class _Codes(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):  # the packing follows the loaded codes
         super()._load_from_state_dict(*args, **kwargs)
+        self._qparams = (float(self.scale), int(self.zero_point))
         self.weight_packed = self._pack()
 
     def _label(self) -> str:
         return getattr(self, "l1fx_name", None) or type(self).__name__
 
     def qparams(self) -> tuple[float, int]:
-        return float(self.scale), int(self.zero_point)
+        return self._qparams
 
-    def _rows(self, rows: Tensor, group: int, bias: Optional[Tensor]) -> Tensor:
-        """float32 ``[R, M/g]`` of float or uint8 rows ``[R, K/g]`` for one group."""
-        s, z = self.qparams()
-        mg = self.weight_codes.shape[0] // self.groups
-        b = None if bias is None else bias[group * mg:(group + 1) * mg]
-        if int8_backend() == "cpu":
-            from .kernels import int8_cpu
 
-            return int8_cpu.linear(rows, self.weight_packed[group], mg, s, z, b)
-        qw = self.weight_codes[group * mg:(group + 1) * mg].reshape(mg, -1)
-        if rows.dtype == torch.uint8:
-            return ref.dequantize(ref.linear_codes(rows, qw), s, b)
-        return ref.linear(rows, qw, s, z, b)
+
+def _rows(rows: Tensor, codes: Tensor, packed: Tensor, groups: int, s: float, z: int, group: int,
+          bias: Optional[Tensor]) -> Tensor:
+    """float32 ``[R, M/g]`` of float or uint8 rows ``[R, K/g]`` for one group."""
+    mg = codes.shape[0] // groups
+    b = None if bias is None else bias[group * mg:(group + 1) * mg]
+    if int8_backend() == "cpu":
+        from .kernels import int8_cpu
+
+        return int8_cpu.linear(rows, packed[group], mg, s, z, b)
+    qw = codes[group * mg:(group + 1) * mg].reshape(mg, -1)
+    if rows.dtype == torch.uint8:
+        return ref.dequantize(ref.linear_codes(rows, qw), s, b)
+    return ref.linear(rows, qw, s, z, b)
+
+
+# The int8 layers call these custom ops, so torch.export (and the ONNX exporter, l1fx.onnx_int8) sees one op per
+# layer. Both return float32; the layers check their input first and cast the result to the input's dtype.
+@torch.library.custom_op("l1fx::int8_linear", mutates_args=())
+def int8_linear_op(x: Tensor, weight_codes: Tensor, weight_packed: Tensor, scale: float, zero_point: int,
+                   bias: Optional[Tensor]) -> Tensor:
+    k = weight_codes.shape[1]
+    y = _rows(x.reshape(-1, k).to(torch.float32), weight_codes, weight_packed, 1, scale, zero_point, 0, bias)
+    return y.reshape(*x.shape[:-1], weight_codes.shape[0])
+
+
+@int8_linear_op.register_fake
+def _(x, weight_codes, weight_packed, scale, zero_point, bias):
+    return x.new_empty((*x.shape[:-1], weight_codes.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("l1fx::int8_conv", mutates_args=())
+def int8_conv_op(x: Tensor, weight_codes: Tensor, weight_packed: Tensor, scale: float, zero_point: int,
+                 bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                 groups: int) -> Tensor:
+    return _conv_impl(x.to(torch.float32), weight_codes, weight_packed, scale, zero_point, bias, stride, padding,
+                      dilation, groups)
+
+
+@int8_conv_op.register_fake
+def _(x, weight_codes, weight_packed, scale, zero_point, bias, stride, padding, dilation, groups):
+    out = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+           for s, p, d, k, st in zip(x.shape[2:], padding, dilation, weight_codes.shape[2:], stride)]
+    return x.new_empty((x.shape[0], weight_codes.shape[0], *out), dtype=torch.float32)
 
 
 class Int8L1Linear(_Codes):
@@ -196,9 +231,9 @@ def _linear(layer: _Codes, x: Tensor, bias: Optional[Tensor]) -> Tensor:
     k = layer.weight_codes.shape[1]
     if x.dim() < 1 or x.shape[-1] != k:
         raise UsageError(f"{label}: expected input [..., {k}], got shape {tuple(x.shape)}")
-    lead = x.shape[:-1]
-    y = layer._rows(x.reshape(-1, k), 0, bias)
-    return y.reshape(*lead, y.shape[-1]).to(x.dtype)
+    s, z = layer.qparams()
+    y = int8_linear_op(x, layer.weight_codes, layer.weight_packed, s, z, bias)
+    return y.to(x.dtype)
 
 
 # ---------------------------------------------------------------- convolutions
@@ -234,22 +269,31 @@ def _conv(layer: _Codes, x: Tensor, bias: Optional[Tensor], stride, padding, dil
     label = layer._label()
     _check_input(x, label)
     w = layer.weight_codes
-    nd, m, groups = w.dim() - 2, w.shape[0], layer.groups
-    kernel = list(w.shape[2:])
+    nd, groups = w.dim() - 2, layer.groups
     if x.dim() != nd + 2 or x.shape[1] != w.shape[1] * groups:
         raise UsageError(f"{label}: expected input [batch, {w.shape[1] * groups}, *{nd} spatial dims], "
                          f"got shape {tuple(x.shape)}")
     if pre_pad is not None:
         x = F.pad(x, pre_pad)
-    dtype = x.dtype
-    x = x.to(torch.float32)
+    padded = [n + 2 * p for n, p in zip(x.shape[2:], padding)]
+    if any(n < d * (k - 1) + 1 for n, k, d in zip(padded, w.shape[2:], dilation)):
+        raise UsageError(f"{label}: input spatial size {tuple(x.shape[2:])} (padded {tuple(padded)}) is smaller "
+                         f"than the dilated kernel")
     s, z = layer.qparams()
+    y = int8_conv_op(x, w, layer.weight_packed, s, z, bias, list(stride), list(padding), list(dilation), groups)
+    return y.to(x.dtype)
+
+
+def _conv_impl(x: Tensor, w: Tensor, packed: Tensor, s: float, z: int, bias: Optional[Tensor], stride, padding,
+               dilation, groups: int) -> Tensor:
+    m = w.shape[0]
+    kernel = list(w.shape[2:])
     pointwise = (all(k == 1 for k in kernel) and all(v == 1 for v in stride) and not any(padding)
                  and groups == 1)
     if pointwise:  # a per-position channel mix: float rows straight into the fused quantising kernel
         rows = x.movedim(1, -1).reshape(-1, x.shape[1])
-        y = layer._rows(rows, 0, bias)
-        return y.view(x.shape[0], *x.shape[2:], m).movedim(-1, 1).to(dtype)
+        y = _rows(rows, w, packed, 1, s, z, 0, bias)
+        return y.view(x.shape[0], *x.shape[2:], m).movedim(-1, 1)
     gather = None
     if int8_backend() == "cpu":
         from .kernels import int8_cpu
@@ -260,11 +304,11 @@ def _conv(layer: _Codes, x: Tensor, bias: Optional[Tensor], stride, padding, dil
         q = ref.quantize_codes(x, s, z)
         nans = int(torch.isnan(x).sum())
     y = ref.conv_rows(q, kernel, stride, padding, dilation, groups, z, m,
-                      lambda rows, g: layer._rows(rows, g, bias), gather)
+                      lambda rows, g: _rows(rows, w, packed, groups, s, z, g, bias), gather)
     if nans:
         bad = ref.nan_positions(x, kernel, stride, padding, dilation, groups, m)
         y = y.masked_fill(bad, float("nan"))
-    return y.to(dtype)
+    return y
 
 
 class Int8L1ConvNd(_Codes):
