@@ -313,3 +313,19 @@ def test_missing_compiler_falls_back_to_reference(monkeypatch, tmp_path, fresh_i
     monkeypatch.setenv("L1FX_BACKEND", "triton")
     with pytest.raises(BackendUnavailable, match="'cpu' and 'reference'"):
         q(x)
+
+
+# ------------------------------------------------------------ energy
+def test_energy_report_books_int8_layers_as_int8_additions():
+    from l1fx.energy import HOROWITZ_45NM_PJ, energy_report as fp32_report
+    from l1fx.quantized import energy_report
+
+    model = _mlp_l1()
+    x = torch.randn(3, 6)
+    q = l1fx.quantize(model, [(x,)])
+    fp, i8 = fp32_report(model, x), energy_report(q, x)
+    assert i8.total["mul"] == 0 and i8.total["add"] == fp.total["add"] == 2 * 3 * (6 * 16 + 16 * 4)
+    assert i8.total["energy_pJ"] == pytest.approx(i8.total["add"] * HOROWITZ_45NM_PJ["int8"]["add"])
+    assert fp.total["energy_pJ"] / i8.total["energy_pJ"] == pytest.approx(0.9 / 0.03)
+    custom = energy_report(q, x, table={"fp32": {"add": 1.0, "mul": 2.0}, "int8": {"add": 0.5, "mul": 1.0}})
+    assert custom.total["energy_pJ"] == pytest.approx(custom.total["add"] * 0.5)
