@@ -51,6 +51,8 @@ def _library() -> Optional[ctypes.CDLL]:
                 lib.l1fx_i8_quantize.restype = i64
                 lib.l1fx_i8_patches.argtypes = [vp, i64, i64, i64, i64, i64, vp, i64, i64, vp, i32]
                 lib.l1fx_i8_patches.restype = i32
+                lib.l1fx_i8_pointwise_cf.argtypes = [vp, vp, i64, i64, i64, i64, f32, i32, f32, vp, vp, i32]
+                lib.l1fx_i8_pointwise_cf.restype = i32
                 lib.l1fx_i8_isa.argtypes = []
                 lib.l1fx_i8_isa.restype = i32
                 _state["lib"], _state["path"] = lib, lib._name
@@ -147,3 +149,26 @@ def patches(qp: Tensor, geometry: list[int], p0: int, p1: int, c0: int, cg: int)
     _lib().l1fx_i8_patches(_ptr(qp), c0, cg, qp.shape[1], qp.shape[2], qp.shape[3], ctypes.cast(g, ctypes.c_void_p),
                            p0, p1, _ptr(rows), torch.get_num_threads())
     return rows
+
+
+def pointwise_channels_first(x: Tensor, weight_rows: Tensor, scale: float, zero_point: int,
+                             bias: Optional[Tensor]) -> Optional[Tensor]:
+    """``y [N, M, L]`` of a pointwise int8 layer on ``x [N, K, L]`` without transposing either (AVX-512BW only).
+
+    ``weight_rows``: the codes ``[M, ceil(K/8)*8]``, zero padded. None where the library lacks the mode.
+    """
+    if _library() is None or _state.get("isa") != "avx512bw":
+        return None
+    n, k, l = x.shape
+    m = weight_rows.shape[0]
+    x = x.to(torch.float32).contiguous()
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    y = torch.empty(n, m, l, dtype=torch.float32)
+    if y.numel() == 0:
+        return y
+    rc = _lib().l1fx_i8_pointwise_cf(_ptr(x), _ptr(weight_rows), n, k, l, m, float(scale), int(zero_point),
+                                     float(scale), _ptr(bias), _ptr(y), torch.get_num_threads())
+    if rc == 4:
+        return None
+    _check(rc)
+    return y

@@ -290,6 +290,15 @@ def _conv_impl(x: Tensor, w: Tensor, packed: Tensor, s: float, z: int, bias: Opt
     kernel = list(w.shape[2:])
     pointwise = (all(k == 1 for k in kernel) and all(v == 1 for v in stride) and not any(padding)
                  and groups == 1)
+    if pointwise and int8_backend() == "cpu" and x.is_contiguous() and x.shape[0] > 0:
+        from .kernels import int8_cpu
+
+        # channels-first: [N, C, L] in, [N, M, L] out, no transposed copies (the weight rows: M x K8 bytes)
+        codes = w.reshape(m, -1)
+        rows_w = F.pad(codes, (0, -codes.shape[1] % 8)) if codes.shape[1] % 8 else codes.contiguous()
+        y = int8_cpu.pointwise_channels_first(x.reshape(x.shape[0], x.shape[1], -1), rows_w, s, z, bias)
+        if y is not None:
+            return y.view(x.shape[0], m, *x.shape[2:])
     if pointwise:  # a per-position channel mix: float rows straight into the fused quantising kernel
         rows = x.movedim(1, -1).reshape(-1, x.shape[1])
         y = _rows(rows, w, packed, 1, s, z, 0, bias)

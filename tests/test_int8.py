@@ -329,3 +329,20 @@ def test_energy_report_books_int8_layers_as_int8_additions():
     assert fp.total["energy_pJ"] / i8.total["energy_pJ"] == pytest.approx(0.9 / 0.03)
     custom = energy_report(q, x, table={"fp32": {"add": 1.0, "mul": 2.0}, "int8": {"add": 0.5, "mul": 1.0}})
     assert custom.total["energy_pJ"] == pytest.approx(custom.total["add"] * 0.5)
+
+
+def test_pointwise_channels_first_and_rows_paths_agree(monkeypatch):
+    # [N, C, L] contiguous input takes the channels-first kernel (AVX-512BW); a non-contiguous one the rows path
+    l1 = layers.build_replacement(nn.Conv1d(37, 70, 1))
+    x = torch.randn(3, 300, 37).transpose(1, 2) * 2  # non-contiguous
+    x[1, 2, 5] = float("nan")
+    w = l1.weight.detach()
+    finite = x.nan_to_num()
+    s, z = choose_qparams(min(float(finite.min()), float(w.min())), max(float(finite.max()), float(w.max())))
+    q = layers.build_replacement(l1, "int8", scale=s, zero_point=z)
+    rows_path, cf_path = q(x), q(x.contiguous())
+    monkeypatch.setenv("L1FX_BACKEND", "reference")
+    want = q(x)
+    for got in (rows_path, cf_path):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(want[1, :, 5]).all())
+        assert torch.equal(got.nan_to_num(0.5), want.nan_to_num(0.5))

@@ -163,8 +163,11 @@ struct Epilogue {
   int64_t ld, row0, m0, m1;
   float scale;
   const float* bias;
-  const uint8_t* nan;  // per tile row
+  const uint8_t* nan;  // per tile row, or null
   bool sums_fit_int32;  // 255 * K < 2^31
+  const float* row_bias = nullptr;  // bias per output row (channels-first mode), indexed by row0 + r
+  const uint8_t* col_nan = nullptr;  // NaN flag per output column (channels-first mode), indexed by j - cbase
+  int64_t cbase = 0;
 };
 
 // The accumulators are written straight from registers: VCVTUQQ2PS rounds to nearest like the scalar cast,
@@ -200,8 +203,14 @@ L1FX_NO_CONTRACT void tile_avx512(const uint8_t* xs, int64_t k8, const uint8_t* 
       for (int r = 0; r < R; ++r) {
         const __m512i sums = _mm512_permutex2var_epi32(acc[r][c0], even, acc[r][c0 + 1]);
         const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), vscale16);
-        __m512 v = e.bias ? _mm512_sub_ps(b, p) : _mm512_xor_ps(p, sign16);
-        if (e.nan[r]) v = nan16;
+        __m512 v = e.row_bias ? _mm512_sub_ps(_mm512_set1_ps(e.row_bias[e.row0 + r]), p)
+                   : e.bias   ? _mm512_sub_ps(b, p)
+                              : _mm512_xor_ps(p, sign16);
+        if (e.nan && e.nan[r]) v = nan16;
+        if (e.col_nan) {
+          const __m128i f = _mm_maskz_loadu_epi8(mask, e.col_nan + (j0 - e.cbase));
+          v = _mm512_mask_mov_ps(v, _mm_mask_cmpneq_epi8_mask(mask, f, _mm_setzero_si128()), nan16);
+        }
         float* dst = static_cast<float*>(e.y) + (e.row0 + r) * e.ld + j0;
         if (mask == 0xffff) _mm512_storeu_ps(dst, v); else _mm512_mask_storeu_ps(dst, mask, v);
       }
@@ -217,8 +226,15 @@ L1FX_NO_CONTRACT void tile_avx512(const uint8_t* xs, int64_t k8, const uint8_t* 
       // Plain stores where the 8 filters are all real (masked stores are slow on some CPUs).
       if (e.out_kind == 0) {
         const __m256 p = _mm256_mul_ps(_mm512_cvtepu64_ps(acc[r][c]), vscale);
-        __m256 v = e.bias ? _mm256_sub_ps(b, p) : _mm256_xor_ps(p, sign);
-        if (e.nan[r]) v = nanv;
+        __m256 v = e.row_bias ? _mm256_sub_ps(_mm256_set1_ps(e.row_bias[e.row0 + r]), p)
+                   : e.bias   ? _mm256_sub_ps(b, p)
+                              : _mm256_xor_ps(p, sign);
+        if (e.nan && e.nan[r]) v = nanv;
+        if (e.col_nan) {
+          const __m128i f = _mm_maskz_loadu_epi8(mask, e.col_nan + (j0 - e.cbase));
+          const __mmask8 nm = static_cast<__mmask8>(_mm_mask_cmpneq_epi8_mask(mask, f, _mm_setzero_si128()));
+          v = _mm256_mask_mov_ps(v, nm, nanv);
+        }
         float* dst = static_cast<float*>(e.y) + off;
         if (mask == 0xff) _mm256_storeu_ps(dst, v); else _mm256_mask_storeu_ps(dst, mask, v);
       } else if (e.out_kind == 1) {
@@ -388,5 +404,59 @@ int l1fx_i8_patches(const uint8_t* q, int64_t c0, int64_t cg, int64_t d, int64_t
   (void)d;
   return 0;
 }
+
+#if defined(__AVX512BW__)
+// Channels-first pointwise layer: y[n, m, l] = bias[m] + -(scale * sum_k |q(x[n, k, l]) - qw[m, k]|) for x
+// [N][K][L] float32, straight into y [N][M][L] with no transposed copy of either. |a - b| is symmetric, so
+// the tile's roles swap: its rows are the weight rows (wrows [M][K8] codes, zero padded), its packed operand is
+// a chunk of positions quantised and packed here like a weight ([blocks of 8 positions][K8/8][8][8]).
+// AVX-512BW builds only (returns 4 elsewhere: the caller uses the rows path).
+int l1fx_i8_pointwise_cf(const float* x, const uint8_t* wrows, int64_t n, int64_t k, int64_t l, int64_t m,
+                         float qscale, int zero_point, float scale, const float* bias, float* y, int nthreads) {
+  const int64_t kb = (k + 7) / 8, k8 = kb * 8;
+  constexpr int64_t CHUNK = 256;  // positions per task (32 blocks)
+  const int64_t chunks = (l + CHUNK - 1) / CHUNK, tasks = n * chunks;
+  const float zp = float(zero_point);
+  const bool fits32 = 255.0 * double(k) < 2147483648.0;
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, tasks)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<uint8_t> packed(CHUNK / 8 * kb * 64), nan(CHUNK);
+    std::vector<uint8_t> codes(CHUNK);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = t / chunks, l0 = (t % chunks) * CHUNK, np = std::min(CHUNK, l - l0);
+      const int64_t blocks = (np + 7) / 8;
+      std::memset(packed.data(), 0, blocks * kb * 64);
+      std::memset(nan.data(), 0, CHUNK);
+      const float* xb = x + b * k * l;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const float* src = xb + kk * l + l0;
+        for (int64_t p = 0; p < np; ++p) {
+          nan[p] |= std::isnan(src[p]);
+          codes[p] = quant1(src[p], qscale, zp);
+        }
+        uint8_t* col = packed.data() + (kk / 8) * 64 + (kk % 8);
+        for (int64_t p = 0; p < np; ++p) col[((p / 8) * kb) * 64 + (p % 8) * 8] = codes[p];
+      }
+      for (int64_t m0 = 0; m0 < m; m0 += R512) {
+        const int rr = int(std::min<int64_t>(R512, m - m0));
+        for (int64_t b0 = 0; b0 < blocks; b0 += C512) {
+          const int cb = int(std::min<int64_t>(C512, blocks - b0));
+          Epilogue e{0, y + b * m * l, l, m0, l0 + b0 * 8, std::min(l, l0 + (b0 + cb) * 8), scale, nullptr,
+                     nullptr, fits32, bias, nan.data(), l0};
+          pick_avx512(rr, cb)(wrows + m0 * k8, k8, packed.data() + b0 * kb * 64, kb, e);
+        }
+      }
+    }
+  }
+  return 0;
+}
+#else
+int l1fx_i8_pointwise_cf(const float*, const uint8_t*, int64_t, int64_t, int64_t, int64_t, float, int, float,
+                         const float*, float*, int) {
+  return 4;
+}
+#endif
 
 }  // extern "C"
