@@ -16,6 +16,7 @@ from .train import DLC, MGS, TrainingWrapper  # noqa: F401,E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
 from . import metrics  # noqa: F401,E402  (l1fx.metrics.chamfer_distance, the garment task's metrics)
 from .ort_runtime import OrtFallbackWarning, OrtOptionsWarning, ort_session  # noqa: F401,E402
+from .quantized import Int8L1Config, quantize  # noqa: F401,E402
 
 # Submodules that are also `python -m` entry points are imported lazily:
 # importing them here would make runpy warn that the module is already loaded.

@@ -336,7 +336,8 @@ def _finish_model(model_proto, custom_op: bool, chunk_bytes: Optional[int]):
     opset = _default_opset(model_proto)
     uses_l1 = any(n.domain == onnx_ops.DOMAIN for n in model_proto.graph.node)
     if uses_l1:
-        model_proto.functions.extend(onnx_ops.functions(opset, chunk_bytes))
+        used = {n.op_type for n in model_proto.graph.node if n.domain == onnx_ops.DOMAIN}
+        model_proto.functions.extend(onnx_ops.functions(opset, chunk_bytes, used))
         from . import onnx_lp  # the ℓp ops' bodies, where the graph has ℓp nodes
 
         if any(n.domain == onnx_ops.DOMAIN and n.op_type in onnx_lp.OPS for n in model_proto.graph.node):

@@ -39,7 +39,7 @@ by the ONNX op type; a plug-in adds its entries from its own module).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import onnx
 from onnx import TensorProto, helper
@@ -139,9 +139,28 @@ def _distance_schema() -> onnx.defs.OpSchema:
     )
 
 
+# ---------------------------------------------------------------- ops that are not a layer kind's
+# (the int8 layers: l1fx.onnx_int8). A module named in EXTRA_MODULES is imported on first use and adds its
+# entries: EXTRA_TRANSLATIONS {torch op overload: make(l1_opset, onnx_opset)}, EXTRA_FUNCTIONS {ONNX op type:
+# builder(opset) -> [FunctionProto, ...]} (attached only to models that use the op) and EXTRA_SCHEMAS
+# (factories of their OpSchemas).
+EXTRA_MODULES = ["l1fx.onnx_int8"]
+EXTRA_TRANSLATIONS: dict = {}
+EXTRA_FUNCTIONS: dict[str, Callable[[int], list]] = {}
+EXTRA_SCHEMAS: list[Callable[[], onnx.defs.OpSchema]] = []
+
+
+def _load_extras() -> None:
+    import importlib
+
+    for name in EXTRA_MODULES:
+        importlib.import_module(name)
+
+
 def _schemas() -> list[onnx.defs.OpSchema]:
-    """The schemas of every registered kind's ONNX op, then the shared ``L1Distance``."""
-    return [schema_for(op) for op in onnx_specs()] + [_distance_schema()]
+    """The schemas of every registered kind's ONNX op, then the shared ``L1Distance``, then the extra ops'."""
+    _load_extras()
+    return [schema_for(op) for op in onnx_specs()] + [_distance_schema()] + [make() for make in EXTRA_SCHEMAS]
 
 
 def register_schemas() -> None:
@@ -395,10 +414,13 @@ FUNCTION_BODIES: dict[str, Callable[[int], onnx.FunctionProto]] = {
 }
 
 
-def functions(opset: int, chunk_bytes: Optional[int]) -> list[onnx.FunctionProto]:
-    """The model-local definitions of every registered kind's op (that has a body), then ``L1Distance``."""
+def functions(opset: int, chunk_bytes: Optional[int], used: Collection[str] = ()) -> list[onnx.FunctionProto]:
+    """The model-local definitions of every registered kind's op (that has a body), then ``L1Distance``,
+    then those of the extra ops among ``used`` (the l1fx op types the graph holds)."""
     bodies = [FUNCTION_BODIES[op.op_type](opset) for op in onnx_specs() if op.op_type in FUNCTION_BODIES]
-    return bodies + [distance_function(opset, chunk_bytes)]
+    _load_extras()
+    extras = [f for t, build in EXTRA_FUNCTIONS.items() if t in used for f in build(opset)]
+    return bodies + [distance_function(opset, chunk_bytes)] + extras
 
 
 # ---------------------------------------------------------------- exporter translations
@@ -468,4 +490,6 @@ def translation_table() -> dict:
     from . import onnx_lp
 
     table.update(onnx_lp.translations(op))
+    for overload, make in EXTRA_TRANSLATIONS.items():
+        table.setdefault(overload, make(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), op))
     return table

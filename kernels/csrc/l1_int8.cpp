@@ -1,0 +1,462 @@
+// l1fx int8 kernels: the quantised l1 core on the CPU's sum-of-absolute-differences instruction.
+//
+//   acc[n,m] = sum_k |qx[n,k] - qw[m,k]|          (uint8 codes, exact, 64-bit lanes)
+//   y[n,m]   = bias[m] + -(scale * float(acc))    (out_kind 0; or acc as int32 / int64)
+//
+// Input and weight share one scale and zero point (they are subtracted), so the
+// zero point cancels inside |qx - qw| and never enters the sum.
+//
+// Weight layout (packed once, in Python, at quantisation time): blocks of 8
+// filters x 8 k, [ceil(M/8)][ceil(K/8)][8 filters][8 bytes], zero padded. One
+// 64-byte block is one AVX-512 register: qword lane j holds 8 consecutive k of
+// filter j. Broadcasting 8 bytes of an input row to all 8 lanes and issuing one
+// VPSADBW gives, in lane j, sum_{8 k} |x - w_j|: eight outputs advance by 8
+// terms per instruction with no horizontal reduction (the accumulators are the
+// outputs). AVX2 does the same on 4-filter halves (VPSADBW ymm); the portable
+// path is the scalar loop over the same layout. Zero padding of K in both x and
+// w adds |0 - 0| = 0.
+//
+// Overflow: a SAD lane adds at most 8 * 255 per step into a uint64 lane, so the
+// accumulator cannot overflow for any K below 2^53; the int32 output is
+// requested only when 255 * K < 2^31 (K <= 8,421,504), int64 otherwise.
+//
+// in_kind 0 quantises float32 rows here (q = clamp(nearbyint(x / scale) + zp,
+// 0, 255), the same float operations as the torch reference and as ONNX
+// QuantizeLinear, so an exported model gives the same codes) into a
+// per-thread panel, so no uint8 copy of x is made; a row holding NaN gives NaN
+// outputs (the float formula's answer). in_kind 1 reads uint8 codes.
+//
+// isa: 2 = AVX-512BW, 1 = AVX2, 0 = portable; capped by what was compiled in
+// (l1fx_i8_isa), so the tests run every path on one machine.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t PANEL = 48;  // rows quantised/copied per thread step (a multiple of every R)
+
+inline uint8_t quant1(float v, float scale, float zp) {
+  float q = std::nearbyint(v / scale) + zp;  // nearbyint: round half to even, as torch.round and ONNX
+  q = std::min(std::max(q, 0.0f), 255.0f);
+  return static_cast<uint8_t>(q);
+}
+
+// Quantise (or copy) `rows` rows into panel[r * k8 ...], zero padding k..k8; nan[r] = row holds NaN.
+void fill_panel(int in_kind, const void* x, int64_t n0, int64_t rows, int64_t k, int64_t k8, float qscale, float zp,
+                uint8_t* panel, uint8_t* nan) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* dst = panel + r * k8;
+    nan[r] = 0;
+    if (in_kind == 1) {
+      std::memcpy(dst, static_cast<const uint8_t*>(x) + (n0 + r) * k, k);
+    } else {
+      const float* src = static_cast<const float*>(x) + (n0 + r) * k;
+      bool bad = false;
+      int64_t i = 0;
+#if defined(__AVX512BW__)
+      // The same operations as quant1, 16 at a time (roundscale to nearest even = nearbyint).
+      const __m512 vscale = _mm512_set1_ps(qscale), vzp = _mm512_set1_ps(zp), lo = _mm512_setzero_ps(),
+                   hi = _mm512_set1_ps(255.0f);
+      __mmask16 nanmask = 0;
+      for (; i + 16 <= k; i += 16) {
+        const __m512 v = _mm512_loadu_ps(src + i);
+        nanmask |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        __m512 q = _mm512_add_ps(
+            _mm512_roundscale_ps(_mm512_div_ps(v, vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vzp);
+        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(q)));
+      }
+      bad = nanmask != 0;
+#endif
+      for (; i < k; ++i) {
+        bad |= std::isnan(src[i]);
+        dst[i] = quant1(src[i], qscale, zp);
+      }
+      nan[r] = bad;
+    }
+    std::memset(dst + k, 0, k8 - k);
+  }
+}
+
+// The dequantisation is bias + -(scale * float(acc)) with two roundings, as the torch reference computes it:
+// contraction into one fused multiply-add (which GCC does by default, even in ISO C++ mode) is switched off.
+#if defined(__clang__)
+#define L1FX_NO_CONTRACT
+#elif defined(__GNUC__)
+#define L1FX_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define L1FX_NO_CONTRACT
+#endif
+
+L1FX_NO_CONTRACT void write_float(float* out, const uint64_t* a, const float* bias, int64_t m0, int64_t m1,
+                                  float scale) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  for (int64_t j = m0; j < m1; ++j) {
+    const float v = -(scale * static_cast<float>(static_cast<int64_t>(a[j - m0])));
+    out[j] = bias ? bias[j] + v : v;
+  }
+}
+
+// ---------------------------------------------------------------- tiles: out[r][c*8 + j] for R rows x C blocks
+
+template <int R, int C>
+void tile_scalar(const uint8_t* xs, int64_t k8, const uint8_t* wp, int64_t kb, uint64_t* out) {
+  uint64_t acc[R][C * 8] = {};
+  for (int64_t j = 0; j < kb; ++j)
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* xv = xs + r * k8 + j * 8;
+      for (int c = 0; c < C; ++c) {
+        const uint8_t* wv = wp + (c * kb + j) * 64;
+        for (int l = 0; l < 8; ++l) {
+          uint32_t s = 0;
+          for (int b = 0; b < 8; ++b) s += static_cast<uint32_t>(std::abs(int(xv[b]) - int(wv[l * 8 + b])));
+          acc[r][c * 8 + l] += s;
+        }
+      }
+    }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+#if defined(__AVX2__)
+template <int R, int C>
+void tile_avx2(const uint8_t* xs, int64_t k8, const uint8_t* wp, int64_t kb, uint64_t* out) {
+  __m256i acc[R][2 * C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 2 * C; ++c) acc[r][c] = _mm256_setzero_si256();
+  for (int64_t j = 0; j < kb; ++j) {
+    __m256i w[2 * C];
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* p = wp + (c * kb + j) * 64;
+      w[2 * c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      w[2 * c + 1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+    }
+    for (int r = 0; r < R; ++r) {
+      int64_t v;
+      std::memcpy(&v, xs + r * k8 + j * 8, 8);
+      const __m256i xv = _mm256_set1_epi64x(v);
+      for (int c = 0; c < 2 * C; ++c) acc[r][c] = _mm256_add_epi64(acc[r][c], _mm256_sad_epu8(xv, w[c]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 2 * C; ++c) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * C * 8 + c * 4), acc[r][c]);
+}
+#endif
+
+#if defined(__AVX512BW__)
+// What a tile writes: rows [R] of y (float, int32 or int64 per out_kind), filters m0 .. m1 of them.
+struct Epilogue {
+  int out_kind;
+  void* y;
+  int64_t ld, row0, m0, m1;
+  float scale;
+  const float* bias;
+  const uint8_t* nan;  // per tile row, or null
+  bool sums_fit_int32;  // 255 * K < 2^31
+  const float* row_bias = nullptr;  // bias per output row (channels-first mode), indexed by row0 + r
+  const uint8_t* col_nan = nullptr;  // NaN flag per output column (channels-first mode), indexed by j - cbase
+  int64_t cbase = 0;
+};
+
+// The accumulators are written straight from registers: VCVTUQQ2PS rounds to nearest like the scalar cast,
+// then bias + -(scale * t) with two roundings (no contraction: see write_float).
+template <int R, int C>
+L1FX_NO_CONTRACT void tile_avx512(const uint8_t* xs, int64_t k8, const uint8_t* wp, int64_t kb, const Epilogue& e) {
+  __m512i acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < kb; ++j) {
+    __m512i w[C];
+    for (int c = 0; c < C; ++c) w[c] = _mm512_loadu_si512(wp + (c * kb + j) * 64);
+    for (int r = 0; r < R; ++r) {
+      int64_t v;
+      std::memcpy(&v, xs + r * k8 + j * 8, 8);
+      const __m512i xv = _mm512_set1_epi64(v);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_add_epi64(acc[r][c], _mm512_sad_epu8(xv, w[c]));
+    }
+  }
+  const __m256 vscale = _mm256_set1_ps(e.scale), sign = _mm256_set1_ps(-0.0f), nanv = _mm256_set1_ps(NAN);
+  int c0 = 0;
+  if (e.out_kind == 0 && e.sums_fit_int32) {
+    // Two blocks at once: their 16 sums (< 2^31) as int32, VCVTDQ2PS (exact as the int64 conversion of the same
+    // integer), one multiply, subtract and store for 16 outputs. The last odd block goes the 8-wide way below.
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512 vscale16 = _mm512_set1_ps(e.scale), sign16 = _mm512_set1_ps(-0.0f), nan16 = _mm512_set1_ps(NAN);
+    for (; c0 + 1 < C; c0 += 2) {
+      const int64_t j0 = e.m0 + c0 * 8;
+      if (j0 >= e.m1) break;
+      const int64_t left = e.m1 - j0;
+      const __mmask16 mask = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+      const __m512 b = e.bias ? _mm512_maskz_loadu_ps(mask, e.bias + j0) : _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) {
+        const __m512i sums = _mm512_permutex2var_epi32(acc[r][c0], even, acc[r][c0 + 1]);
+        const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), vscale16);
+        __m512 v = e.row_bias ? _mm512_sub_ps(_mm512_set1_ps(e.row_bias[e.row0 + r]), p)
+                   : e.bias   ? _mm512_sub_ps(b, p)
+                              : _mm512_xor_ps(p, sign16);
+        if (e.nan && e.nan[r]) v = nan16;
+        if (e.col_nan) {
+          const __m128i f = _mm_maskz_loadu_epi8(mask, e.col_nan + (j0 - e.cbase));
+          v = _mm512_mask_mov_ps(v, _mm_mask_cmpneq_epi8_mask(mask, f, _mm_setzero_si128()), nan16);
+        }
+        float* dst = static_cast<float*>(e.y) + (e.row0 + r) * e.ld + j0;
+        if (mask == 0xffff) _mm512_storeu_ps(dst, v); else _mm512_mask_storeu_ps(dst, mask, v);
+      }
+    }
+  }
+  for (int c = c0; c < C; ++c) {
+    const int64_t j0 = e.m0 + c * 8;
+    if (j0 >= e.m1) break;
+    const __mmask8 mask = static_cast<__mmask8>(e.m1 - j0 >= 8 ? 0xff : (1u << (e.m1 - j0)) - 1);
+    const __m256 b = e.bias ? _mm256_maskz_loadu_ps(mask, e.bias + j0) : _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const int64_t off = (e.row0 + r) * e.ld + j0;
+      // Plain stores where the 8 filters are all real (masked stores are slow on some CPUs).
+      if (e.out_kind == 0) {
+        const __m256 p = _mm256_mul_ps(_mm512_cvtepu64_ps(acc[r][c]), vscale);
+        __m256 v = e.row_bias ? _mm256_sub_ps(_mm256_set1_ps(e.row_bias[e.row0 + r]), p)
+                   : e.bias   ? _mm256_sub_ps(b, p)
+                              : _mm256_xor_ps(p, sign);
+        if (e.nan && e.nan[r]) v = nanv;
+        if (e.col_nan) {
+          const __m128i f = _mm_maskz_loadu_epi8(mask, e.col_nan + (j0 - e.cbase));
+          const __mmask8 nm = static_cast<__mmask8>(_mm_mask_cmpneq_epi8_mask(mask, f, _mm_setzero_si128()));
+          v = _mm256_mask_mov_ps(v, nm, nanv);
+        }
+        float* dst = static_cast<float*>(e.y) + off;
+        if (mask == 0xff) _mm256_storeu_ps(dst, v); else _mm256_mask_storeu_ps(dst, mask, v);
+      } else if (e.out_kind == 1) {
+        const __m256i v = _mm512_cvtepi64_epi32(acc[r][c]);
+        int32_t* dst = static_cast<int32_t*>(e.y) + off;
+        if (mask == 0xff) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
+        else _mm256_mask_storeu_epi32(dst, mask, v);
+      } else {
+        int64_t* dst = static_cast<int64_t*>(e.y) + off;
+        if (mask == 0xff) _mm512_storeu_si512(dst, acc[r][c]); else _mm512_mask_storeu_epi64(dst, mask, acc[r][c]);
+      }
+    }
+  }
+}
+using Tile512 = void (*)(const uint8_t*, int64_t, const uint8_t*, int64_t, const Epilogue&);
+#endif
+
+// Register tiles: rows x 8-filter blocks. AVX-512: 6 x 4 = 24 accumulators + 4 weights of 32 registers;
+// AVX2: 2 x 2 blocks = 8 accumulators + 4 weight halves of 16.
+constexpr int R512 = 6, C512 = 4, R256 = 2, C256 = 2, RSC = 4, CSC = 2;
+using TileFn = void (*)(const uint8_t*, int64_t, const uint8_t*, int64_t, uint64_t*);
+
+#define L1FX_TILE_TABLE(NAME, FN, RM, CM, FT)                                      \
+  template <int R, int C>                                                          \
+  FT NAME##_at(int r, int c) {                                                     \
+    if constexpr (R > 1) {                                                         \
+      if (r < R) return NAME##_at<R - 1, C>(r, c);                                 \
+    }                                                                              \
+    if constexpr (C > 1) {                                                         \
+      if (c < C) return NAME##_at<R, C - 1>(r, c);                                 \
+    }                                                                              \
+    return &FN<R, C>;                                                              \
+  }                                                                                \
+  FT NAME(int r, int c) { return NAME##_at<RM, CM>(r, c); }
+
+L1FX_TILE_TABLE(pick_scalar, tile_scalar, RSC, CSC, TileFn)
+#if defined(__AVX2__)
+L1FX_TILE_TABLE(pick_avx2, tile_avx2, R256, C256, TileFn)
+#endif
+#if defined(__AVX512BW__)
+L1FX_TILE_TABLE(pick_avx512, tile_avx512, R512, C512, Tile512)
+#endif
+
+int compiled_isa() {
+#if defined(__AVX512BW__)
+  return 2;
+#elif defined(__AVX2__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
+extern "C" {
+
+int l1fx_i8_isa() { return compiled_isa(); }
+
+// y [n, m] from x [n, k] (float32 or uint8, row-major) and the packed weight (see the header).
+// Returns 0, or 1 for a bad kind, 2 for an int32 output that could overflow, 3 for NaN-capable input
+// with integer output.
+int l1fx_i8_linear(int in_kind, const void* x, const uint8_t* wp, int64_t n, int64_t k, int64_t m, float qscale,
+                   int zero_point, int out_kind, float scale, const float* bias, void* y, int isa, int nthreads) {
+  if ((in_kind != 0 && in_kind != 1) || out_kind < 0 || out_kind > 2) return 1;
+  if (out_kind == 1 && 255.0 * double(k) >= 2147483648.0) return 2;
+  if (in_kind == 0 && out_kind != 0) return 3;
+  if (n <= 0 || m <= 0) return 0;
+  isa = std::min(std::max(isa, 0), compiled_isa());
+  int rt = RSC, ct = CSC;
+  TileFn (*pick)(int, int) = pick_scalar;
+#if defined(__AVX2__)
+  if (isa == 1) rt = R256, ct = C256, pick = pick_avx2;
+#endif
+  if (isa == 2) rt = R512, ct = C512;  // its own tiles (pick_avx512), which write y themselves
+  const int64_t kb = (k + 7) / 8, k8 = kb * 8, mb = (m + 7) / 8;
+  const int64_t panels = (n + PANEL - 1) / PANEL;
+  const float zp = float(zero_point);
+  const bool fits32 = 255.0 * double(k) < 2147483648.0;
+  (void)fits32;
+  int threads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, panels)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<uint8_t> panel(PANEL * k8), nan(PANEL);
+    std::vector<uint64_t> acc(R512 * C512 * 8 + RSC * CSC * 8 + R256 * C256 * 8);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t n0 = p * PANEL, rows = std::min(PANEL, n - n0);
+      fill_panel(in_kind, x, n0, rows, k, k8, qscale, zp, panel.data(), nan.data());
+      for (int64_t b0 = 0; b0 < mb; b0 += ct) {
+        const int cb = int(std::min<int64_t>(ct, mb - b0));
+        const int64_t m0 = b0 * 8, m1 = std::min(m, (b0 + cb) * 8);
+        for (int64_t r0 = 0; r0 < rows; r0 += rt) {
+          const int rr = int(std::min<int64_t>(rt, rows - r0));
+#if defined(__AVX512BW__)
+          if (isa == 2) {
+            const Epilogue e{out_kind, y, m, n0 + r0, m0, m1, scale, bias, nan.data() + r0, fits32};
+            pick_avx512(rr, cb)(panel.data() + r0 * k8, k8, wp + b0 * kb * 64, kb, e);
+            continue;
+          }
+#endif
+          pick(rr, cb)(panel.data() + r0 * k8, k8, wp + b0 * kb * 64, kb, acc.data());
+          for (int r = 0; r < rr; ++r) {
+            const uint64_t* a = acc.data() + r * cb * 8;
+            const int64_t row = n0 + r0 + r;
+            if (out_kind == 0) {
+              float* out = static_cast<float*>(y) + row * m;
+              if (nan[r0 + r]) {
+                for (int64_t j = m0; j < m1; ++j) out[j] = NAN;
+              } else {
+                write_float(out, a, bias, m0, m1, scale);
+              }
+            } else if (out_kind == 1) {
+              int32_t* out = static_cast<int32_t*>(y) + row * m;
+              for (int64_t j = m0; j < m1; ++j) out[j] = static_cast<int32_t>(a[j - m0]);
+            } else {
+              int64_t* out = static_cast<int64_t*>(y) + row * m;
+              for (int64_t j = m0; j < m1; ++j) out[j] = static_cast<int64_t>(a[j - m0]);
+            }
+          }
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+// q = clamp(nearbyint(x / qscale) + zp, 0, 255) elementwise (NaN -> zp); returns the number of NaNs.
+int64_t l1fx_i8_quantize(const float* x, uint8_t* q, int64_t count, float qscale, int zero_point, int nthreads) {
+  const float zp = float(zero_point);
+  int64_t nans = 0;
+#pragma omp parallel for num_threads(std::max(1, nthreads)) reduction(+ : nans) schedule(static)
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = x[i];
+    const bool bad = std::isnan(v);
+    nans += bad;
+    q[i] = bad ? static_cast<uint8_t>(zero_point) : quant1(v, qscale, zp);
+  }
+  return nans;
+}
+
+// Patch rows of one sample for output positions p0 .. p1 and channels c0 .. c0 + cg: the implicit-GEMM gather of
+// the int8 conv (the caller pads q with the zero point). q: [C][D][H][W] codes (1-d/2-d as 3-d with leading 1s);
+// g: kernel[3], stride[3], dilation[3], out[3]; rows: [p1 - p0][cg * kd * kh * kw] in (c, kd, kh, kw) order,
+// the order of the weight's flattening.
+int l1fx_i8_patches(const uint8_t* q, int64_t c0, int64_t cg, int64_t d, int64_t h, int64_t w, const int64_t* g,
+                    int64_t p0, int64_t p1, uint8_t* rows, int nthreads) {
+  const int64_t kd = g[0], kh = g[1], kw = g[2], sd = g[3], sh = g[4], sw = g[5], dd = g[6], dh = g[7], dw = g[8];
+  const int64_t oh = g[10], ow = g[11];
+  const int64_t kg = cg * kd * kh * kw;
+#pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(static)
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t z = p / (oh * ow), y = (p / ow) % oh, x = p % ow;
+    uint8_t* dst = rows + (p - p0) * kg;
+    for (int64_t c = 0; c < cg; ++c)
+      for (int64_t a = 0; a < kd; ++a)
+        for (int64_t b = 0; b < kh; ++b) {
+          const uint8_t* src = q + (((c0 + c) * d + z * sd + a * dd) * h + y * sh + b * dh) * w + x * sw;
+          if (dw == 1) {
+            std::memcpy(dst, src, kw);
+          } else {
+            for (int64_t e = 0; e < kw; ++e) dst[e] = src[e * dw];
+          }
+          dst += kw;
+        }
+  }
+  (void)d;
+  return 0;
+}
+
+#if defined(__AVX512BW__)
+// Channels-first pointwise layer: y[n, m, l] = bias[m] + -(scale * sum_k |q(x[n, k, l]) - qw[m, k]|) for x
+// [N][K][L] float32, straight into y [N][M][L] with no transposed copy of either. |a - b| is symmetric, so
+// the tile's roles swap: its rows are the weight rows (wrows [M][K8] codes, zero padded), its packed operand is
+// a chunk of positions quantised and packed here like a weight ([blocks of 8 positions][K8/8][8][8]).
+// AVX-512BW builds only (returns 4 elsewhere: the caller uses the rows path).
+int l1fx_i8_pointwise_cf(const float* x, const uint8_t* wrows, int64_t n, int64_t k, int64_t l, int64_t m,
+                         float qscale, int zero_point, float scale, const float* bias, float* y, int nthreads) {
+  const int64_t kb = (k + 7) / 8, k8 = kb * 8;
+  constexpr int64_t CHUNK = 256;  // positions per task (32 blocks)
+  const int64_t chunks = (l + CHUNK - 1) / CHUNK, tasks = n * chunks;
+  const float zp = float(zero_point);
+  const bool fits32 = 255.0 * double(k) < 2147483648.0;
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, tasks)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<uint8_t> packed(CHUNK / 8 * kb * 64), nan(CHUNK);
+    std::vector<uint8_t> codes(CHUNK);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = t / chunks, l0 = (t % chunks) * CHUNK, np = std::min(CHUNK, l - l0);
+      const int64_t blocks = (np + 7) / 8;
+      std::memset(packed.data(), 0, blocks * kb * 64);
+      std::memset(nan.data(), 0, CHUNK);
+      const float* xb = x + b * k * l;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const float* src = xb + kk * l + l0;
+        for (int64_t p = 0; p < np; ++p) {
+          nan[p] |= std::isnan(src[p]);
+          codes[p] = quant1(src[p], qscale, zp);
+        }
+        uint8_t* col = packed.data() + (kk / 8) * 64 + (kk % 8);
+        for (int64_t p = 0; p < np; ++p) col[((p / 8) * kb) * 64 + (p % 8) * 8] = codes[p];
+      }
+      for (int64_t m0 = 0; m0 < m; m0 += R512) {
+        const int rr = int(std::min<int64_t>(R512, m - m0));
+        for (int64_t b0 = 0; b0 < blocks; b0 += C512) {
+          const int cb = int(std::min<int64_t>(C512, blocks - b0));
+          Epilogue e{0, y + b * m * l, l, m0, l0 + b0 * 8, std::min(l, l0 + (b0 + cb) * 8), scale, nullptr,
+                     nullptr, fits32, bias, nan.data(), l0};
+          pick_avx512(rr, cb)(wrows + m0 * k8, k8, packed.data() + b0 * kb * 64, kb, e);
+        }
+      }
+    }
+  }
+  return 0;
+}
+#else
+int l1fx_i8_pointwise_cf(const float*, const uint8_t*, int64_t, int64_t, int64_t, int64_t, float, int, float,
+                         const float*, float*, int) {
+  return 4;
+}
+#endif
+
+}  // extern "C"
