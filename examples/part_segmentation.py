@@ -1,4 +1,4 @@
-"""Part segmentation on generated shapes: inner product vs ℓ1 vanilla vs ℓ1 + MGS + DLC.
+"""Part segmentation on generated shapes: inner product vs ℓ1, the paper's MGS / DLC and ratio ablations.
 
 Reproduces the structure of the paper's part-segmentation experiments
 ("Rethinking 3D Convolution in ℓp-norm Space", NeurIPS 2024) on data that
@@ -7,30 +7,30 @@ needs no download (:func:`l1fx.data.make_part_segmentation`):
 * PointNet, PointNet++ (SSG) and a voxel 3D CNN, each trained as
   - ``baseline``: the inner-product network;
   - ``l1-vanilla``: every layer converted to ℓ1, exact ℓ1 gradients (mix 0), no DLC;
-  - ``l1-mgs-dlc``: every layer converted, MGS (mix 1 -> 0, cosine) and DLC;
-* the replacement-ratio ablation for PointNet++ (1/3, 2/3 and 1 of the layers
-  converted, earliest first, trained with MGS + DLC).
+  - ``l1-mgs``: + MGS only; ``l1-dlc``: + DLC only; ``l1-mgs-dlc``: both (the paper's ablation);
+* the replacement-ratio ablation (``--ratios``: 1/3, 2/3 of the layers converted, earliest first,
+  MGS + DLC; ratio 1 is ``l1-mgs-dlc``) for the models of ``--ratio-models``;
+* ``--seeds N`` repeats every run with N seeds (initial weights, batch order): mean ± std;
+* ``--budget F`` trains F times the preset's epochs; the training-step time of ℓ1 ÷ dense per model,
+  measured side by side (``--speed-repeats``).
 
-The ℓ1 variants convert with ``l1fx.convert(model, ratio, init=--init)``;
-the default ``--init data`` sets the ℓ1 templates from the statistics of each
-layer's inputs on the first training batch (docs/convert.md), ``--init dense``
-keeps the dense init, a number multiplies it.
-
-All variants share the data, the initial weights (``seed``), the optimizer
-(SGD, momentum 0.9) and the base learning rate; the baseline and vanilla use a
-plain cosine schedule, MGS + DLC uses the DLC schedule. Prints tables of
-instance mIoU, class mIoU and point accuracy, writes ``results.json``,
-``results.md`` and training-curve PNGs to ``--out``.
+The ℓ1 variants convert with ``l1fx.convert(model, ratio, init=--init)`` (``init`` always passed
+explicitly, so the study does not depend on convert's default). All variants of a (model, seed) share
+the data, the initial dense weights, the optimizer (``--optimizer``), its base learning rate and weight
+decay, and the number of steps; the MGS / DLC schedules of each variant come from
+:func:`l1fx.study.schedules` (``--recipe``; ``cosine``: one cosine learning rate for every variant).
+Writes ``results.json``, ``results.md`` and ``curves_<model>.png`` to ``--out``.
 
     python examples/part_segmentation.py --quick        # smoke run, < 2 min on 2 cores
-    python examples/part_segmentation.py                # the full preset; examples/RESULTS.md has the runs
+    python examples/part_segmentation.py --seeds 3      # the full preset; examples/RESULTS.md has the runs
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
-import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,21 +42,22 @@ from torch.utils.data import DataLoader
 from l1fx._cli import init_type
 from l1fx.data import make_part_segmentation, part_segmentation_metrics
 from l1fx.models import build_model
-from l1fx.train import DLC, MGS, TrainingWrapper
+from l1fx.study import (OPTIMIZERS, RECIPES, VARIANTS, finite, make_optimizer, mean_std, plot_curves,
+                        progress_factory, schedules, step_time, summarize)
+from l1fx.train import TrainingWrapper
 
 try:  # the product's converter; a module swap stands in while it is not installed
     from l1fx.convert import convert as _convert
 except ImportError:  # pragma: no cover - depends on the checkout
     _convert = None
 
-VARIANTS = ("baseline", "l1-vanilla", "l1-mgs-dlc")
 MODEL_NAMES = ("pointnet", "pointnet2", "voxelcnn")
 
-# Sizes: "quick" is a smoke test of the whole pipeline; "full" is sized for ~25 min on 2 busy CPU cores.
+# Sizes: "quick" is a smoke test of the whole pipeline; "full" takes ~40-90 s per run at 1 thread.
 PRESETS = {
-    "quick": dict(train=64, test=32, points=256, batch=16, epochs=2, models={
+    "quick": dict(train=64, test=32, points=128, batch=16, epochs=2, models={
         "pointnet": dict(encoder=(16, 32, 64), head=(64, 32)),
-        "pointnet2": dict(npoint=(64, 16), nsample=(8, 8), sa_mlps=((16, 16, 32), (32, 32, 64), (64, 128)),
+        "pointnet2": dict(npoint=(32, 8), nsample=(8, 8), sa_mlps=((16, 16, 32), (32, 32, 64), (64, 128)),
                           fp_mlps=((64,), (64,), (32, 32)), head=32),
         "voxelcnn": dict(resolution=8, widths=(8, 16), head=32),
     }),
@@ -74,47 +75,85 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODEL_NAMES), help="comma list of " + ", ".join(MODEL_NAMES))
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--ratios", default="0.333,0.667",
-                   help="PointNet++ replacement ratios besides 1 (MGS + DLC); empty string to skip")
-    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+                   help="replacement ratios besides 1 (MGS + DLC); empty string to skip")
+    p.add_argument("--ratio-models", default=",".join(MODEL_NAMES), help="models of the ratio ablation")
+    p.add_argument("--seeds", type=int, default=1, help="runs per configuration, seeds F..F+N-1; mean ± std")
+    p.add_argument("--first-seed", type=int, default=0, help="F, the first seed (to add seeds to a study)")
+    p.add_argument("--budget", type=float, default=1.0, help="train this many times the preset's epochs")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs (before --budget)")
     p.add_argument("--train", type=int, help="number of training shapes")
     p.add_argument("--test", type=int, help="number of test shapes")
     p.add_argument("--points", type=int, help="points per shape")
     p.add_argument("--batch", type=int, help="batch size")
-    p.add_argument("--lr", type=float, default=0.05, help="base learning rate (SGD, momentum 0.9)")
+    p.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS),
+                   help="every variant's optimizer: sgd (momentum 0.9) or adamw")
+    p.add_argument("--lr", type=float, help="base learning rate, every variant (default: sgd 0.05, adamw 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--recipe", default="cosine", choices=RECIPES,
+                   help="MGS / DLC schedules (l1fx.study.schedules): cosine (default: one cosine lr for every "
+                        "variant), default (the library's DLC schedule for DLC variants) or paper (MGS lam**k)")
+    p.add_argument("--mgs-lam", type=float, default=0.99, help="MGS.paper lam (--recipe paper)")
+    p.add_argument("--mgs-unit", default="step", choices=("step", "epoch"), help="MGS.paper unit (--recipe paper)")
     p.add_argument("--eta", type=float, default=0.2, help="DLC eta")
+    p.add_argument("--dlc-mode", default="auto", choices=("auto", "gradient", "update"),
+                   help="where DLC's per-layer factor goes (l1fx.train.DLC mode)")
+    p.add_argument("--update-eta", type=float, default=20.0,
+                   help="DLC update_eta: the ℓ1 weights' update RMS in units of lr (update mode, i.e. AdamW)")
     p.add_argument("--init", default="data", type=init_type,
                    help="initial ℓ1 weights, l1fx.convert(init=...): 'data' (templates at the scale of each "
                         "layer's inputs on the first training batch; default), 'dense' (keep the dense init) or "
                         "a factor multiplying the dense init (e.g. 10); see examples/RESULTS.md")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--exclude", default=None, help="l1fx.convert exclude pattern for the ℓ1 variants "
+                                                   "(e.g. 'classifier' keeps it dense)")
+    p.add_argument("--speed-repeats", type=int, default=5,
+                   help="interleaved repeats of the ℓ1 vs dense training-step timing (0: skip)")
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # old spelling of --first-seed
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: small models gain little from more on a busy machine)")
     p.add_argument("--out", default="out/part_segmentation", help="directory for results and plots")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--from-results", default=None,
+                   help="comma list of results.json files (or their folders) of earlier runs: train nothing, "
+                        "write the combined tables and curves (also budget curves) to --out")
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
     for key in ("epochs", "train", "test", "points", "batch"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
+    if args.seed is not None:
+        args.first_seed = args.seed
+    if not args.budget > 0:
+        p.error("--budget must be positive")
+    args.epochs = max(1, round(args.epochs * args.budget))
+    if args.lr is None:
+        args.lr = OPTIMIZERS[args.optimizer]
     args.model_kwargs = preset["models"]
     args.models = [m for m in args.models.split(",") if m]
+    args.ratio_models = [m for m in args.ratio_models.split(",") if m]
     args.variants = [v for v in args.variants.split(",") if v]
     args.ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    for m in args.models:
+    for m in args.models + args.ratio_models:
         if m not in MODEL_NAMES:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODEL_NAMES)}")
     for v in args.variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    for key in ("seeds", "epochs", "train", "test", "points", "batch", "threads"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1")
+    if any(not 0 < r < 1 for r in args.ratios):
+        p.error("--ratios must lie strictly between 0 and 1 (ratio 1 is the l1 variants themselves)")
     return args
 
 
-def to_l1(model: nn.Module, ratio: float, init="dense", example_inputs=None) -> nn.Module:
+def to_l1(model: nn.Module, ratio: float, init="dense", example_inputs=None, exclude=None) -> nn.Module:
     """``l1fx.convert(model, ratio, init=init)``; without it, a module swap of the first ``ratio`` of the layers."""
     if _convert is not None:
-        return _convert(model, ratio=ratio, init=init, example_inputs=example_inputs if init == "data" else None)
-    if init != "dense":
-        raise RuntimeError(f"--init {init} needs l1fx.convert, which is not installed")
+        return _convert(model, ratio=ratio, init=init, exclude=exclude,
+                        example_inputs=example_inputs if init == "data" else None)
+    if init != "dense" or exclude is not None:
+        raise RuntimeError(f"--init {init} / --exclude needs l1fx.convert, which is not installed")
     from l1fx import layers
     from l1fx.nn import L1Module
     from l1fx.passes.select import nearest_count
@@ -138,20 +177,24 @@ def init_batch(data, batch: int) -> tuple:
     return pts.transpose(1, 2), cat
 
 
-def build_run(args, model_name: str, variant: str, ratio: float, data, total_steps: int):
-    torch.manual_seed(args.seed)  # identical initial weights for every variant of a model
+def build_model_for(args, model_name: str, variant: str, ratio: float, seed: int, data) -> nn.Module:
+    torch.manual_seed(seed)  # identical initial dense weights for every variant of a (model, seed)
     model = build_model(model_name, data.num_parts, data.num_categories, **args.model_kwargs[model_name])
     if variant != "baseline":
-        model = to_l1(model, ratio, args.init, init_batch(data, args.batch) if args.init == "data" else None)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    plain_cosine = DLC(scale_gradients=False, hold=0.0, drops=())
-    if variant == "baseline":
-        wrapper = TrainingWrapper(model, opt, total_steps, mgs=None, dlc=plain_cosine)
-    elif variant == "l1-vanilla":
-        wrapper = TrainingWrapper(model, opt, total_steps, mgs=MGS.constant(0.0), dlc=plain_cosine)
-    else:
-        wrapper = TrainingWrapper(model, opt, total_steps, mgs=MGS(), dlc=DLC(eta=args.eta))
-    return model, opt, wrapper
+        model = to_l1(model, ratio, args.init, init_batch(data, args.batch) if args.init == "data" else None,
+                      args.exclude)
+    return model
+
+
+def build_run(args, model_name: str, variant: str, ratio: float, seed: int, data, total_steps: int,
+              steps_per_epoch: int):
+    model = build_model_for(args, model_name, variant, ratio, seed, data)
+    opt = make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
+    mgs, dlc = schedules(variant, args.eta, args.recipe, mgs_lam=args.mgs_lam, mgs_unit=args.mgs_unit,
+                         steps_per_epoch=steps_per_epoch)
+    if dlc.scale_gradients:
+        dlc = dataclasses.replace(dlc, mode=args.dlc_mode, update_eta=args.update_eta)
+    return model, opt, TrainingWrapper(model, opt, total_steps, mgs=mgs, dlc=dlc)
 
 
 @torch.no_grad()
@@ -171,18 +214,20 @@ def evaluate(model: nn.Module, loader: DataLoader, classes) -> dict:
             "loss": loss / labels_t.numel()}
 
 
-def train_one(args, model_name, variant, ratio, train_set, test_set, progress) -> dict:
-    g = torch.Generator().manual_seed(args.seed)
+def train_one(args, model_name, variant, ratio, seed, train_set, test_set, progress) -> dict:
+    g = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(train_set, batch_size=args.batch, shuffle=True, drop_last=True, generator=g)
     test_loader = DataLoader(test_set, batch_size=64)
     total = args.epochs * len(train_loader)
-    model, opt, wrapper = build_run(args, model_name, variant, ratio, train_set, total)
-    history = {"epoch": [], "train_loss": [], "test_miou": [], "test_acc": []}
-    label = f"{model_name} {variant}" + (f" r={ratio:.2f}" if ratio < 1 else "")
-    bar = progress(total=total, desc=f"{label:<28}", leave=False)
+    model, opt, wrapper = build_run(args, model_name, variant, ratio, seed, train_set, total, len(train_loader))
+    history = {"epoch": [], "train_loss": [], "test_miou": [], "test_acc": [], "mix": [], "lr_factor": []}
+    label = f"{model_name} {variant}" + (f" r={ratio:.2f}" if ratio < 1 else "") + f" s{seed}"
+    bar = progress(total=total, desc=f"{label:<30}", leave=False)
     t0 = time.perf_counter()
+    train_seconds = 0.0
     for epoch in range(1, args.epochs + 1):
         running, count = 0.0, 0
+        t_epoch = time.perf_counter()
         for pts, cat, lab in train_loader:
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(pts.transpose(1, 2), cat), lab)
@@ -191,104 +236,193 @@ def train_one(args, model_name, variant, ratio, train_set, test_set, progress) -
             running, count = running + loss.item(), count + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", mix=wrapper.mix, refresh=False)
+        train_seconds += time.perf_counter() - t_epoch
         scores = evaluate(model, test_loader, train_set.classes)
         history["epoch"].append(epoch)
         history["train_loss"].append(running / max(count, 1))
         history["test_miou"].append(scores["instance_miou"])
         history["test_acc"].append(scores["accuracy"])
+        history["mix"].append(wrapper.mix)
+        history["lr_factor"].append(wrapper.lr_factor)
         if args.no_progress:
             print(f"  {label} epoch {epoch}: train loss {history['train_loss'][-1]:.3f}, "
                   f"test mIoU {scores['instance_miou']:.2f}", flush=True)
     bar.close()
-    final = evaluate(model, test_loader, train_set.classes)
+    final = scores  # the last epoch's evaluation is the final one
     seconds = time.perf_counter() - t0
-    print(f"{label:<28} mIoU {final['instance_miou']:6.2f}  acc {final['accuracy']:6.2f}  "
+    print(f"{label:<30} mIoU {final['instance_miou']:6.2f}  acc {final['accuracy']:6.2f}  "
           f"({seconds:.0f} s, {total} steps)", flush=True)
-    return {"model": model_name, "variant": variant, "ratio": ratio,
+    return {"model": model_name, "variant": variant, "ratio": ratio, "seed": seed,
             "init": "-" if variant == "baseline" else str(args.init), "final": final, "history": history,
-            "seconds": seconds, "steps": total,
-            "l1_layers": len(wrapper.l1_modules), "finite": all(math.isfinite(v) for v in history["train_loss"])}
+            "seconds": seconds, "train_seconds": train_seconds, "steps": total,
+            "l1_layers": len(wrapper.l1_modules), "finite": finite(history["train_loss"])}
 
 
-def markdown_tables(results: list[dict]) -> str:
-    def row_of(r):
-        f = r["final"]
-        return f"{f['instance_miou']:.2f} | {f['class_miou']:.2f} | {f['accuracy']:.2f}"
+def measure_speed(args, train_set, repeats: int) -> dict:
+    """Median time of one whole training step (forward, backward, wrapper.step), ℓ1 MGS + DLC ÷ dense.
 
-    lines = ["| Model | Variant | ℓ1 layers | Instance mIoU | Class mIoU | Accuracy | Train time (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        if r["ratio"] == 1.0:
-            lines.append(f"| {r['model']} | {r['variant']} | {r['l1_layers']} | {row_of(r)} | {r['seconds']:.0f} |")
-    ablation = [r for r in results if r["model"] == "pointnet2" and r["variant"] == "l1-mgs-dlc"]
-    if len(ablation) > 1:
-        lines += ["", "PointNet++ replacement ratio (ℓ1 + MGS + DLC):", "",
-                  "| Ratio | ℓ1 layers | Instance mIoU | Class mIoU | Accuracy |", "|---|---|---|---|---|"]
-        for r in sorted(ablation, key=lambda r: r["ratio"]):
-            lines.append(f"| {r['ratio']:.2f} | {r['l1_layers']} | {row_of(r)} |")
+    Both models of a pair are stepped interleaved on the same batch, so machine load hits both alike.
+    """
+    batch = next(iter(DataLoader(train_set, batch_size=args.batch)))
+    out = {}
+    for model_name in args.models:
+        steps = {}
+        for variant in ("baseline", "l1-mgs-dlc"):
+            model, opt, wrapper = build_run(args, model_name, variant, 1.0, args.first_seed, train_set,
+                                            10 ** 6, 1)
+
+            def one_step(model=model, opt=opt, wrapper=wrapper):
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(model(batch[0].transpose(1, 2), batch[1]), batch[2]).backward()
+                wrapper.step()
+
+            steps[variant] = one_step
+        t = step_time(steps, repeats=repeats)
+        out[model_name] = {"dense_s": t["baseline"], "l1_s": t["l1-mgs-dlc"], "ratio": t["l1-mgs-dlc"] / t["baseline"]}
+        print(f"step time {model_name}: dense {1e3 * t['baseline']:.1f} ms, ℓ1 {1e3 * t['l1-mgs-dlc']:.1f} ms "
+              f"(× {out[model_name]['ratio']:.2f})", flush=True)
+    return out
+
+
+def markdown_tables(results: list[dict], speed: dict, seeds: int) -> str:
+    note = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    metrics = {"miou": lambda r: r["final"]["instance_miou"], "acc": lambda r: r["final"]["accuracy"],
+               "seconds": lambda r: r["seconds"], "l1": lambda r: r["l1_layers"]}
+    summary = summarize(results, lambda r: (r["model"], r["variant"], r["ratio"]), metrics)
+    lines = [f"Variants, fully converted ℓ1 networks ({note}):", "",
+             "| Model | Variant | MGS | DLC | ℓ1 layers | Instance mIoU | Accuracy | Time per run (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (model, variant, ratio), s in summary.items():
+        if ratio == 1.0:
+            mgs, dlc = ("✓" if "mgs" in variant else "", "✓" if "dlc" in variant else "")
+            lines.append(f"| {model} | {variant} | {mgs} | {dlc} | {s['l1'][0]} | {mean_std(s['miou'])} | "
+                         f"{mean_std(s['acc'])} | {statistics.mean(s['seconds']):.0f} |")
+    ratios = sorted(k for k in summary if k[1] == "l1-mgs-dlc"
+                    and any(o[0] == k[0] and o[2] < 1 for o in summary if o[1] == "l1-mgs-dlc"))
+    if ratios:
+        lines += ["", f"Replacement ratio (ℓ1 + MGS + DLC, {note}):", "",
+                  "| Model | Ratio | ℓ1 layers | Instance mIoU | Accuracy |", "|---|---|---|---|---|"]
+        for key in ratios:
+            s = summary[key]
+            lines.append(f"| {key[0]} | {key[2]:.2f} | {s['l1'][0]} | {mean_std(s['miou'])} | {mean_std(s['acc'])} |")
+    if speed:
+        lines += ["", "Training-step time (forward + backward + step, median, side by side):", "",
+                  "| Model | Dense (ms) | ℓ1 + MGS + DLC (ms) | ℓ1 ÷ dense |", "|---|---|---|---|"]
+        for model, t in speed.items():
+            lines.append(f"| {model} | {1e3 * t['dense_s']:.1f} | {1e3 * t['l1_s']:.1f} | {t['ratio']:.2f} |")
     return "\n".join(lines)
 
 
-def plot_curves(results: list[dict], out: Path) -> list[Path]:
+def curve_label(r: dict) -> str:
+    return r["variant"] + (f" (ratio {r['ratio']:.2f})" if r["ratio"] < 1 else "")
+
+
+def plot_budget_curves(results: list[dict], out: Path) -> list[Path]:
+    """``budget_<model>.png``: test mIoU against training steps, one line per (variant, budget), mean over seeds.
+
+    Only for models run at more than one budget (number of steps); each run's schedules span its own budget,
+    so a longer run's curve at step s is not a shorter run stopped at s.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    for model_name in dict.fromkeys(r["model"] for r in results):
-        runs = [r for r in results if r["model"] == model_name]
-        fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(10, 4))
+    full = [r for r in results if r["ratio"] == 1.0]
+    for model_name in dict.fromkeys(r["model"] for r in full):
+        runs = [r for r in full if r["model"] == model_name]
+        if len({r["steps"] for r in runs}) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        groups: dict = {}
         for r in runs:
-            name = r["variant"] + (f" (ratio {r['ratio']:.2f})" if r["ratio"] < 1 else "")
-            ax_loss.plot(r["history"]["epoch"], r["history"]["train_loss"], marker="o", label=name)
-            ax_miou.plot(r["history"]["epoch"], r["history"]["test_miou"], marker="o", label=name)
-        ax_loss.set(title=f"{model_name}: training loss", xlabel="epoch", ylabel="cross-entropy")
-        ax_miou.set(title=f"{model_name}: test instance mIoU", xlabel="epoch", ylabel="mIoU (%)")
-        ax_miou.legend(fontsize=8)
+            groups.setdefault((r["variant"], r["steps"]), []).append(r)
+        for (variant, steps), rs in sorted(groups.items()):
+            per_epoch = steps / len(rs[0]["history"]["epoch"])
+            x = [e * per_epoch for e in rs[0]["history"]["epoch"]]
+            y = [statistics.mean(r["history"]["test_miou"][i] for r in rs) for i in range(len(x))]
+            ax.plot(x, y, marker=".", label=f"{variant}, {steps} steps (n={len(rs)})")
+        ax.set(title=f"{model_name}: test instance mIoU vs budget", xlabel="training step", ylabel="mIoU (%)")
+        ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out / f"curves_{model_name}.png"
+        path = out / f"budget_{model_name}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
+def load_results(spec: str) -> tuple[list[dict], dict]:
+    """Results and step times of earlier runs, from a comma list of results.json files or folders."""
+    results, speed = [], {}
+    for item in (x for x in spec.split(",") if x):
+        path = Path(item) / "results.json" if Path(item).is_dir() else Path(item)
+        saved = json.loads(path.read_text())
+        results += saved["results"]
+        speed.update(saved.get("speed") or {})
+    return results, speed
+
+
+def write_outputs(args, argv, out: Path, results: list[dict], speed: dict, t0: float, plots: bool) -> str:
+    seeds = len({r["seed"] for r in results}) if results else 0
+    tables = markdown_tables([r for r in results if r["steps"] == min(x["steps"] for x in results)] if results
+                             else results, speed, seeds)
+    budgets = sorted({r["steps"] for r in results})
+    if len(budgets) > 1:  # the longer budgets as their own table
+        longer = [r for r in results if r["steps"] != budgets[0]]
+        tables += f"\n\nLonger budgets ({', '.join(map(str, budgets[1:]))} steps):\n\n" + \
+            markdown_tables(longer, {}, len({r['seed'] for r in longer}))
+    command = "python examples/part_segmentation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    total = time.perf_counter() - t0
+    (out / "results.json").write_text(json.dumps({"command": command, "speed": speed, "seconds": total,
+                                                  "results": results}, indent=1))
+    (out / "results.md").write_text(f"Command: `{command.strip()}`\n\n{tables}\n\nTotal {total:.0f} s.\n")
+    if plots and results:
+        short = [r for r in results if r["steps"] == budgets[0]]
+        for path in plot_curves(short, out, "test_miou", "instance mIoU", label=curve_label) + \
+                plot_budget_curves(results, out):
+            print(f"wrote {path}")
+    return tables
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _main(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # no global state changed behind a caller's back
+
+
+def _main(args, argv) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.no_progress:
-        from contextlib import nullcontext
-
-        class _NoBar(nullcontext):
-            def update(self, n=1): pass
-            def set_postfix(self, **kw): pass
-            def close(self): pass
-
-        progress = lambda **kw: _NoBar()  # noqa: E731
-    else:
-        from tqdm.auto import tqdm as progress
+    progress = progress_factory(args.no_progress)
     t0 = time.perf_counter()
-    train_set, test_set = make_part_segmentation(args.train, args.test, args.points, seed=args.seed)
+    if args.from_results:
+        results, speed = load_results(args.from_results)
+        print(write_outputs(args, argv, out, results, speed, t0, not args.no_plots))
+        return results
+    train_set, test_set = make_part_segmentation(args.train, args.test, args.points, seed=0)
     print(f"data: {len(train_set)} train / {len(test_set)} test shapes, {args.points} points, "
           f"{train_set.num_categories} categories, {train_set.num_parts} parts; {args.epochs} epochs, "
-          f"batch {args.batch}; converter: {'l1fx.convert' if _convert else 'module swap (l1fx.convert missing)'}"
-          f", ℓ1 init: {args.init}",
+          f"batch {args.batch}; {args.optimizer} lr {args.lr} wd {args.weight_decay}; recipe {args.recipe}; "
+          f"converter: {'l1fx.convert' if _convert else 'module swap (l1fx.convert missing)'}, ℓ1 init: {args.init}",
           flush=True)
-    runs = [(m, v, 1.0) for m in args.models for v in args.variants]
-    if "pointnet2" in args.models and "l1-mgs-dlc" in args.variants:
-        runs += [("pointnet2", "l1-mgs-dlc", r) for r in args.ratios if r < 1.0]
-    results = [train_one(args, m, v, r, train_set, test_set, progress) for m, v, r in runs]
-    tables = markdown_tables(results)
-    print("\n" + tables)
-    command = "python examples/part_segmentation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (out / "results.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
-    (out / "results.md").write_text(f"Command: `{command.strip()}`\n\n{tables}\n")
-    if not args.no_plots:
-        for path in plot_curves(results, out):
-            print(f"wrote {path}")
+    speed = measure_speed(args, train_set, args.speed_repeats) if args.speed_repeats > 0 else {}
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    runs = [(m, v, 1.0, s) for m in args.models for s in seeds for v in args.variants]
+    # the ratio runs do not depend on --variants: "--variants '' --ratios ..." runs only them
+    runs += [(m, "l1-mgs-dlc", r, s) for m in args.models if m in args.ratio_models for s in seeds
+             for r in args.ratios]
+    results = []
+    for i, (m, v, r, s) in enumerate(runs):
+        results.append(train_one(args, m, v, r, s, train_set, test_set, progress))
+        if i + 1 < len(runs):  # partial results after every run: a stopped study keeps what it did
+            write_outputs(args, argv, out, results, speed, t0, plots=False)
+    print("\n" + write_outputs(args, argv, out, results, speed, t0, not args.no_plots))
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
     return results
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,9 +42,9 @@ from l1fx._cli import init_type
 from l1fx.data import S3DIS, evaluate_scenes, generate_scenes
 from l1fx.models import build_scene_model
 from l1fx.report import compare
-from l1fx.train import DLC, MGS, TrainingWrapper
+from l1fx.study import VARIANTS, finite, make_optimizer, mean_std, plot_curves, progress_factory, schedules, summarize
+from l1fx.train import TrainingWrapper
 
-VARIANTS = ("baseline", "l1-vanilla", "l1-mgs", "l1-dlc", "l1-mgs-dlc")
 MODEL_NAMES = ("pointnet", "pointnet2")
 
 # "smoke": the test suite's end-to-end run; "quick": < 2 min on 2 cores; "full": the RESULTS.md study.
@@ -116,13 +114,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def schedules(variant: str, eta: float) -> tuple:
-    """``(mgs, dlc)`` of a variant. The plain cosine is DLC's schedule without hold, drops or scaling."""
-    plain = DLC(scale_gradients=False, hold=0.0, drops=())
-    return {"baseline": (None, plain), "l1-vanilla": (MGS.constant(0.0), plain), "l1-mgs": (MGS(), plain),
-            "l1-dlc": (MGS.constant(0.0), DLC(eta=eta)), "l1-mgs-dlc": (MGS(), DLC(eta=eta))}[variant]
-
-
 def build_run(args, model_name: str, variant: str, seed: int, train_set, total_steps: int):
     torch.manual_seed(seed)  # identical initial weights for every variant of a (model, seed)
     model = build_scene_model(model_name, train_set.num_classes, **args.model_kwargs[model_name])
@@ -131,8 +122,8 @@ def build_run(args, model_name: str, variant: str, seed: int, train_set, total_s
         if args.init == "data":
             example = (next(iter(DataLoader(train_set, batch_size=args.batch)))[0],)
         model = l1fx.convert(model, ratio=1.0, init=args.init, example_inputs=example)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    mgs, dlc = schedules(variant, args.eta)
+    opt = make_optimizer(model.parameters(), "sgd", args.lr, weight_decay=1e-4)
+    mgs, dlc = schedules(variant, args.eta, "default")  # the recipe of the RESULTS.md runs
     return model, opt, TrainingWrapper(model, opt, total_steps, mgs=mgs, dlc=dlc)
 
 
@@ -177,7 +168,7 @@ def train_one(args, model_name, variant, seed, train_set, test_set, progress) ->
           flush=True)
     return {"model": model_name, "variant": variant, "seed": seed, "final": scores, "history": history,
             "seconds": seconds, "steps": total, "l1_layers": len(wrapper.l1_modules),
-            "finite": all(math.isfinite(v) for v in history["train_loss"])}
+            "finite": finite(history["train_loss"])}
 
 
 def energy(args, model_name: str, train_set) -> dict:
@@ -190,25 +181,15 @@ def energy(args, model_name: str, train_set) -> dict:
             "ratio": c.ratio["energy_pJ"], "dense_mul": c.original.total["mul"], "l1_add": c.converted.total["add"]}
 
 
-def _mean_std(values) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
-def summarize(results: list[dict]) -> dict:
-    """``{(model, variant): {"miou": [...], "oa": [...]}}`` over seeds."""
-    out: dict = {}
-    for r in results:
-        entry = out.setdefault((r["model"], r["variant"]), {"miou": [], "oa": [], "seconds": []})
-        entry["miou"].append(r["final"]["miou"])
-        entry["oa"].append(r["final"]["oa"])
-        entry["seconds"].append(r["seconds"])
-    return out
+def summarize_runs(results: list[dict]) -> dict:
+    """``{(model, variant): {"miou": [...], "oa": [...], "seconds": [...]}}`` over seeds."""
+    return summarize(results, lambda r: (r["model"], r["variant"]),
+                     {"miou": lambda r: r["final"]["miou"], "oa": lambda r: r["final"]["oa"],
+                      "seconds": lambda r: r["seconds"]})
 
 
 def markdown_tables(results: list[dict], energies: dict, seeds: int) -> str:
-    summary = summarize(results)
+    summary = summarize_runs(results)
     seed_note = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
     lines = [f"Baseline vs ℓ1 + MGS + DLC ({seed_note}; energy of one forward pass of one block, 45 nm fp32):", "",
              "| Model | Variant | mIoU | OA | Energy (µJ) | Energy ratio |", "|---|---|---|---|---|---|"]
@@ -218,55 +199,15 @@ def markdown_tables(results: list[dict], energies: dict, seeds: int) -> str:
         e = energies.get(model)
         e_cells = "- | -" if e is None else (f"{e['dense_uJ']:.3g} | 1" if variant == "baseline"
                                              else f"{e['l1_uJ']:.3g} | {e['ratio']:.2f}")
-        lines.append(f"| {model} | {variant} | {_mean_std(s['miou'])} | {_mean_std(s['oa'])} | {e_cells} |")
+        lines.append(f"| {model} | {variant} | {mean_std(s['miou'])} | {mean_std(s['oa'])} | {e_cells} |")
     ablation = [(k, s) for k, s in summary.items() if k[1] != "baseline"]
     if ablation:
         lines += ["", f"Ablation, fully converted ℓ1 networks ({seed_note}):", "",
                   "| Model | Variant | MGS | DLC | mIoU | OA |", "|---|---|---|---|---|---|"]
         for (model, variant), s in ablation:
             mgs, dlc = ("✓" if "mgs" in variant else "", "✓" if "dlc" in variant else "")
-            lines.append(f"| {model} | {variant} | {mgs} | {dlc} | {_mean_std(s['miou'])} | {_mean_std(s['oa'])} |")
+            lines.append(f"| {model} | {variant} | {mgs} | {dlc} | {mean_std(s['miou'])} | {mean_std(s['oa'])} |")
     return "\n".join(lines)
-
-
-def plot_curves(results: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for model_name in dict.fromkeys(r["model"] for r in results):
-        fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(10, 4))
-        for variant in dict.fromkeys(r["variant"] for r in results if r["model"] == model_name):
-            runs = [r["history"] for r in results if r["model"] == model_name and r["variant"] == variant]
-            epochs = runs[0]["epoch"]
-            for key, ax in (("train_loss", ax_loss), ("test_miou", ax_miou)):
-                mean = [statistics.mean(h[key][i] for h in runs) for i in range(len(epochs))]
-                ax.plot(epochs, mean, marker="o", label=variant)
-        ax_loss.set(title=f"{model_name}: training loss (mean over seeds)", xlabel="epoch", ylabel="cross-entropy")
-        ax_miou.set(title=f"{model_name}: test mIoU (mean over seeds)", xlabel="epoch", ylabel="mIoU (%)")
-        ax_miou.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"curves_{model_name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def _progress_factory(disabled: bool):
-    if not disabled:
-        from tqdm.auto import tqdm
-
-        return tqdm
-
-    class _NoBar:
-        def update(self, n=1): pass
-        def set_postfix(self, **kw): pass
-        def close(self): pass
-
-    return lambda **kw: _NoBar()
 
 
 def main(argv=None) -> list[dict]:
@@ -274,7 +215,7 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = _progress_factory(args.no_progress)
+    progress = progress_factory(args.no_progress)
     t0 = time.perf_counter()
     if args.data is None:
         # one folder per generation: generate_scenes reuses a matching one and refuses to mix two
@@ -308,7 +249,7 @@ def main(argv=None) -> list[dict]:
                                                  indent=1))
     (out / "results.md").write_text(f"Command: `{command.strip()}`\n\n{tables}\n")
     if not args.no_plots:
-        for path in plot_curves(results, out):
+        for path in plot_curves(results, out, "test_miou", "mIoU"):
             print(f"wrote {path}")
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
     return results

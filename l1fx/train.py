@@ -38,7 +38,7 @@ from torch import nn
 from .errors import TrainingError
 from .nn import L1Module
 
-__all__ = ["MGS", "DLC", "TrainingWrapper", "find_l1_modules"]
+__all__ = ["MGS", "DLC", "TrainingWrapper", "find_l1_modules", "ADAPTIVE_OPTIMIZERS", "reestimate_norm_stats"]
 
 Schedule = Union[str, Callable[[float], float]]
 
@@ -64,24 +64,61 @@ class MGS:
     remaining steps: ``"cosine"``, ``"linear"`` or a callable mapping the
     progress ``p`` in [0, 1] to the fraction of the way from ``start`` to
     ``end`` (0 → ``start``, 1 → ``end``; ``"linear"`` is ``lambda p: p``).
+
+    ``"exponential"`` is the paper's decaying factor: after the warm-up,
+    ``mgs_mix = end + (start - end) · lam**k`` with ``k`` the number of whole
+    ``unit_steps``-step units done (``unit_steps=1``: k counts steps; the
+    number of steps per epoch: k counts epochs). It does not depend on
+    ``total_steps`` and need not reach ``end``. :meth:`paper` builds it.
     """
 
     start: float = 1.0
     end: float = 0.0
     schedule: Schedule = "cosine"
     warmup_steps: int = 0
+    lam: float = 0.99
+    unit_steps: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "start", _check_unit(self.start, "MGS start"))
         object.__setattr__(self, "end", _check_unit(self.end, "MGS end"))
         if isinstance(self.schedule, str):
-            if self.schedule not in ("cosine", "linear"):
-                raise TrainingError(f"MGS schedule must be 'cosine', 'linear' or a callable, got {self.schedule!r}")
+            if self.schedule not in ("cosine", "linear", "exponential"):
+                raise TrainingError("MGS schedule must be 'cosine', 'linear', 'exponential' or a callable, "
+                                    f"got {self.schedule!r}")
         elif not callable(self.schedule):
-            raise TrainingError(f"MGS schedule must be 'cosine', 'linear' or a callable, got {self.schedule!r}")
+            raise TrainingError("MGS schedule must be 'cosine', 'linear', 'exponential' or a callable, "
+                                f"got {self.schedule!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, numbers.Integral) \
                 or self.warmup_steps < 0:
             raise TrainingError(f"MGS warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
+        lam = _check_unit(self.lam, "MGS lam")
+        if lam == 0.0:
+            raise TrainingError("MGS lam must be in (0, 1] (the factor of the decay per unit), got 0")
+        object.__setattr__(self, "lam", lam)
+        if isinstance(self.unit_steps, bool) or not isinstance(self.unit_steps, numbers.Integral) \
+                or self.unit_steps < 1:
+            raise TrainingError(f"MGS unit_steps must be a positive int (steps per unit of k), got {self.unit_steps!r}")
+
+    @classmethod
+    def paper(cls, lam: float = 0.99, unit: str = "step", steps_per_epoch: Optional[int] = None) -> "MGS":
+        """The paper's blend with a decaying factor: ``mgs_mix = lam**k``, k = steps or epochs done.
+
+        The paper gives the factor ``λ^k`` with ``λ = 0.99`` as an example and does not say whether ``k``
+        counts iterations or epochs, so ``unit`` is explicit: ``"step"`` (k = steps done) or ``"epoch"``
+        (k = whole epochs done; ``steps_per_epoch`` needed). See docs/training.md.
+        """
+        if unit == "step":
+            if steps_per_epoch is not None:
+                raise TrainingError("MGS.paper(unit='step') takes no steps_per_epoch (k counts steps)")
+            return cls(start=1.0, end=0.0, schedule="exponential", lam=lam, unit_steps=1)
+        if unit == "epoch":
+            if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, numbers.Integral) \
+                    or steps_per_epoch < 1:
+                raise TrainingError("MGS.paper(unit='epoch') needs steps_per_epoch, a positive int (the "
+                                    f"number of wrapper.step() calls per epoch), got {steps_per_epoch!r}")
+            return cls(start=1.0, end=0.0, schedule="exponential", lam=lam, unit_steps=int(steps_per_epoch))
+        raise TrainingError(f"MGS.paper unit must be 'step' or 'epoch', got {unit!r}")
 
     @classmethod
     def constant(cls, mix: float) -> "MGS":
@@ -90,6 +127,9 @@ class MGS:
 
     def value(self, step: int, total_steps: int) -> float:
         """``mgs_mix`` for 0-based ``step`` of ``total_steps``."""
+        if self.schedule == "exponential":
+            k = max(0, step - self.warmup_steps) // self.unit_steps
+            return min(1.0, max(0.0, self.end + (self.start - self.end) * self.lam ** k))
         span = total_steps - self.warmup_steps
         if step < self.warmup_steps or span <= 0:
             p = 0.0 if step < self.warmup_steps else 1.0
@@ -127,6 +167,19 @@ class DLC:
       [0, 1] to the factor; ``None`` leaves the learning rates alone (use your
       own scheduler then).
 
+    ``mode`` says where the per-layer factor goes (docs/training.md, "With
+    Adam", has the measurements): ``"gradient"`` rescales the gradient before
+    ``optimizer.step()`` (AdderNet's rule; right for SGD, whose step is
+    proportional to the gradient); ``"update"`` lets the optimizer step and then
+    rescales each ℓ1 weight's *update* to RMS ``update_eta · lr`` (its group's
+    current ``lr``): under Adam-type optimizers a gradient factor cancels in
+    ``m / sqrt(v)``, a factor on the step does not. ``update_eta=20`` gives, at
+    the paper's AdamW lr 1e-3, the per-step movement of the ℓ1 weights measured
+    under the SGD recipe (lr 0.05, η 0.2: RMS ≈ 0.022). ``"auto"`` (default) picks
+    ``"update"`` for the optimizers that normalise by a running RMS
+    (:data:`ADAPTIVE_OPTIMIZERS`) and ``"gradient"`` for every other one, so SGD
+    training is exactly what it was.
+
     ``groups`` says which parameter groups the global schedule drives:
     ``"all"`` (default; the whole network is trained with one schedule, as in the
     released code, and a single-group optimizer, the common case, could not be
@@ -142,6 +195,18 @@ class DLC:
     min_factor: float = 0.0
     groups: str = "all"
     eps: float = 0.0
+    mode: str = "auto"
+    update_eta: float = 20.0
+
+    @classmethod
+    def paper(cls, eta: float = 0.2, **kwargs) -> "DLC":
+        """The paper's recipe: per-layer scaling ``eta · sqrt(k) / ||g||`` and a plain cosine global schedule.
+
+        The paper trains with a cosine learning-rate schedule (no hold, no milestone drops, decay to 0);
+        the hold and the ÷10/÷100 drops of the default are from its released code, not its text. The
+        placement of the factor under Adam (``mode``) is not in the paper: ``"auto"`` (docs/training.md).
+        """
+        return cls(eta=eta, **{"lr_schedule": "default", "hold": 0.0, "drops": (), "min_factor": 0.0, **kwargs})
 
     def __post_init__(self) -> None:
         if not isinstance(self.eta, numbers.Real) or not self.eta > 0:
@@ -166,6 +231,17 @@ class DLC:
             raise TrainingError(f"DLC eps must be a non-negative number, got {self.eps!r}")
         if self.groups not in ("all", "l1"):
             raise TrainingError(f"DLC groups must be 'all' or 'l1', got {self.groups!r}")
+        if self.mode not in ("auto", "gradient", "update"):
+            raise TrainingError(f"DLC mode must be 'auto', 'gradient' or 'update', got {self.mode!r}")
+        if isinstance(self.update_eta, bool) or not isinstance(self.update_eta, numbers.Real) \
+                or not self.update_eta > 0:
+            raise TrainingError(f"DLC update_eta must be a positive number, got {self.update_eta!r}")
+
+    def mode_for(self, optimizer: torch.optim.Optimizer) -> str:
+        """``"gradient"`` or ``"update"``: where the per-layer factor goes for ``optimizer``."""
+        if self.mode != "auto":
+            return self.mode
+        return "update" if isinstance(optimizer, ADAPTIVE_OPTIMIZERS) else "gradient"
 
     def lr_factor(self, progress: float) -> float:
         """Global learning-rate factor at ``progress`` in [0, 1]."""
@@ -199,18 +275,71 @@ class DLC:
             g = w.grad
             if g is None:
                 continue
-            work = g.to(torch.promote_types(g.dtype, torch.float32))
-            peak = work.abs().amax()
-            norm = torch.linalg.vector_norm(work / peak.clamp_min(torch.finfo(work.dtype).tiny)) * peak
+            work, norm = _safe_norm(g)
             factor = self.eta * math.sqrt(g.numel()) / norm
             # where() instead of a Python branch: no host sync, and a zero gradient stays zero (not NaN).
             g.copy_(torch.where(norm > self.eps, work * factor, work))
+
+    @torch.no_grad()
+    def scale_updates_(self, weights: Sequence[torch.Tensor], before: Sequence[torch.Tensor],
+                       lrs: Sequence[float]) -> None:
+        """Rescale, in place, each weight's update ``w - before`` to RMS ``update_eta · lr``.
+
+        A zero update (a frozen weight, a step the GradScaler skipped) stays zero; the update is measured
+        as the gradient is in :meth:`scale_`, so tiny updates neither underflow nor become NaN.
+        """
+        for w, w0, lr in zip(weights, before, lrs):
+            work, norm = _safe_norm(w - w0)
+            factor = self.update_eta * float(lr) * math.sqrt(w.numel()) / norm
+            w.copy_(torch.where(norm > self.eps, w0 + work * factor, w))
+
+
+def _safe_norm(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t in float32 at least, ||t||_2)``; the norm taken after dividing by the peak, so it never under/overflows."""
+    work = t.to(torch.promote_types(t.dtype, torch.float32))
+    peak = work.abs().amax()
+    return work, torch.linalg.vector_norm(work / peak.clamp_min(torch.finfo(work.dtype).tiny)) * peak
+
+
+# Optimizers that divide the step by a running RMS of the gradient: a per-layer gradient factor cancels there.
+ADAPTIVE_OPTIMIZERS = tuple(getattr(torch.optim, name) for name in (
+    "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Adafactor")
+    if hasattr(torch.optim, name))
 
 
 def _check_dense_gradients(weights: Sequence[torch.Tensor]) -> None:
     if any(w.grad is not None and w.grad.is_sparse for w in weights):
         raise TrainingError("DLC cannot scale sparse gradients of ℓ1 weights; use dense gradients or "
                             "DLC(scale_gradients=False)")
+
+
+@torch.no_grad()
+def reestimate_norm_stats(model: nn.Module, batches, forward: Optional[Callable] = None) -> None:
+    """Recompute the running statistics of every BatchNorm / ``L1OutputNorm`` from ``batches``, weights frozen.
+
+    The ℓ1 layers' outputs (``-Σ|x - w|``) move with their weights far more than an inner product's, so while
+    the learning rate is high the running statistics (momentum 0.1) trail the batch statistics and eval-mode
+    scores understate the network (measured in examples/RESULTS.md). Each norm's statistics become the
+    average over ``batches`` (``momentum=None``); ``forward(model, batch)`` runs one batch (default
+    ``model(*batch)`` for a tuple, ``model(batch)`` otherwise). The model's train/eval mode and the norms'
+    momenta are put back.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta, was_training = [m.momentum for m in norms], model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for batch in batches:
+            if forward is not None:
+                forward(model, batch)
+            else:
+                model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
 
 
 def find_l1_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -378,8 +507,9 @@ class TrainingWrapper:
         # Everything that can fail is checked before the gradients, the optimizer or the step count are
         # touched, so an error leaves the training state exactly as it was.
         scale = self.dlc is not None and self.dlc.scale_gradients
+        mode = self.dlc.mode_for(self.optimizer) if scale else None
         weights = self.l1_weights
-        if scale:
+        if mode == "gradient":
             _check_dense_gradients(weights)
         after = self._schedule_at(self.step_count + 1)
         if len(self.optimizer.param_groups) != len(self.base_lrs):
@@ -388,19 +518,29 @@ class TrainingWrapper:
 
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        if scale:
+        if mode == "gradient":
             self.dlc.scale_(weights)
+        elif mode == "update":  # the weights before the step, and the lr each one is stepped with
+            stepped = [w for w in weights if w.grad is not None]
+            before = [w.detach().clone() for w in stepped]
+            lrs = self._lrs_of(stepped)
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
         else:
             self.optimizer.step()
+        if mode == "update":
+            self.dlc.scale_updates_(stepped, before, lrs)
         self.step_count += 1
         if self.step_count > self.total_steps and not self._warned_past_end:
             self._warned_past_end = True
             warnings.warn(f"TrainingWrapper stepped past total_steps={self.total_steps}; "
                           "the schedules hold their final values", stacklevel=2)
         self._apply(*after)
+
+    def _lrs_of(self, weights: Sequence[torch.Tensor]) -> list[float]:
+        lr_of = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
+        return [float(lr_of.get(id(w), 0.0)) for w in weights]  # not in the optimizer: not stepped, lr 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

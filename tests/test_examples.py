@@ -54,26 +54,68 @@ def test_build_model_rejects_unknown_names():
         build_model("dgcnn", 4, 2)
 
 
-def test_part_segmentation_example_end_to_end(tmp_path, monkeypatch):
+def test_part_segmentation_example_quick_two_seeds_end_to_end(tmp_path, monkeypatch):
+    """``--quick --seeds 2``: every variant of the ablation, the ratios for every model, mean ± std, curves, speed."""
     example = load_example()
     monkeypatch.setitem(example.PRESETS["quick"], "models", TINY)  # the --quick run itself is larger
-    results = example.main(["--quick", "--epochs", "1", "--train", "16", "--test", "8", "--points", "32",
-                            "--batch", "8", "--out", str(tmp_path), "--no-progress"])
-    runs = {(r["model"], r["variant"], round(r["ratio"], 2)) for r in results}
-    assert runs == {(m, v, 1.0) for m in MODELS for v in example.VARIANTS} | \
-        {("pointnet2", "l1-mgs-dlc", 0.33), ("pointnet2", "l1-mgs-dlc", 0.67)}
+    threads = torch.get_num_threads()
+    results = example.main(["--quick", "--seeds", "2", "--epochs", "1", "--train", "16", "--test", "8",
+                            "--points", "32", "--batch", "8", "--out", str(tmp_path), "--no-progress",
+                            "--speed-repeats", "1"])
+    assert torch.get_num_threads() == threads  # --threads is put back
+    runs = {(r["model"], r["variant"], round(r["ratio"], 2), r["seed"]) for r in results}
+    assert len(runs) == len(results) == 3 * 5 * 2 + 3 * 2 * 2
+    assert runs == {(m, v, 1.0, s) for m in MODELS for v in example.VARIANTS for s in (0, 1)} | \
+        {(m, "l1-mgs-dlc", r, s) for m in MODELS for r in (0.33, 0.67) for s in (0, 1)}
     for r in results:
         assert r["finite"] and 0 <= r["final"]["instance_miou"] <= 100 and r["steps"] == 2
-        assert (r["l1_layers"] == 0) == (r["variant"] == "baseline")
+        assert (r["l1_layers"] == 0) == (r["variant"] == "baseline") and r["seconds"] > 0
+        assert len(r["history"]["test_miou"]) == 1 and r["init"] in ("-", "data")
+    # the two seeds differ (initial weights and batch order), the variants of one seed share the data
+    by = {(r["model"], r["variant"], r["ratio"], r["seed"]): r for r in results}
+    assert by[("pointnet", "baseline", 1.0, 0)]["final"] != by[("pointnet", "baseline", 1.0, 1)]["final"]
     ablation = sorted((r["ratio"], r["l1_layers"]) for r in results if r["model"] == "pointnet2"
                       and r["variant"] == "l1-mgs-dlc")
     assert [n for _, n in ablation] == sorted(n for _, n in ablation) and ablation[0][1] < ablation[-1][1]
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert len(saved["results"]) == len(results) and "--quick" in saved["command"]
-    assert "| pointnet2 | l1-mgs-dlc |" in (tmp_path / "results.md").read_text()
+    assert len(saved["results"]) == len(results) and "--quick" in saved["command"] and saved["seconds"] > 0
+    assert set(saved["speed"]) == set(MODELS) and all(v["ratio"] > 0 for v in saved["speed"].values())
+    md = (tmp_path / "results.md").read_text()
+    assert "mean ± std over 2 seeds" in md and "| pointnet | l1-dlc |  | ✓ |" in md and " ± " in md
+    assert "| voxelcnn | 0.33 |" in md and "ℓ1 ÷ dense" in md
     for name in MODELS:
         png = tmp_path / f"curves_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --from-results combines earlier runs, e.g. a longer-budget run, without training
+    longer = [dict(r, steps=4) for r in saved["results"] if r["model"] == "pointnet2" and r["ratio"] == 1.0]
+    (tmp_path / "longer.json").write_text(json.dumps({"results": longer}))
+    merged = tmp_path / "merged"
+    again = example.main(["--from-results", f"{tmp_path},{tmp_path / 'longer.json'}", "--out", str(merged)])
+    assert len(again) == len(results) + len(longer)
+    md = (merged / "results.md").read_text()
+    assert "Longer budgets (4 steps)" in md and "ℓ1 ÷ dense" in md
+    assert (merged / "budget_pointnet2.png").read_bytes()[:4] == b"\x89PNG" and not (merged / "budget_pointnet.png").exists()
+
+
+def test_part_segmentation_options():
+    example = load_example()
+    args = example.parse_args(["--quick", "--budget", "2.5", "--optimizer", "adamw"])
+    assert args.epochs == 5 and args.lr == 1e-3 and args.recipe == "cosine"
+    assert example.parse_args(["--epochs", "10", "--budget", "3"]).epochs == 30
+    assert example.parse_args(["--quick"]).lr == 0.05
+    for bad in (["--budget", "0"], ["--ratios", "1.0"], ["--seeds", "0"], ["--optimizer", "lion"],
+                ["--ratio-models", "dgcnn"]):
+        with pytest.raises(SystemExit):
+            example.parse_args(["--quick", *bad])
+    # the variants of one (model, seed) start from the same dense weights; AdamW gets the update-mode DLC
+    data = example.make_part_segmentation(16, 2, 16, seed=0)[0]
+    args = example.parse_args(["--quick", "--optimizer", "adamw"])
+    args.model_kwargs = TINY
+    _, opt, wrapper = example.build_run(args, "pointnet", "l1-mgs-dlc", 1.0, 0, data, 10, 2)
+    assert isinstance(opt, torch.optim.AdamW) and wrapper.dlc.mode_for(opt) == "update"
+    base = example.build_model_for(args, "pointnet", "baseline", 1.0, 3, data)
+    again = example.build_model_for(args, "pointnet", "baseline", 1.0, 3, data)
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), again.state_dict().values()))
 
 
 def test_init_option_reaches_convert():
