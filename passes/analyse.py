@@ -419,11 +419,33 @@ def measure(state: ConversionState) -> None:
         c.measured_norm = i in recorder.normed
 
 
+def _candidate_kind(root: nn.Module, c: Candidate) -> Optional[str]:
+    if c.kind == CandidateKind.FUNCTION:
+        spec = next((s for s in layers.specs() if s.function_op == c.op), None)
+    else:
+        spec = layers.spec_for_module(root.get_submodule(c.name))
+    return spec.name if spec is not None else None
+
+
+def _skip_kinds_without_variant(state: ConversionState) -> None:
+    """With ``p != 1``, a kind that has no ℓp layer (transposed convolutions) stays dense, with the reason."""
+    p = getattr(state.config, "p", 1.0)
+    if p == 1.0:
+        return
+    for c in state.candidates:
+        if c.skip or c.already_l1:
+            continue
+        kind = _candidate_kind(state.root, c)
+        if kind is not None and not layers.has_replacement(kind, "lp"):
+            c.skip = f"no lp layer for {kind} (p={p:g}): left dense; p=1 converts it to an l1 layer"
+
+
 def analyse(state: ConversionState) -> ConversionState:
     """Pass 2: candidates, units and their order (and MACs/shapes with example_inputs)."""
     gm = state.trace.graph_module if state.trace else None
     state.graph = build_nx_graph(gm) if gm is not None else None
     state.candidates = find_candidates(state)
+    _skip_kinds_without_variant(state)
     state.units = group_units(state)
     if gm is None:
         state.order_note = "no graph: units follow module registration order"

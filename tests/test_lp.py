@@ -305,3 +305,27 @@ def test_rewrite_file_takes_p(tmp_path):
     f.write_text("import torch.nn as nn\nfc = nn.Linear(2, 3)\n")
     assert "l1fx.nn.L1Linear(2, 3)" in rewrite_file(f).text()
     assert "l1fx.nn.LpLinear(2, 3, p=3.0)" in rewrite_file(f, p=3).text()
+
+
+def test_kinds_without_an_lp_layer_stay_dense_with_the_reason():
+    """p != 1 on a decoder with transposed convolutions: those have no ℓp layer, so they are kept, and said so."""
+    import torch.nn.functional as F
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv3d(2, 4, 3, padding=1)
+            self.up = nn.ConvTranspose3d(4, 3, 2, stride=2)
+            self.w = nn.Parameter(torch.randn(3, 2, 1, 1, 1))
+
+        def forward(self, x):
+            return F.conv_transpose3d(torch.relu(self.up(torch.relu(self.a(x)))), self.w)
+
+    torch.manual_seed(0)
+    model, x = Decoder(), torch.randn(2, 2, 4, 4, 4)
+    out = l1fx.convert(model, p=2.0, example_inputs=(x,))
+    info = l1fx.summary(out)
+    assert type(out.a).__name__ == "LpConv3d" and type(out.up) is nn.ConvTranspose3d
+    assert "no lp layer for conv_transpose3d" in info.skipped["up"]
+    assert "no lp layer for conv_transpose3d" in info.skipped["w"]
+    assert out(x).shape == model(x).shape

@@ -328,6 +328,14 @@ def register_replacement(variant: str, *kinds: str):
     return decorate
 
 
+def has_replacement(kind: str, variant: str = "l1") -> bool:
+    """Whether layer kind ``kind`` (a spec name) has a ``variant`` replacement (a registered handler, or for
+    ``"l1"`` its ℓ1 class)."""
+    if (variant, kind) in _REPLACEMENTS:
+        return True
+    return variant == "l1" and get(kind).l1_class is not None
+
+
 def build_replacement(module: nn.Module, variant: str = "l1", **options) -> nn.Module:
     """The ``variant`` replacement of a dense ``module`` (weights and construction arguments copied).
 
