@@ -174,7 +174,7 @@ class _Net(nn.Module):
 def test_convert_round_trip(p):
     torch.manual_seed(0)
     model, x = _Net().eval(), torch.randn(2, 3, 6, 6)
-    out = l1fx.convert(model, p=p, normalize=None, example_inputs=(x,))
+    out = l1fx.convert(model, p=p, normalize=None, example_inputs=(x,), pretrained=True)  # dense weights kept
     kinds = {type(m).__name__: m.p for m in out.modules() if isinstance(m, l1nn.LpModule)}
     assert kinds == {"LpConv2d": p, "LpLinear": p, "LpFunctionalCall": p}
     info = l1fx.summary(out)
