@@ -21,14 +21,15 @@ import importlib
 import math
 import numbers
 import types
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ..errors import UsageError
+from ..errors import BackendUnavailable, UsageError
 from . import conv as _conv
-from . import get_backend, lp_reference
+from . import BACKEND_ENV, get_backend, lp_reference, requested_backend
 
 # backend name -> module with lp_linear_forward / lp_linear_backward (imported on first use)
 # (the reference backend, and any backend not listed, runs kernels/lp_reference.py)
@@ -70,9 +71,22 @@ def _kernels(x: Tensor) -> tuple[Callable, Callable]:
     module = LP_KERNELS.get(backend.name)
     if module is not None:
         mod = _module(module)
-        if mod.supports(x) and mod.available()[0]:
-            return mod.lp_linear_forward, mod.lp_linear_backward
+        if mod.supports(x):
+            ok, why = mod.available()
+            if ok:
+                return mod.lp_linear_forward, mod.lp_linear_backward
+            # as for the l1 ops: a forced backend fails loudly, auto falls back with one warning
+            if requested_backend() == backend.name:
+                raise BackendUnavailable(f"{BACKEND_ENV}={backend.name}: its lp kernels are unavailable ({why}); "
+                                         f"unset {BACKEND_ENV} to run the reference lp kernel")
+            _warn_fallback(backend.name, why)
     return lp_reference_core.lp_linear_forward, lp_reference_core.lp_linear_backward
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(backend: str, why: str) -> None:
+    warnings.warn(f"l1fx: the {backend} lp kernels are unavailable ({why}); running the reference lp kernel",
+                  RuntimeWarning, stacklevel=4)
 
 
 def lp_linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], p: float) -> Tensor:

@@ -329,3 +329,20 @@ def test_kinds_without_an_lp_layer_stay_dense_with_the_reason():
     assert "no lp layer for conv_transpose3d" in info.skipped["up"]
     assert "no lp layer for conv_transpose3d" in info.skipped["w"]
     assert out(x).shape == model(x).shape
+
+
+def test_lp_kernels_unavailable_raise_when_forced_and_warn_under_auto(monkeypatch):
+    from l1fx.kernels import lp as lp_core
+    from l1fx.kernels import lp_cpu
+
+    monkeypatch.setattr(lp_cpu, "available", lambda: (False, "no compiler (test)"))
+    lp_core._warn_fallback.cache_clear()
+    x, w = torch.randn(5, 7), torch.randn(3, 7)
+    monkeypatch.setenv("L1FX_BACKEND", "cpu")
+    with pytest.raises(l1fx.BackendUnavailable, match="L1FX_BACKEND=cpu: its lp kernels are unavailable"):
+        L.lp_linear(x, w, p=2.0)
+    monkeypatch.setenv("L1FX_BACKEND", "auto")
+    with pytest.warns(RuntimeWarning, match="running the reference lp kernel"):
+        y = L.lp_linear(x, w, p=2.0)
+    torch.testing.assert_close(y, -torch.cdist(x, w, p=2.0))
+    lp_core._warn_fallback.cache_clear()
