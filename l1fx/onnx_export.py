@@ -338,10 +338,6 @@ def _finish_model(model_proto, custom_op: bool, chunk_bytes: Optional[int]):
     if uses_l1:
         used = {n.op_type for n in model_proto.graph.node if n.domain == onnx_ops.DOMAIN}
         model_proto.functions.extend(onnx_ops.functions(opset, chunk_bytes, used))
-        from . import onnx_lp  # the ℓp ops' bodies, where the graph has ℓp nodes
-
-        if any(n.domain == onnx_ops.DOMAIN and n.op_type in onnx_lp.OPS for n in model_proto.graph.node):
-            model_proto.functions.extend(onnx_lp.functions(opset, chunk_bytes))
     point_functions = onnx_pointops.functions_used(model_proto, opset)
     model_proto.functions.extend(point_functions)
     if point_functions and not any(o.domain == onnx_pointops.DOMAIN for o in model_proto.opset_import):

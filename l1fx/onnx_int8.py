@@ -21,6 +21,8 @@ Registered into :mod:`l1fx.onnx_ops` (its ``EXTRA_*`` tables) on import, which
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import onnx
 import torch
 from onnx import TensorProto, helper
@@ -55,7 +57,7 @@ def _schemas():
     return linear, conv
 
 
-def _linear_function(opset: int) -> list[onnx.FunctionProto]:
+def _linear_function(opset: int, chunk_bytes: Optional[int] = None) -> list[onnx.FunctionProto]:
     n = helper.make_node
     nodes = [
         n("Cast", ["QX"], ["xf"], to=TensorProto.FLOAT),
@@ -71,7 +73,7 @@ def _linear_function(opset: int) -> list[onnx.FunctionProto]:
                                   helper.make_opsetid(onnx_ops.DOMAIN, onnx_ops.DOMAIN_VERSION)])]
 
 
-def _conv_function(opset: int) -> list[onnx.FunctionProto]:
+def _conv_function(opset: int, chunk_bytes: Optional[int] = None) -> list[onnx.FunctionProto]:
     n = helper.make_node
     ref = helper.make_attribute_ref
     A = onnx.AttributeProto

@@ -22,7 +22,7 @@ from onnx import helper
 from . import onnx_ops
 
 LP_LINEAR, LP_CONV, LP_DISTANCE = "LpLinear", "LpConv", "LpDistance"
-OPS = (LP_LINEAR, LP_CONV)  # the layer ops (l1fx/onnx_export.py attaches functions() where they occur)
+OPS = (LP_LINEAR, LP_CONV)  # the layer ops (their bodies are attached to models that use them)
 DOMAIN, VERSION = onnx_ops.DOMAIN, onnx_ops.DOMAIN_VERSION
 _CONV_ATTRS = ("strides", "pads", "dilations", "group")
 
@@ -51,12 +51,6 @@ def _schemas() -> list[onnx.defs.OpSchema]:
     ]
 
 
-def register_schemas() -> None:
-    for schema in _schemas():
-        try:
-            onnx.defs.get_schema(schema.name, schema.since_version, schema.domain)
-        except onnx.defs.SchemaError:
-            onnx.defs.register_schema(schema)
 
 
 def _lp_block(x: str, w: str, y: str, prefix: str) -> list[onnx.NodeProto]:
@@ -138,3 +132,19 @@ def translations(op) -> dict:
                                     p=float(p))
 
     return {torch.ops.l1fx.lp_linear.default: lp_linear, torch.ops.l1fx.lp_conv.default: lp_conv}
+
+
+def _register() -> None:
+    """Add the ℓp ops to the l1fx domain's extension tables (``onnx_ops.EXTRA_*``), as l1fx.onnx_int8 does."""
+    onnx_ops.EXTRA_SCHEMAS.extend((lambda i=i: _schemas()[i]) for i in range(3))
+    for op_type in OPS:  # each body set includes LpDistance; functions() attaches it once
+        onnx_ops.EXTRA_FUNCTIONS[op_type] = functions
+    import torch
+
+    from . import ops_lp  # noqa: F401  (defines the ops)
+
+    for overload in (torch.ops.l1fx.lp_linear.default, torch.ops.l1fx.lp_conv.default):
+        onnx_ops.EXTRA_TRANSLATIONS[overload] = lambda l1, op, overload=overload: translations(op)[overload]
+
+
+_register()

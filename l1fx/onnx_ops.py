@@ -140,13 +140,13 @@ def _distance_schema() -> onnx.defs.OpSchema:
 
 
 # ---------------------------------------------------------------- ops that are not a layer kind's
-# (the int8 layers: l1fx.onnx_int8). A module named in EXTRA_MODULES is imported on first use and adds its
-# entries: EXTRA_TRANSLATIONS {torch op overload: make(l1_opset, onnx_opset)}, EXTRA_FUNCTIONS {ONNX op type:
-# builder(opset) -> [FunctionProto, ...]} (attached only to models that use the op) and EXTRA_SCHEMAS
-# (factories of their OpSchemas).
-EXTRA_MODULES = ["l1fx.onnx_int8"]
+# (the ℓp layers: l1fx.onnx_lp; the int8 layers: l1fx.onnx_int8). A module named in EXTRA_MODULES is
+# imported on first use and adds its entries: EXTRA_TRANSLATIONS {torch op overload: make(l1_opset, onnx_opset)},
+# EXTRA_FUNCTIONS {ONNX op type: builder(opset, chunk_bytes) -> [FunctionProto, ...]} (attached only to models
+# that use the op; a helper body two ops share is attached once) and EXTRA_SCHEMAS (factories of their OpSchemas).
+EXTRA_MODULES = ["l1fx.onnx_lp", "l1fx.onnx_int8"]
 EXTRA_TRANSLATIONS: dict = {}
-EXTRA_FUNCTIONS: dict[str, Callable[[int], list]] = {}
+EXTRA_FUNCTIONS: dict[str, Callable[[int, Optional[int]], list]] = {}
 EXTRA_SCHEMAS: list[Callable[[], onnx.defs.OpSchema]] = []
 
 
@@ -173,9 +173,6 @@ def register_schemas() -> None:
             onnx.defs.get_schema(schema.name, schema.since_version, schema.domain)
         except onnx.defs.SchemaError:
             onnx.defs.register_schema(schema)
-    from . import onnx_lp  # the ℓp ops (LpLinear, LpConv, LpDistance)
-
-    onnx_lp.register_schemas()
 
 
 # ---------------------------------------------------------------- function bodies
@@ -419,8 +416,12 @@ def functions(opset: int, chunk_bytes: Optional[int], used: Collection[str] = ()
     then those of the extra ops among ``used`` (the l1fx op types the graph holds)."""
     bodies = [FUNCTION_BODIES[op.op_type](opset) for op in onnx_specs() if op.op_type in FUNCTION_BODIES]
     _load_extras()
-    extras = [f for t, build in EXTRA_FUNCTIONS.items() if t in used for f in build(opset)]
-    return bodies + [distance_function(opset, chunk_bytes)] + extras
+    extras: dict[str, onnx.FunctionProto] = {}
+    for t, build in EXTRA_FUNCTIONS.items():
+        if t in used:
+            for f in build(opset, chunk_bytes):
+                extras.setdefault(f.name, f)
+    return bodies + [distance_function(opset, chunk_bytes)] + list(extras.values())
 
 
 # ---------------------------------------------------------------- exporter translations
@@ -487,9 +488,7 @@ def translation_table() -> dict:
         if overload not in table:
             l1 = onnxscript.values.Opset(spec.onnx.domain, spec.onnx.version)
             table[overload] = TRANSLATIONS[spec.onnx.op_type](l1, op)
-    from . import onnx_lp
-
-    table.update(onnx_lp.translations(op))
+    _load_extras()
     for overload, make in EXTRA_TRANSLATIONS.items():
         table.setdefault(overload, make(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), op))
     return table
