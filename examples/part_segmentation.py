@@ -44,7 +44,7 @@ from l1fx.data import make_part_segmentation, part_segmentation_metrics
 from l1fx.models import build_model
 from l1fx.study import (OPTIMIZERS, RECIPES, VARIANTS, finite, make_optimizer, mean_std, plot_curves,
                         progress_factory, schedules, step_time, summarize)
-from l1fx.train import TrainingWrapper
+from l1fx.train import TrainingWrapper, reestimate_norm_stats
 
 try:  # the product's converter; a module swap stands in while it is not installed
     from l1fx.convert import convert as _convert
@@ -107,6 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                    "(e.g. 'classifier' keeps it dense)")
     p.add_argument("--speed-repeats", type=int, default=5,
                    help="interleaved repeats of the ℓ1 vs dense training-step timing (0: skip)")
+    p.add_argument("--norm-stats", default="running", choices=("running", "reestimate"),
+                   help="evaluate with the norms' running statistics, or re-estimate them first from "
+                        "--norm-batches training batches (l1fx.train.reestimate_norm_stats), every variant alike")
+    p.add_argument("--norm-batches", type=int, default=8, help="training batches for --norm-stats reestimate")
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # old spelling of --first-seed
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: small models gain little from more on a busy machine)")
@@ -198,7 +202,22 @@ def build_run(args, model_name: str, variant: str, ratio: float, seed: int, data
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, classes) -> dict:
+def norm_batches(train_set, batch: int, count: int, seed: int) -> list[tuple]:
+    """``count`` training batches, drawn by a generator of their own (the training order is not changed)."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True, generator=g)
+    out = []
+    for pts, cat, _ in loader:
+        out.append((pts.transpose(1, 2), cat))
+        if len(out) == count:
+            break
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, classes, stats_batches=None) -> dict:
+    if stats_batches:  # precise norm statistics (the same for every variant, baseline included)
+        reestimate_norm_stats(model, stats_batches)
     model.eval()
     logits, labels, cats, loss = [], [], [], 0.0
     for pts, cat, lab in loader:
@@ -220,6 +239,8 @@ def train_one(args, model_name, variant, ratio, seed, train_set, test_set, progr
     test_loader = DataLoader(test_set, batch_size=64)
     total = args.epochs * len(train_loader)
     model, opt, wrapper = build_run(args, model_name, variant, ratio, seed, train_set, total, len(train_loader))
+    stats = (norm_batches(train_set, args.batch, args.norm_batches, seed)
+             if getattr(args, "norm_stats", "running") == "reestimate" else None)
     history = {"epoch": [], "train_loss": [], "test_miou": [], "test_acc": [], "mix": [], "lr_factor": []}
     label = f"{model_name} {variant}" + (f" r={ratio:.2f}" if ratio < 1 else "") + f" s{seed}"
     bar = progress(total=total, desc=f"{label:<30}", leave=False)
@@ -237,7 +258,7 @@ def train_one(args, model_name, variant, ratio, seed, train_set, test_set, progr
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", mix=wrapper.mix, refresh=False)
         train_seconds += time.perf_counter() - t_epoch
-        scores = evaluate(model, test_loader, train_set.classes)
+        scores = evaluate(model, test_loader, train_set.classes, stats)
         history["epoch"].append(epoch)
         history["train_loss"].append(running / max(count, 1))
         history["test_miou"].append(scores["instance_miou"])

@@ -331,11 +331,12 @@ def reestimate_norm_stats(model: nn.Module, batches, forward: Optional[Callable]
         m.momentum = None
     model.train()
     try:
-        for batch in batches:
-            if forward is not None:
-                forward(model, batch)
-            else:
-                model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+        with torch.no_grad():
+            for batch in batches:
+                if forward is not None:
+                    forward(model, batch)
+                else:
+                    model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

@@ -137,3 +137,23 @@ def test_init_option_reaches_convert():
             assert changed == (key.rpartition(".")[0] in l1_names and key.endswith(".weight")), (init, key)
     batch = example.init_batch(example.make_part_segmentation(8, 2, 16, seed=0)[0], 4)
     assert batch[0].shape == (4, 3, 16) and batch[1].shape == (4,)
+
+
+def test_norm_stats_reestimate_option_evaluates_with_precise_statistics():
+    """--norm-stats reestimate: before each evaluation the norms' statistics are recomputed from training
+    batches drawn by their own generator (the training order and the user's RNG are untouched)."""
+    from l1fx.data import make_part_segmentation
+
+    example = load_example()
+    assert example.parse_args(["--norm-stats", "reestimate"]).norm_stats == "reestimate"
+    assert example.parse_args([]).norm_stats == "running"
+    train, test = make_part_segmentation(num_train=8, num_test=4, num_points=32, seed=0)
+    state = torch.random.get_rng_state()
+    batches = example.norm_batches(train, 4, 2, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state) and len(batches) == 2
+    model = build_model("pointnet", train.num_parts, train.num_categories)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    bn.running_mean.fill_(1e3)  # stale statistics, as after a fast-moving l1 layer
+    loader = torch.utils.data.DataLoader(test, batch_size=4)
+    example.evaluate(model, loader, train.classes, batches)
+    assert bn.running_mean.abs().max() < 1e2 and bn.momentum == 0.1  # recomputed; momentum put back
