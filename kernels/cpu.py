@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import ctypes
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -50,8 +49,8 @@ from torch import Tensor
 from . import Backend, BackendUnavailable, requested_backend
 from . import conv as _conv
 from . import reference
-from ..errors import KernelBuildError
-from .cpu_build import load
+from .cpu_build import build_info as build_info_of
+from .cpu_build import load_once
 
 SOURCE = Path(__file__).with_name("csrc") / "l1_cpu.cpp"
 LIB_NAME = "l1fx_cpu"
@@ -62,30 +61,23 @@ _state: dict = {}  # "lib" and "path", or "error"; plus "build_seconds"; empty u
 _warned = False
 
 
+def _declare(lib: ctypes.CDLL) -> Optional[dict]:
+    """ctypes signatures of the library's functions."""
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.l1fx_forward.argtypes = [ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
+    lib.l1fx_backward.argtypes = [ctypes.c_int, vp, vp, vp, vp, vp, ctypes.c_float, i64, i64, i64,
+                                  ctypes.c_int]
+    lib.l1fx_conv_forward.argtypes = [ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, i64, vp, ctypes.c_int]
+    lib.l1fx_conv_input_grad.argtypes = [ctypes.c_int, vp, vp, vp, vp, ctypes.c_float, i64, i64, i64, i64,
+                                         vp, ctypes.c_int]
+    lib.l1fx_conv_forward_uses_rows.argtypes = [i64, i64, i64, i64, vp, ctypes.c_int]
+    for fn in (lib.l1fx_forward, lib.l1fx_backward, lib.l1fx_conv_forward, lib.l1fx_conv_input_grad,
+               lib.l1fx_conv_forward_uses_rows):
+        fn.restype = ctypes.c_int
+
+
 def _library() -> Optional[ctypes.CDLL]:
-    with _lock:
-        if not _state:
-            t0 = time.perf_counter()
-            try:
-                lib = load(SOURCE, LIB_NAME)
-            except KernelBuildError as e:  # no compiler, failed build, no usable directory
-                _state["error"] = str(e)
-            else:
-                _state["path"] = lib._name
-                vp, i64 = ctypes.c_void_p, ctypes.c_int64
-                lib.l1fx_forward.argtypes = [ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
-                lib.l1fx_backward.argtypes = [ctypes.c_int, vp, vp, vp, vp, vp, ctypes.c_float, i64, i64, i64,
-                                              ctypes.c_int]
-                lib.l1fx_conv_forward.argtypes = [ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, i64, vp, ctypes.c_int]
-                lib.l1fx_conv_input_grad.argtypes = [ctypes.c_int, vp, vp, vp, vp, ctypes.c_float, i64, i64, i64, i64,
-                                                     vp, ctypes.c_int]
-                lib.l1fx_conv_forward_uses_rows.argtypes = [i64, i64, i64, i64, vp, ctypes.c_int]
-                for fn in (lib.l1fx_forward, lib.l1fx_backward, lib.l1fx_conv_forward, lib.l1fx_conv_input_grad,
-                           lib.l1fx_conv_forward_uses_rows):
-                    fn.restype = ctypes.c_int
-                _state["lib"] = lib
-            _state["build_seconds"] = time.perf_counter() - t0
-        return _state.get("lib")
+    return load_once(_state, _lock, SOURCE, LIB_NAME, _declare)
 
 
 def _lib() -> ctypes.CDLL:
@@ -106,7 +98,7 @@ def reset() -> None:
 def build_info() -> dict:
     """What happened on first use: library loaded (and its path) or error, and seconds spent (build + load)."""
     _library()
-    return {k: v for k, v in _state.items() if k != "lib"} | {"loaded": "lib" in _state}
+    return build_info_of(_state)
 
 
 def available() -> tuple[bool, str]:

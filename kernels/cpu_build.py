@@ -45,9 +45,10 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from .. import _atomicfile
 from ..errors import KernelBuildError
@@ -380,3 +381,31 @@ def load(source: Path, name: str) -> ctypes.CDLL:
         return ctypes.CDLL(str(path))
     except OSError as e:
         raise BuildError(f"cannot load the l1fx CPU kernels from {path}: {e}") from None
+
+
+def load_once(state: dict, lock: threading.Lock, source: Path, name: str,
+              declare: Callable[[ctypes.CDLL], Optional[dict]]) -> Optional[ctypes.CDLL]:
+    """The library of one kernel module, built and loaded on its first call, once per process.
+
+    ``state`` (the module's, empty until first use) gets ``"lib"`` and ``"path"``, or ``"error"`` (a
+    failed build is remembered, not retried on every op), and ``"build_seconds"``; ``declare(lib)`` sets
+    the ctypes signatures and may return more entries (``{"isa": ...}``). Clearing ``state`` (under
+    ``lock``) makes the next call try again.
+    """
+    with lock:
+        if not state:
+            t0 = time.perf_counter()
+            try:
+                lib = load(source, name)
+            except KernelBuildError as e:  # no compiler, failed build, no usable directory
+                state["error"] = str(e)
+            else:
+                state.update(declare(lib) or {})
+                state["lib"], state["path"] = lib, lib._name
+            state["build_seconds"] = time.perf_counter() - t0
+        return state.get("lib")
+
+
+def build_info(state: dict) -> dict:
+    """What a module's first use did: ``loaded`` (and the path) or the error, and the seconds spent."""
+    return {k: v for k, v in state.items() if k != "lib"} | {"loaded": "lib" in state}

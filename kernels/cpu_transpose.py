@@ -26,8 +26,7 @@ from torch import Tensor
 
 from . import BackendUnavailable
 from . import conv_transpose as _ct
-from ..errors import KernelBuildError
-from .cpu_build import load
+from .cpu_build import load_once
 
 SOURCE = Path(__file__).with_name("csrc") / "l1_conv_transpose.cpp"
 LIB_NAME = "l1fx_conv_transpose"
@@ -36,22 +35,18 @@ _lock = threading.Lock()
 _state: dict = {}  # "lib" or "error", empty until first use
 
 
+def _declare(lib: ctypes.CDLL) -> Optional[dict]:
+    """ctypes signatures of the library's functions."""
+    vp, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.l1fx_convt_forward.argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, vp, ctypes.c_int]
+    for fn in (lib.l1fx_convt_input_grad, lib.l1fx_convt_weight_grad):
+        fn.argtypes = [vp, vp, vp, vp, f32, i64, i64, i64, i64, vp, ctypes.c_int]
+    for fn in (lib.l1fx_convt_forward, lib.l1fx_convt_input_grad, lib.l1fx_convt_weight_grad):
+        fn.restype = ctypes.c_int
+
+
 def _library() -> Optional[ctypes.CDLL]:
-    with _lock:
-        if not _state:
-            try:
-                lib = load(SOURCE, LIB_NAME)
-            except KernelBuildError as e:
-                _state["error"] = str(e)
-            else:
-                vp, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-                lib.l1fx_convt_forward.argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, vp, ctypes.c_int]
-                for fn in (lib.l1fx_convt_input_grad, lib.l1fx_convt_weight_grad):
-                    fn.argtypes = [vp, vp, vp, vp, f32, i64, i64, i64, i64, vp, ctypes.c_int]
-                for fn in (lib.l1fx_convt_forward, lib.l1fx_convt_input_grad, lib.l1fx_convt_weight_grad):
-                    fn.restype = ctypes.c_int
-                _state["lib"] = lib
-        return _state.get("lib")
+    return load_once(_state, _lock, SOURCE, LIB_NAME, _declare)
 
 
 def reset() -> None:

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import ctypes
 import threading
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..errors import BackendUnavailable, KernelBuildError
+from ..errors import BackendUnavailable
 from . import int8_reference as ref
-from .cpu_build import load
+from .cpu_build import build_info as build_info_of
+from .cpu_build import load_once
 
 SOURCE = Path(__file__).with_name("csrc") / "l1_int8.cpp"
 LIB_NAME = "l1fx_int8"
@@ -35,30 +35,24 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
+def _declare(lib: ctypes.CDLL) -> Optional[dict]:
+    """ctypes signatures of the library's functions."""
+    vp, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.l1fx_i8_linear.argtypes = [i32, vp, vp, i64, i64, i64, f32, i32, i32, f32, vp, vp, i32, i32]
+    lib.l1fx_i8_linear.restype = i32
+    lib.l1fx_i8_quantize.argtypes = [vp, vp, i64, f32, i32, i32]
+    lib.l1fx_i8_quantize.restype = i64
+    lib.l1fx_i8_patches.argtypes = [vp, i64, i64, i64, i64, i64, vp, i64, i64, vp, i32]
+    lib.l1fx_i8_patches.restype = i32
+    lib.l1fx_i8_pointwise_cf.argtypes = [vp, vp, i64, i64, i64, i64, f32, i32, f32, vp, vp, i32]
+    lib.l1fx_i8_pointwise_cf.restype = i32
+    lib.l1fx_i8_isa.argtypes = []
+    lib.l1fx_i8_isa.restype = i32
+    return {"isa": ISA_NAMES[lib.l1fx_i8_isa()]}
+
+
 def _library() -> Optional[ctypes.CDLL]:
-    with _lock:
-        if not _state:
-            t0 = time.perf_counter()
-            try:
-                lib = load(SOURCE, LIB_NAME)
-            except KernelBuildError as e:
-                _state["error"] = str(e)
-            else:
-                vp, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-                lib.l1fx_i8_linear.argtypes = [i32, vp, vp, i64, i64, i64, f32, i32, i32, f32, vp, vp, i32, i32]
-                lib.l1fx_i8_linear.restype = i32
-                lib.l1fx_i8_quantize.argtypes = [vp, vp, i64, f32, i32, i32]
-                lib.l1fx_i8_quantize.restype = i64
-                lib.l1fx_i8_patches.argtypes = [vp, i64, i64, i64, i64, i64, vp, i64, i64, vp, i32]
-                lib.l1fx_i8_patches.restype = i32
-                lib.l1fx_i8_pointwise_cf.argtypes = [vp, vp, i64, i64, i64, i64, f32, i32, f32, vp, vp, i32]
-                lib.l1fx_i8_pointwise_cf.restype = i32
-                lib.l1fx_i8_isa.argtypes = []
-                lib.l1fx_i8_isa.restype = i32
-                _state["lib"], _state["path"] = lib, lib._name
-                _state["isa"] = ISA_NAMES[lib.l1fx_i8_isa()]
-            _state["build_seconds"] = time.perf_counter() - t0
-        return _state.get("lib")
+    return load_once(_state, _lock, SOURCE, LIB_NAME, _declare)
 
 
 def reset() -> None:
@@ -74,7 +68,7 @@ def available() -> tuple[bool, str]:
 def build_info() -> dict:
     """Library path and instruction set (or the build error), and the seconds spent on first use."""
     _library()
-    return {k: v for k, v in _state.items() if k != "lib"} | {"loaded": "lib" in _state}
+    return build_info_of(_state)
 
 
 def _lib() -> ctypes.CDLL:

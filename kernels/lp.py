@@ -24,7 +24,6 @@ import types
 import warnings
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 from ..errors import BackendUnavailable, UsageError

@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..errors import KernelBuildError, KernelError
+from ..errors import KernelError
 from . import lp_reference
-from .cpu_build import load
+from .cpu_build import load_once
 
 SOURCE = Path(__file__).with_name("csrc") / "lp_cpu.cpp"
 LIB_NAME = "l1fx_lp_cpu"
@@ -31,20 +31,16 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
+def _declare(lib: ctypes.CDLL) -> Optional[dict]:
+    """ctypes signatures of the library's functions."""
+    vp, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.l1fx_lp_forward.argtypes = [vp, vp, vp, vp, i64, i64, i64, f32, ctypes.c_int]
+    lib.l1fx_lp_backward.argtypes = [vp, vp, vp, vp, vp, vp, f32, i64, i64, i64, f32, ctypes.c_int]
+    lib.l1fx_lp_forward.restype = lib.l1fx_lp_backward.restype = ctypes.c_int
+
+
 def _library() -> Optional[ctypes.CDLL]:
-    with _lock:
-        if not _state:
-            try:
-                lib = load(SOURCE, LIB_NAME)
-            except KernelBuildError as e:
-                _state["error"] = str(e)
-            else:
-                vp, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-                lib.l1fx_lp_forward.argtypes = [vp, vp, vp, vp, i64, i64, i64, f32, ctypes.c_int]
-                lib.l1fx_lp_backward.argtypes = [vp, vp, vp, vp, vp, vp, f32, i64, i64, i64, f32, ctypes.c_int]
-                lib.l1fx_lp_forward.restype = lib.l1fx_lp_backward.restype = ctypes.c_int
-                _state["lib"] = lib
-        return _state.get("lib")
+    return load_once(_state, _lock, SOURCE, LIB_NAME, _declare)
 
 
 def available() -> tuple[bool, str]:
