@@ -136,13 +136,13 @@ def ratio_type(text: str) -> float:
 
 
 def init_type(text: str):
-    """argparse type of ``--init`` (``l1fx.convert``'s ``init``): 'dense', 'data' or a positive number."""
-    if text in ("dense", "data"):
+    """argparse type of ``--init`` (``l1fx.convert``'s ``init``): 'dense', 'data', 'auto' or a positive number."""
+    if text in ("dense", "data", "auto"):
         return text
     try:
         factor = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'dense', 'data' or a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected 'dense', 'data', 'auto' or a number, got {text!r}") from None
     if not factor > 0:
         raise argparse.ArgumentTypeError(f"the factor must be positive, got {text!r}")
     return factor
@@ -156,6 +156,11 @@ def add_selection_arguments(parser, *, what: str = "layers") -> None:
                         help=f"fnmatch pattern over {what}: exactly the matching ones are converted. Repeatable")
     parser.add_argument("--exclude", action="append", default=[], metavar="PAT",
                         help=f"fnmatch pattern over {what} that stay dense. Repeatable")
+    # These commands export/report the model they are given (often a trained checkpoint): its weights are
+    # kept unless asked otherwise, unlike l1fx.convert's default init='auto' for training from scratch.
+    parser.add_argument("--init", type=init_type, default="dense", metavar="INIT",
+                        help="weights of the l1 layers: 'dense' keeps the model's (default), 'auto', 'data' "
+                             "(from the inputs) or a scale factor; see docs/convert.md")
 
 
 def add_output_argument(parser, *, required: bool, help: str) -> None:
@@ -274,7 +279,7 @@ def convert_model(model: nn.Module, args, inputs) -> nn.Module:
     ratio = 1.0 if args.ratio is None else args.ratio
     try:
         return convert(model, ratio, include=args.include or None, exclude=args.exclude or None,
-                       example_inputs=tuple(inputs))
+                       example_inputs=tuple(inputs), init=getattr(args, "init", "dense"))
     except L1fxError:
         raise
     except Exception as e:  # noqa: BLE001  (mostly the user's forward failing under tracing)

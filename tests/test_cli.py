@@ -139,3 +139,23 @@ def test_unwritable_stdout_and_unsupported_opset_are_one_line_usage_errors(tmp_p
         assert "Traceback" not in err and len(lines) == 1, (name, err)
         assert ("opset 3 was asked for" if name == "opset" else "cannot write to stdout") in lines[0], (name, err)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_export_and_report_keep_the_models_weights_unless_init_is_given():
+    """The CLIs export/report the model they are given (a loaded dense checkpoint, say): convert's default
+    init='auto' would replace its weights, so they pass init='dense' unless --init says otherwise."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from l1fx import _cli
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = (torch.randn(5, 4),)
+    args = SimpleNamespace(ratio=None, include=None, exclude=None, init="dense")
+    kept = _cli.convert_model(model, args, x)
+    assert torch.equal(kept.get_submodule("0").weight, model[0].weight)
+    args.init = "data"
+    assert not torch.equal(_cli.convert_model(model, args, x).get_submodule("0").weight, model[0].weight)
+    assert _cli.init_type("auto") == "auto"
