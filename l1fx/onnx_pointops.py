@@ -42,6 +42,8 @@ import torch
 from onnx import TensorProto, helper
 from torch import Tensor, nn
 
+from .passes.rng import preserved_rng
+
 DOMAIN = "l1fx.points"
 DOMAIN_VERSION = 1
 FPS = "FarthestPointSample"
@@ -214,25 +216,48 @@ class _Probe(torch.fx.Interpreter):
         return out
 
 
+def _probe_inputs(xyz: Tensor, npoint: int) -> list[Tensor]:
+    """The example's points and clouds it may not exercise: a far point at the origin (a helper that skips
+    zero rows, padding, is not FPS), another scale and offset, and more points (a helper fixed to one N)."""
+    b, n = xyz.shape[0], xyz.shape[1]
+    g = torch.Generator().manual_seed(0)  # not the user's generator
+
+    def cloud(points: int, scale: float, shift: float) -> Tensor:
+        return (torch.randn(b, points, 3, generator=g, dtype=torch.float64) * scale + shift).to(xyz)
+
+    far_origin = cloud(n, 1.0, 10.0)
+    far_origin[:, min(1, n - 1)] = 0.0
+    return [xyz, far_origin, cloud(n, 100.0, -50.0), cloud(n + 5, 1.0, 0.0)]
+
+
 def _fps_kind(fn: Callable, args: tuple, kwargs: dict) -> Optional[str]:
-    """``"fps-random"`` / ``"fps-first"`` when ``fn(xyz, npoint)`` computes farthest point sampling."""
+    """``"fps-random"`` / ``"fps-first"`` when ``fn(xyz, npoint)`` computes farthest point sampling.
+
+    Decided by running ``fn`` on the example's points and on probe clouds (:func:`_probe_inputs`) under two
+    seeds, against :func:`fps_reference`: a test, not a proof; verification then compares the exported file
+    with the model on the example inputs."""
     if kwargs or len(args) != 2:
         return None
     xyz, npoint = args
-    if not (isinstance(xyz, Tensor) and xyz.is_floating_point() and xyz.dim() == 3 and isinstance(npoint, int)
-            and 0 < npoint <= xyz.shape[1]):
+    if not (isinstance(xyz, Tensor) and xyz.is_floating_point() and xyz.dim() == 3 and xyz.shape[-1] == 3
+            and isinstance(npoint, int) and 0 < npoint <= xyz.shape[1]):
         return None
+    kinds = {_fps_kind_on(fn, cloud, npoint) for cloud in _probe_inputs(xyz, npoint)}
+    return kinds.pop() if len(kinds) == 1 and None not in kinds else None
+
+
+def _fps_kind_on(fn: Callable, xyz: Tensor, npoint: int) -> Optional[str]:
     b, n = xyz.shape[0], xyz.shape[1]
     outs, draws = [], []
-    with torch.random.fork_rng(devices=[xyz.device.index or 0] if xyz.is_cuda else []), torch.no_grad():
+    with torch.no_grad():
         for seed in (12345, 54321):
-            torch.manual_seed(seed)
-            try:
-                outs.append(fn(xyz, npoint))
-            except Exception:  # noqa: BLE001 - not an FPS helper after all
-                return None
-            torch.manual_seed(seed)
-            draws.append(torch.randint(0, n, (b,), dtype=torch.long).to(xyz.device))
+            with preserved_rng(seed=seed):  # the user's CPU and CUDA generators are left as they were
+                try:
+                    outs.append(fn(xyz, npoint))
+                except Exception:  # noqa: BLE001 - not an FPS helper after all
+                    return None
+            with preserved_rng(seed=seed):
+                draws.append(torch.randint(0, n, (b,), dtype=torch.long).to(xyz.device))
     if not all(isinstance(o, Tensor) and o.shape == (b, npoint) and not o.is_floating_point() for o in outs):
         return None
     first = fps_reference(xyz, torch.zeros(b, dtype=torch.long, device=xyz.device), npoint)
@@ -256,7 +281,7 @@ def substitute(model: nn.Module, inputs: tuple[Tensor, ...]) -> Substitution:
     if not helpers:
         return Substitution(model)
     probe = _Probe(model, helpers)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with preserved_rng(), torch.no_grad():
         probe.run(*inputs)
     replaced = []
     for name, fn in helpers.items():

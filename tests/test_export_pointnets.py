@@ -129,6 +129,34 @@ def test_fps_helper_is_recognised_by_what_it_computes():
     assert onnx_pointops._fps_kind(lambda p, n: p[:, :n, 0].long(), (xyz, 7), {}) is None
 
 
+def masked_fps(xyz, npoint):
+    """FPS that never picks all-zero rows (padding): the same as FPS on a cloud without such rows."""
+    b, n, _ = xyz.shape
+    valid = xyz.abs().sum(-1) > 0
+    idx = torch.zeros(b, npoint, dtype=torch.long)
+    dist = torch.full((b, n), 1e10).masked_fill(~valid, -1.0)
+    far = torch.zeros(b, dtype=torch.long)
+    for i in range(npoint):
+        idx[:, i] = far
+        d = ((xyz - xyz[torch.arange(b), far][:, None]) ** 2).sum(-1)
+        dist = torch.where(valid, torch.minimum(dist, d), dist)
+        far = dist.argmax(-1)
+    return idx
+
+
+def test_a_helper_that_only_matches_fps_on_the_example_is_not_replaced():
+    """Equal to FPS on the example (no zero rows) but not in general: probing other clouds keeps it as it is
+    (review finding: it was replaced, and the exported file gave other indices on padded input)."""
+    xyz = torch.rand(2, 12, 3) + 0.5
+    from l1fx.models import farthest_point_sample
+
+    assert torch.equal(masked_fps(xyz, 4), farthest_point_sample(xyz, 4))  # the example cannot tell them apart
+    assert onnx_pointops._fps_kind(masked_fps, (xyz, 4), {}) is None
+    cpu_state = torch.random.get_rng_state()
+    onnx_pointops._fps_kind(farthest_point_sample, (xyz, 4), {})
+    assert torch.equal(torch.random.get_rng_state(), cpu_state)
+
+
 # ---------------------------------------------------------------- bundled PointNet++ (cdist, ball query, 3-NN), both paths
 @pytest.fixture(scope="module")
 def pointnet2_bundled(tmp_path_factory):
