@@ -502,8 +502,16 @@ def _run_calibration(model: nn.Module, targets: dict[str, nn.Module], inputs: It
     try:
         with torch.no_grad():
             for item in inputs:
-                args = item if isinstance(item, tuple) else (item,)
-                model(*args)
+                # a tuple or list (what a DataLoader yields) is the forward's arguments, anything else one argument
+                args = tuple(item) if isinstance(item, (tuple, list)) else (item,)
+                try:
+                    model(*args)
+                except Exception as e:  # noqa: BLE001 - the user's model on the user's batch
+                    raise UsageError(
+                        f"quantize: the model failed on calibration batch {batches} ({len(args)} argument(s): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); each item of "
+                        f"calibration_inputs must be the forward's arguments, a tuple (x,) or (x, y), without "
+                        f"labels") from e
                 batches += 1
     finally:
         for h in handles:

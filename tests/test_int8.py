@@ -346,3 +346,17 @@ def test_pointwise_channels_first_and_rows_paths_agree(monkeypatch):
     for got in (rows_path, cf_path):
         assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(want[1, :, 5]).all())
         assert torch.equal(got.nan_to_num(0.5), want.nan_to_num(0.5))
+
+
+def test_calibration_batches_from_a_dataloader_and_a_clear_error_for_bad_ones():
+    """A DataLoader yields lists: they are the forward's arguments like tuples; a batch the model rejects
+    (labels left in, say) is one UsageError naming the batch, not a traceback from inside the model."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = l1fx.convert(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), pretrained=True)
+    x = torch.randn(9, 4)
+    q = l1fx.quantize(model, DataLoader(TensorDataset(x), batch_size=3))
+    assert q(x).shape == (9, 2)
+    with pytest.raises(l1fx.UsageError, match="failed on calibration batch 0 .2 argument"):
+        l1fx.quantize(model, DataLoader(TensorDataset(x, torch.zeros(9)), batch_size=3))
