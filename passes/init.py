@@ -241,7 +241,7 @@ def _data(state: ConversionState, calibrate: bool = False) -> tuple[list[str], l
 _RELUS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU)
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu6,
                    torch.nn.functional.leaky_relu}
-_PASS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+_PASS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Flatten, nn.Unflatten)
 
 
 def _after_relu(state: ConversionState, path: str) -> bool:
@@ -342,9 +342,15 @@ def init_l1_weights(state: ConversionState) -> ConversionState:
         if getattr(state.config, "example_inputs", None) is None:
             state.notes.append(_rule_note(state, "no example_inputs"))
             return _note_shared(state, list(_l1_targets(state)))
+        # layers before a failure already hold data-init weights: put the dense ones back before the rule
+        saved = [(w, w.detach().clone()) for w in {id(w): w for w in
+                 (_weight(m, state.root) for m in _l1_targets(state).values())}.values()]
         try:
             done, unreached = _data(state, calibrate=True)
         except ConversionFailed as e:  # e.g. a batch of one under batch statistics: the rule needs no data
+            with torch.no_grad():
+                for w, dense in saved:
+                    w.copy_(dense)
             state.notes.append(_rule_note(state, f"init='data' failed: {' '.join(str(e).split())[:160]}"))
             return _note_shared(state, list(_l1_targets(state)))
         note = (f"init='auto' -> 'data' (example_inputs given): {len(done)} l1 weight(s) set to mean_c + std_c * "

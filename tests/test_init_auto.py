@@ -119,3 +119,28 @@ def test_data_init_gives_constant_input_channels_a_spread():
     out.train()
     out(x.requires_grad_()).square().sum().backward()
     assert float(x.grad[:, 1].abs().max()) > 0
+
+
+def test_rule_sees_a_relu_through_flatten_and_a_failed_data_init_leaves_no_partial_weights():
+    """Review findings: a Linear after Conv -> BN -> ReLU -> Flatten reads ReLU outputs (ReLU statistics);
+    when data init fails part-way (a batch of one under batch statistics), the rule starts from the dense
+    weights, not from the layers data init had already set."""
+    import warnings
+
+    import l1fx
+    from l1fx.passes.init import RELU_MEAN
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(20, 2))
+    out = l1fx.convert(model)
+    assert abs(out.get_submodule("4").weight.mean().item() - RELU_MEAN) < 0.15
+    assert abs(out.get_submodule("0").weight.mean().item()) < 0.5  # reads the raw input: N(0, 1)
+
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        failed = l1fx.convert(mlp, example_inputs=(torch.randn(1, 4) * 50 + 100,))
+    assert "init='data' failed" in str(l1fx.summary(failed))
+    rule = l1fx.convert(mlp)
+    for name in ("0", "3"):
+        torch.testing.assert_close(failed.get_submodule(name).weight, rule.get_submodule(name).weight)
