@@ -269,6 +269,18 @@ def linear_function(opset: int) -> onnx.FunctionProto:
     )
 
 
+def _add_channel_bias() -> list[onnx.NodeProto]:
+    """``Y = y + B`` with ``B[M]`` reshaped to ``[M, 1, ...]`` (one 1 per kernel dim of ``k``): the conv bodies' tail."""
+    n = helper.make_node
+    return [
+        n("Shape", ["k"], ["nd"]),
+        n("ConstantOfShape", ["nd"], ["ones_nd"], value=helper.make_tensor("v", TensorProto.INT64, [1], [1])),
+        n("Concat", ["m", "ones_nd"], ["b_shape"], axis=0),
+        n("Reshape", ["B", "b_shape"], ["b"]),                   # [M, 1, ...]
+        n("Add", ["y", "b"], ["Y"]),
+    ]
+
+
 def conv_function(opset: int) -> onnx.FunctionProto:
     """``l1fx.L1Conv`` as im2col: one-hot ``Conv`` patch extraction, then ``L1Distance`` per group."""
     n = helper.make_node
@@ -313,12 +325,7 @@ def conv_function(opset: int) -> onnx.FunctionProto:
         n("Transpose", ["d3"], ["dt"], perm=[0, 2, 1]),           # [N, M, L]
         n("Concat", ["nb", "m", "out"], ["y_shape"], axis=0),
         n("Reshape", ["dt", "y_shape"], ["y"]),
-        n("Shape", ["k"], ["nd"]),
-        n("ConstantOfShape", ["nd"], ["ones_nd"], value=helper.make_tensor("v", TensorProto.INT64, [1], [1])),
-        n("Concat", ["m", "ones_nd"], ["b_shape"], axis=0),
-        n("Reshape", ["B", "b_shape"], ["b"]),                   # [M, 1, ...]
-        n("Add", ["y", "b"], ["Y"]),
-    ]
+    ] + _add_channel_bias()
     return helper.make_function(
         DOMAIN, CONV, ["X", "W", "B"], ["Y"], nodes,
         [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
@@ -383,12 +390,7 @@ def conv_transpose_function(opset: int) -> onnx.FunctionProto:
         n("Shape", ["placed"], ["out"], start=2),
         n("Concat", ["nb", "m", "out"], ["y_shape"], axis=0),
         n("Reshape", ["placed", "y_shape"], ["y"]),
-        n("Shape", ["k"], ["nd"]),
-        n("ConstantOfShape", ["nd"], ["ones_nd"], value=helper.make_tensor("v", TensorProto.INT64, [1], [1])),
-        n("Concat", ["m", "ones_nd"], ["b_shape"], axis=0),
-        n("Reshape", ["B", "b_shape"], ["b"]),                   # [M, 1, ...]
-        n("Add", ["y", "b"], ["Y"]),
-    ]
+    ] + _add_channel_bias()
     return helper.make_function(
         DOMAIN, CONV_TRANSPOSE, ["X", "W", "B"], ["Y"], nodes,
         [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
