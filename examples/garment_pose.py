@@ -52,7 +52,7 @@ import torch
 
 import l1fx
 from l1fx._cli import init_type
-from l1fx.garments import GARMENT_CATEGORIES, collate, generate_garments
+from l1fx.garments import GARMENT_CATEGORIES, YAW_JITTER, collate, generate_garments
 from l1fx.metrics import chamfer_distance, nocs_error, sample_surface
 from l1fx.models import GarmentNets, extract_mesh, warp_points
 from l1fx.models_garment import garment_losses
@@ -71,7 +71,7 @@ PRESETS = {
     "quick": dict(train=3, test=1, points=256, grid=16, batch=6, epochs=3, categories=GARMENT_CATEGORIES,
                   model=dict(npoint=(64, 16), sa_mlps=((16, 32), (32, 64)), fp_mlps=((64,), (32,)), features=16,
                              unet=(8, 16, 32))),
-    "full": dict(train=24, test=6, points=512, grid=16, batch=8, epochs=8, categories=GARMENT_CATEGORIES,
+    "full": dict(train=24, grasps=4, test=6, points=512, grid=16, batch=8, epochs=8, categories=GARMENT_CATEGORIES,
                  model=dict()),
 }
 
@@ -85,7 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds F..F+N-1; mean ± std")
     p.add_argument("--first-seed", type=int, default=0, help="F, the first seed")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
-    p.add_argument("--train", type=int, help="training garments per category")
+    p.add_argument("--train", type=int, help="training instances per category")
+    p.add_argument("--grasps", type=int, help="grasp points per training instance (test: one each)")
+    p.add_argument("--yaw-jitter", type=float, default=YAW_JITTER,
+                   help=f"spread of the hanging yaw, radians (default {YAW_JITTER}; see l1fx.garments)")
     p.add_argument("--test", type=int, help="test garments per category")
     p.add_argument("--points", type=int, help="observed points per garment")
     p.add_argument("--grid", type=int, help="canonical grid side G (divisible by 4 for the default U-Net)")
@@ -103,9 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="no training: combine the results.json of runs in DIR... (e.g. one seed each) into --out")
     args = p.parse_args(argv)
     preset = PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"]
-    for key in ("epochs", "train", "test", "points", "grid", "batch"):
+    for key in ("epochs", "train", "grasps", "test", "points", "grid", "batch"):
         if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+            setattr(args, key, preset.get(key, 1))
     args.categories, args.model_kwargs = preset["categories"], preset["model"]
     if args.lr is None:
         args.lr = 2e-3 if args.optimizer == "adamw" else 0.05
@@ -113,23 +116,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     for v in args.variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    for key in ("seeds", "epochs", "train", "test", "points", "grid", "batch", "threads"):
+    for key in ("seeds", "epochs", "train", "grasps", "test", "points", "grid", "batch", "threads"):
         if getattr(args, key) < 1:
             p.error(f"--{key} must be at least 1")
+    if not (args.yaw_jitter >= 0 and math.isfinite(args.yaw_jitter)):
+        p.error("--yaw-jitter must be a finite angle >= 0 (radians)")
     return args
 
 
 # ---------------------------------------------------------------- data
 def load_or_generate(args, out: Path) -> tuple[list, list]:
     """Train (seed 0) and test (seed 1) garments, cached in ``out`` (generation takes ~0.5 s a garment)."""
-    key = f"garments-c{''.join(c[0] for c in args.categories)}-tr{args.train}-te{args.test}-p{args.points}-g{args.grid}"
+    # v2: the hanging yaw is jittered (l1fx.garments); caches of the uniform-yaw generator are not reused
+    key = (f"garments-v2-c{''.join(c[0] for c in args.categories)}-tr{args.train}x{args.grasps}-te{args.test}"
+           f"-p{args.points}-g{args.grid}-y{args.yaw_jitter:g}")
     path = out / f"{key}.pkl"
     if path.exists():
         with open(path, "rb") as f:
             return pickle.load(f)
     t0 = time.perf_counter()
-    data = (generate_garments(args.train, args.categories, seed=0, num_points=args.points, grid=args.grid),
-            generate_garments(args.test, args.categories, seed=1, num_points=args.points, grid=args.grid))
+    data = (generate_garments(args.train, args.categories, seed=0, num_points=args.points, grid=args.grid,
+                              grasps=args.grasps, yaw_jitter=args.yaw_jitter),
+            generate_garments(args.test, args.categories, seed=1, num_points=args.points, grid=args.grid,
+                              yaw_jitter=args.yaw_jitter))
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         pickle.dump(data, f)
@@ -412,8 +421,8 @@ def _run(args, argv) -> list[dict]:
     train, test = load_or_generate(args, out)
     if len(train) < args.batch:
         raise l1fx.UsageError(f"{len(train)} training garments, fewer than --batch {args.batch}")
-    print(f"data: generated garments ({', '.join(args.categories)}), {args.train} train / {args.test} test per "
-          f"category, {args.points} observed points, grid {args.grid}^3; {args.epochs} epochs, batch {args.batch}, "
+    print(f"data: generated garments ({', '.join(args.categories)}), {args.train} train instances x {args.grasps} "
+          f"grasps / {args.test} test per category, yaw jitter {args.yaw_jitter:g} rad, {args.points} observed points, grid {args.grid}^3; {args.epochs} epochs, batch {args.batch}, "
           f"{args.optimizer} lr {args.lr}, ℓ1 init {args.init}", flush=True)
     energies = energy(args, train[0])
     print(f"energy per garment: dense {energies['dense_uJ']:.2f} µJ, ℓ1 {energies['l1_uJ']:.2f} µJ "

@@ -19,8 +19,16 @@ stand-in with the same structure, seeded and deterministic:
   is below the grasp point, then every vertex keeps its distance to the grasp point
   while its direction is pulled towards straight down (gravity sag, more for
   far vertices), sinusoidal folds are added across the hanging direction, and the
-  whole is turned by a random angle about the vertical. World coordinates are metres
-  with the grasp point at the origin.
+  whole is turned about the vertical by a small random angle (``yaw_jitter``, default
+  ±0.25 rad). GarmentNets' simulator lifts each garment from its canonical layout and
+  its cameras sit in the gripper's frame, so the hanging yaw follows from the grasp;
+  a uniform random yaw (tried first) makes NOCS unobservable from one view: a
+  PointNet++ trained on 1200 such views stayed near the mean predictor (test NOCS
+  error 0.25 vs 0.27) where without it the error fell to 0.16 in the same 1200 steps.
+  World coordinates are metres with the grasp point at the origin.
+* **Several grasps per instance** (``grasps``): as GarmentNets simulates each CLOTH3D
+  garment from several grasp points, one canonical instance (and its winding field,
+  the costly part) can be hung from ``grasps`` random vertices.
 * **Partial view** (:func:`render_partial`): points sampled uniformly on the hanging
   surface, kept when within ``depth_tol`` of the nearest surface in their cell of a
   ``cell``-sized z-buffer seen from +z (the camera side); each kept point carries
@@ -41,7 +49,7 @@ import numpy as np
 
 from .errors import UsageError
 
-__all__ = ["GARMENT_CATEGORIES", "NOCS_BOXES", "Garment", "make_garment", "hang", "render_partial",
+__all__ = ["GARMENT_CATEGORIES", "NOCS_BOXES", "YAW_JITTER", "Garment", "make_garment", "make_garments", "hang", "render_partial",
            "winding_number", "garment_fields", "generate_garments", "canonical_mesh"]
 
 GARMENT_CATEGORIES = ("dress", "jumpsuit", "skirt", "top", "pants", "shirt")
@@ -216,7 +224,10 @@ def _rotation_to(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.eye(3) + s * kx + (1 - c) * kx @ kx
 
 
-def hang(vertices: np.ndarray, grasp: int, rng: np.random.Generator) -> np.ndarray:
+YAW_JITTER = 0.25  # radians, the default spread of the hanging yaw (module docstring)
+
+
+def hang(vertices: np.ndarray, grasp: int, rng: np.random.Generator, yaw_jitter: float = YAW_JITTER) -> np.ndarray:
     """World positions ``[V, 3]`` of the garment held at vertex ``grasp`` (module docstring): metres, grasp at 0."""
     q = vertices - vertices[grasp]
     down = np.array([0.0, -1.0, 0.0])
@@ -233,7 +244,7 @@ def hang(vertices: np.ndarray, grasp: int, rng: np.random.Generator) -> np.ndarr
     fold = amp * (r[:, 0] / r_max)
     q[:, 0] += fold * np.sin(2 * np.pi * q[:, 1] / wavelength + phase[0])
     q[:, 2] += fold * np.sin(2 * np.pi * q[:, 1] / wavelength + phase[1])
-    yaw = rng.uniform(0, 2 * np.pi)
+    yaw = rng.uniform(-yaw_jitter, yaw_jitter)
     c, s = math.cos(yaw), math.sin(yaw)
     return q @ np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]).T
 
@@ -284,47 +295,69 @@ def grid_centres(grid: int) -> np.ndarray:
 
 
 def garment_fields(category: str, canonical_m: np.ndarray, world: np.ndarray, faces: np.ndarray, grid: int,
-                   rng: np.random.Generator, samples: int = 4000) -> tuple[np.ndarray, np.ndarray]:
-    """Winding number ``[G, G, G]`` and warp field ``[3, G, G, G]`` on the canonical grid (module docstring)."""
+                   rng: np.random.Generator, samples: int = 4000,
+                   winding: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Winding number ``[G, G, G]`` and warp field ``[3, G, G, G]`` on the canonical grid (module docstring).
+
+    ``winding``: the field of this canonical mesh if already computed (it does not depend on the hanging)."""
     centres_m = from_nocs(category, grid_centres(grid))
-    wn = winding_number(canonical_m, faces, centres_m).reshape(grid, grid, grid)
+    if winding is None:
+        winding = winding_number(canonical_m, faces, centres_m).reshape(grid, grid, grid)
     surf_w, surf_c = _surface_samples(world, canonical_m, faces, samples, rng)
     import torch
 
     nearest = torch.cdist(torch.from_numpy(centres_m), torch.from_numpy(surf_c)).argmin(1).numpy()
     warp = surf_w[nearest].T.reshape(3, grid, grid, grid)
-    return wn, warp
+    return winding, warp
 
 
-def make_garment(category: str, rng: np.random.Generator, num_points: int = 512, grid: int = 16) -> Garment:
-    """One generated example of ``category`` (see the module docstring), drawn from ``rng``."""
+def _check_category(category: str) -> None:
     if category not in GARMENT_CATEGORIES:
         raise UsageError(f"unknown garment category {category!r}; choose one of {', '.join(GARMENT_CATEGORIES)}")
+
+
+def make_garments(category: str, rng: np.random.Generator, num_points: int = 512, grid: int = 16, grasps: int = 1,
+                  yaw_jitter: float = YAW_JITTER) -> list[Garment]:
+    """One canonical instance of ``category`` hung from ``grasps`` random vertices (module docstring), from ``rng``."""
+    _check_category(category)
     verts_m, faces = canonical_mesh(category, rng)
     canonical = to_nocs(category, verts_m)
     if canonical.min() < 0 or canonical.max() > 1:  # a bug in the templates or NOCS_BOXES, never the user's
         raise AssertionError(f"{category}: canonical mesh leaves the NOCS cube ({canonical.min()}, {canonical.max()})")
-    grasp = int(rng.integers(len(verts_m)))
-    world = hang(verts_m, grasp, rng)
-    points, nocs, visible = render_partial(world, canonical, faces, num_points, rng)
-    winding, warp = garment_fields(category, verts_m, world, faces, grid, rng)
-    return Garment(GARMENT_CATEGORIES.index(category), canonical.astype(np.float32), world.astype(np.float32),
-                   faces, points.astype(np.float32), nocs.astype(np.float32), winding.astype(np.float32),
-                   warp.astype(np.float32), grasp, visible)
+    out, winding = [], None
+    for _ in range(grasps):
+        grasp = int(rng.integers(len(verts_m)))
+        world = hang(verts_m, grasp, rng, yaw_jitter)
+        points, nocs, visible = render_partial(world, canonical, faces, num_points, rng)
+        winding, warp = garment_fields(category, verts_m, world, faces, grid, rng, winding=winding)
+        out.append(Garment(GARMENT_CATEGORIES.index(category), canonical.astype(np.float32),
+                           world.astype(np.float32), faces, points.astype(np.float32), nocs.astype(np.float32),
+                           winding.astype(np.float32), warp.astype(np.float32), grasp, visible))
+    return out
+
+
+def make_garment(category: str, rng: np.random.Generator, num_points: int = 512, grid: int = 16,
+                 yaw_jitter: float = YAW_JITTER) -> Garment:
+    """One generated example of ``category`` (see the module docstring), drawn from ``rng``."""
+    return make_garments(category, rng, num_points, grid, 1, yaw_jitter)[0]
 
 
 def generate_garments(per_category: int, categories: Sequence[str] = GARMENT_CATEGORIES, seed: int = 0,
-                      num_points: int = 512, grid: int = 16) -> list[Garment]:
-    """``per_category`` garments of each category, deterministic in ``seed`` (one generator per category)."""
-    if per_category < 1 or num_points < 1 or grid < 2:
-        raise UsageError(f"generate_garments: per_category, num_points must be >= 1 and grid >= 2, got "
-                         f"{per_category}, {num_points}, {grid}")
+                      num_points: int = 512, grid: int = 16, grasps: int = 1,
+                      yaw_jitter: float = YAW_JITTER) -> list[Garment]:
+    """``per_category`` instances of each category, each hung from ``grasps`` grasp points (so
+    ``per_category * grasps`` garments per category), deterministic in ``seed`` (one generator per category)."""
+    if per_category < 1 or num_points < 1 or grid < 2 or grasps < 1:
+        raise UsageError(f"generate_garments: per_category, num_points and grasps must be >= 1 and grid >= 2, got "
+                         f"{per_category}, {num_points}, {grasps}, {grid}")
+    if not (yaw_jitter >= 0 and math.isfinite(yaw_jitter)):
+        raise UsageError(f"generate_garments: yaw_jitter must be a finite angle >= 0 (radians), got {yaw_jitter}")
     out = []
     for category in categories:
-        if category not in GARMENT_CATEGORIES:
-            raise UsageError(f"unknown garment category {category!r}; choose one of {', '.join(GARMENT_CATEGORIES)}")
+        _check_category(category)
         rng = np.random.default_rng([seed, GARMENT_CATEGORIES.index(category)])
-        out += [make_garment(category, rng, num_points, grid) for _ in range(per_category)]
+        for _ in range(per_category):
+            out += make_garments(category, rng, num_points, grid, grasps, yaw_jitter)
     return out
 
 

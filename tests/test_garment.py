@@ -119,6 +119,34 @@ def test_generator_is_deterministic_and_its_invariants_hold():
         generate_garments(1, ("sock",))
 
 
+def test_grasps_share_one_instance_and_the_yaw_stays_within_its_jitter():
+    from l1fx.garments import make_garments
+    gs = generate_garments(2, ("shirt",), seed=0, num_points=32, grid=4, grasps=3)
+    assert len(gs) == 6
+    for first, rest in ((gs[0], gs[1:3]), (gs[3], gs[4:6])):  # instance by instance
+        for g in rest:
+            np.testing.assert_array_equal(g.canonical, first.canonical)
+            np.testing.assert_array_equal(g.winding, first.winding)  # computed once per instance
+            assert g.grasp != first.grasp or not np.array_equal(g.world, first.world)
+    assert not np.array_equal(gs[0].canonical, gs[3].canonical)
+    # the hanging yaw: the same draws with and without jitter differ by one turn about the vertical
+    verts, _ = canonical_mesh("top", np.random.default_rng(1))
+    angles = []
+    for seed in range(50):
+        r = np.random.default_rng(seed)
+        a, b = hang(verts, 0, r, yaw_jitter=0.0), hang(verts, 0, np.random.default_rng(seed), yaw_jitter=0.3)
+        # same draws, so b is a turned about the vertical: compare the horizontal directions of one far vertex
+        k = int(np.argmax(np.linalg.norm(a[:, [0, 2]], axis=1)))
+        angles.append(np.arctan2(a[k, 2], a[k, 0]) - np.arctan2(b[k, 2], b[k, 0]))
+    angles = np.angle(np.exp(1j * np.array(angles)))
+    assert np.abs(angles).max() <= 0.3 + 1e-9 and np.abs(angles).max() > 0.1
+    with pytest.raises(UsageError, match="yaw_jitter"):
+        generate_garments(1, ("top",), yaw_jitter=-1.0)
+    with pytest.raises(UsageError, match="grasps"):
+        generate_garments(1, ("top",), grasps=0)
+    assert len(make_garments("top", np.random.default_rng(0), num_points=8, grid=4, grasps=2)) == 2
+
+
 def test_each_seen_point_and_its_nocs_are_the_same_surface_point():
     g = make_garment("jumpsuit", np.random.default_rng(5), num_points=40, grid=4)
     can, world = g.canonical[g.faces].astype(np.float64), g.world[g.faces].astype(np.float64)  # [F, 3, 3]
