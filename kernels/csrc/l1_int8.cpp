@@ -250,11 +250,65 @@ L1FX_NO_CONTRACT void tile_avx512(const uint8_t* xs, int64_t k8, const uint8_t* 
   }
 }
 using Tile512 = void (*)(const uint8_t*, int64_t, const uint8_t*, int64_t, const Epilogue&);
+
+// The float hot path of the linear kernel: a full R x (C * 8) tile (every row and filter real, C even,
+// 255 * K < 2^31), written 16 outputs = one 64-byte line per store. It is the float branch of tile_avx512 with
+// compile-time trip counts only, so the 2R*C/2 accumulators never leave the registers (the generic tile spills
+// them to the stack around its run-time edge tests) and the bias of the tile is loaded once, not per row.
+// stream: non-temporal stores (the output is larger than the caches; the caller checked 64-byte alignment):
+// no read-for-ownership of each output line, which at K = 64 costs more than the whole SAD loop.
+template <int R, int C>
+L1FX_NO_CONTRACT inline void tile_f32(const uint8_t* xs, int64_t k8, const uint8_t* wp, int64_t kb, float* y,
+                                      int64_t ld, float scale, const float* bias, const uint8_t* nan, bool stream) {
+  static_assert(C % 2 == 0, "pairs of 8-filter blocks");
+  __m512i acc[R][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < kb; ++j) {
+    __m512i w[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) w[c] = _mm512_loadu_si512(wp + (c * kb + j) * 64);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      int64_t v;
+      std::memcpy(&v, xs + r * k8 + j * 8, 8);
+      const __m512i xv = _mm512_set1_epi64(v);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_add_epi64(acc[r][c], _mm512_sad_epu8(xv, w[c]));
+    }
+  }
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512 vscale = _mm512_set1_ps(scale), sign = _mm512_set1_ps(-0.0f), nanv = _mm512_set1_ps(NAN);
+#pragma GCC unroll 4
+  for (int c = 0; c < C; c += 2) {
+    const __m512 b = bias ? _mm512_loadu_ps(bias + c * 8) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512i sums = _mm512_permutex2var_epi32(acc[r][c], even, acc[r][c + 1]);
+      const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), vscale);
+      __m512 v = bias ? _mm512_sub_ps(b, p) : _mm512_xor_ps(p, sign);
+      if (nan[r]) v = nanv;
+      float* dst = y + r * ld + c * 8;
+      if (stream) _mm512_stream_ps(dst, v); else _mm512_storeu_ps(dst, v);
+    }
+  }
+}
 #endif
 
 // Register tiles: rows x 8-filter blocks. AVX-512: 6 x 4 = 24 accumulators + 4 weights of 32 registers;
 // AVX2: 2 x 2 blocks = 8 accumulators + 4 weight halves of 16.
 constexpr int R512 = 6, C512 = 4, R256 = 2, C256 = 2, RSC = 4, CSC = 2;
+#ifndef L1FX_RF
+#define L1FX_RF 12
+#define L1FX_CF 2
+#endif
+constexpr int RF = L1FX_RF, CF = L1FX_CF;  // the float hot path's tile (tile_f32)
+static_assert(PANEL % RF == 0, "whole tiles per panel");
+// Float outputs of at least this many bytes are streamed (stream = -1): they do not fit beside the input in
+// the caches of this class of machine, so every plain store would first read its line from memory.
+constexpr int64_t STREAM_BYTES = int64_t(8) << 20;
 using TileFn = void (*)(const uint8_t*, int64_t, const uint8_t*, int64_t, uint64_t*);
 
 #define L1FX_TILE_TABLE(NAME, FN, RM, CM, FT)                                      \
@@ -295,10 +349,13 @@ extern "C" {
 int l1fx_i8_isa() { return compiled_isa(); }
 
 // y [n, m] from x [n, k] (float32 or uint8, row-major) and the packed weight (see the header).
+// stream: 1 = non-temporal stores of the float output, 0 = plain stores, -1 = decide (STREAM_BYTES); it applies
+// where it can (AVX-512BW, float output, y 64-byte aligned and m a multiple of 16), else plain stores.
 // Returns 0, or 1 for a bad kind, 2 for an int32 output that could overflow, 3 for NaN-capable input
 // with integer output.
 int l1fx_i8_linear(int in_kind, const void* x, const uint8_t* wp, int64_t n, int64_t k, int64_t m, float qscale,
-                   int zero_point, int out_kind, float scale, const float* bias, void* y, int isa, int nthreads) {
+                   int zero_point, int out_kind, float scale, const float* bias, void* y, int isa, int nthreads,
+                   int stream) {
   if ((in_kind != 0 && in_kind != 1) || out_kind < 0 || out_kind > 2) return 1;
   if (out_kind == 1 && 255.0 * double(k) >= 2147483648.0) return 2;
   if (in_kind == 0 && out_kind != 0) return 3;
@@ -309,18 +366,22 @@ int l1fx_i8_linear(int in_kind, const void* x, const uint8_t* wp, int64_t n, int
 #if defined(__AVX2__)
   if (isa == 1) rt = R256, ct = C256, pick = pick_avx2;
 #endif
-  if (isa == 2) rt = R512, ct = C512;  // its own tiles (pick_avx512), which write y themselves
+  if (isa == 2) rt = RF, ct = CF;  // its own tiles (tile_f32, pick_avx512 at the edges), which write y themselves
   const int64_t kb = (k + 7) / 8, k8 = kb * 8, mb = (m + 7) / 8;
   const int64_t panels = (n + PANEL - 1) / PANEL;
   const float zp = float(zero_point);
   const bool fits32 = 255.0 * double(k) < 2147483648.0;
+  const bool fast = isa == 2 && out_kind == 0 && fits32;
+  const bool nt = fast && stream != 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0 && m % 16 == 0 &&
+                  (stream == 1 || double(n) * double(m) * 4.0 >= double(STREAM_BYTES));
   (void)fits32;
+  (void)nt;
   int threads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, panels)));
 #pragma omp parallel num_threads(threads)
   {
     std::vector<uint8_t> panel(PANEL * k8), nan(PANEL);
     std::vector<uint64_t> acc(R512 * C512 * 8 + RSC * CSC * 8 + R256 * C256 * 8);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t n0 = p * PANEL, rows = std::min(PANEL, n - n0);
       fill_panel(in_kind, x, n0, rows, k, k8, qscale, zp, panel.data(), nan.data());
@@ -331,8 +392,19 @@ int l1fx_i8_linear(int in_kind, const void* x, const uint8_t* wp, int64_t n, int
           const int rr = int(std::min<int64_t>(rt, rows - r0));
 #if defined(__AVX512BW__)
           if (isa == 2) {
-            const Epilogue e{out_kind, y, m, n0 + r0, m0, m1, scale, bias, nan.data() + r0, fits32};
-            pick_avx512(rr, cb)(panel.data() + r0 * k8, k8, wp + b0 * kb * 64, kb, e);
+            if (fast && rr == RF && m1 - m0 == CF * 8) {
+              tile_f32<RF, CF>(panel.data() + r0 * k8, k8, wp + b0 * kb * 64, kb, static_cast<float*>(y) + (n0 + r0) * m + m0,
+                               m, scale, bias ? bias + m0 : nullptr, nan.data() + r0, nt);
+              continue;
+            }
+            // Edges (and integer outputs): the generic tiles, at most R512 x C512 at a time.
+            for (int r1 = 0; r1 < rr; r1 += R512)
+              for (int c1 = 0; c1 < cb; c1 += C512) {
+                const int r2 = std::min(R512, rr - r1), c2 = std::min(C512, cb - c1);
+                const int64_t ma = m0 + c1 * 8, mz = std::min(m1, ma + c2 * 8);
+                const Epilogue e{out_kind, y, m, n0 + r0 + r1, ma, mz, scale, bias, nan.data() + r0 + r1, fits32};
+                pick_avx512(r2, c2)(panel.data() + (r0 + r1) * k8, k8, wp + (b0 + c1) * kb * 64, kb, e);
+              }
             continue;
           }
 #endif
@@ -358,6 +430,9 @@ int l1fx_i8_linear(int in_kind, const void* x, const uint8_t* wp, int64_t n, int
         }
       }
     }
+#if defined(__AVX512BW__)
+    if (nt) _mm_sfence();  // this thread's streamed lines are globally visible before the region's barrier
+#endif
   }
   return 0;
 }
