@@ -53,8 +53,36 @@ inline uint8_t quant1(float v, float scale, float zp) {
 }
 
 // Quantise (or copy) `rows` rows into panel[r * k8 ...], zero padding k..k8; nan[r] = row holds NaN.
+// The panel needs PANEL_SLACK bytes past its last row: the AVX-512 path stores 16 codes at a time.
+constexpr int64_t PANEL_SLACK = 16;
 void fill_panel(int in_kind, const void* x, int64_t n0, int64_t rows, int64_t k, int64_t k8, float qscale, float zp,
                 uint8_t* panel, uint8_t* nan) {
+#if defined(__AVX512BW__)
+  if (in_kind == 0) {
+    // The same operations as quant1, 16 at a time (roundscale to nearest even = nearbyint). A row's last
+    // vector is a masked load whose dead lanes are stored as 0: that store also writes the zero padding
+    // k..k8 (k8 <= the end of that vector), so there is no scalar tail and no memset per row (at K = 64
+    // those cost as much as the quantisation itself).
+    const __m512 vscale = _mm512_set1_ps(qscale), vzp = _mm512_set1_ps(zp), lo = _mm512_setzero_ps(),
+                 hi = _mm512_set1_ps(255.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* src = static_cast<const float*>(x) + (n0 + r) * k;
+      uint8_t* dst = panel + r * k8;
+      __mmask16 nanmask = 0;
+      for (int64_t i = 0; i < k; i += 16) {
+        const __mmask16 live = static_cast<__mmask16>(k - i >= 16 ? 0xffff : (1u << (k - i)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(live, src + i);
+        nanmask |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        __m512 q = _mm512_add_ps(
+            _mm512_roundscale_ps(_mm512_div_ps(v, vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vzp);
+        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_maskz_cvtusepi32_epi8(live, _mm512_cvttps_epi32(q)));
+      }
+      nan[r] = nanmask != 0;
+    }
+    return;
+  }
+#endif
   for (int64_t r = 0; r < rows; ++r) {
     uint8_t* dst = panel + r * k8;
     nan[r] = 0;
@@ -63,23 +91,7 @@ void fill_panel(int in_kind, const void* x, int64_t n0, int64_t rows, int64_t k,
     } else {
       const float* src = static_cast<const float*>(x) + (n0 + r) * k;
       bool bad = false;
-      int64_t i = 0;
-#if defined(__AVX512BW__)
-      // The same operations as quant1, 16 at a time (roundscale to nearest even = nearbyint).
-      const __m512 vscale = _mm512_set1_ps(qscale), vzp = _mm512_set1_ps(zp), lo = _mm512_setzero_ps(),
-                   hi = _mm512_set1_ps(255.0f);
-      __mmask16 nanmask = 0;
-      for (; i + 16 <= k; i += 16) {
-        const __m512 v = _mm512_loadu_ps(src + i);
-        nanmask |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        __m512 q = _mm512_add_ps(
-            _mm512_roundscale_ps(_mm512_div_ps(v, vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vzp);
-        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(q)));
-      }
-      bad = nanmask != 0;
-#endif
-      for (; i < k; ++i) {
+      for (int64_t i = 0; i < k; ++i) {
         bad |= std::isnan(src[i]);
         dst[i] = quant1(src[i], qscale, zp);
       }
@@ -378,20 +390,34 @@ int l1fx_i8_linear(int in_kind, const void* x, const uint8_t* wp, int64_t n, int
                   (stream == 1 || double(n) * double(m) * 4.0 >= double(STREAM_BYTES));
   (void)fits32;
   (void)nt;
-  int threads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, panels)));
+  // A thread takes a chunk of up to 4 consecutive panels (at least 8 chunks per thread, for balance), so it
+  // knows its next panel and prefetches that panel's input rows a few lines per tile while this one computes:
+  // fill_panel then reads them from L1 instead of stalling on memory at the start of every panel.
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(4, panels / (8 * int64_t(std::max(1, nthreads)))));
+  const int64_t chunks = (panels + chunk - 1) / chunk;
+  const int64_t row_bytes = in_kind == 0 ? 4 * k : k;
+  int threads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, chunks)));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<uint8_t> panel(PANEL * k8), nan(PANEL);
+    std::vector<uint8_t> panel(PANEL * k8 + PANEL_SLACK), nan(PANEL);
     std::vector<uint64_t> acc(R512 * C512 * 8 + RSC * CSC * 8 + R256 * C256 * 8);
 #pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t p = c * chunk, p_end = std::min(panels, (c + 1) * chunk); p < p_end; ++p) {
       const int64_t n0 = p * PANEL, rows = std::min(PANEL, n - n0);
+      const int64_t tiles = ((mb + ct - 1) / ct) * ((rows + rt - 1) / rt);
+      const char* next = static_cast<const char*>(x) + (n0 + PANEL) * row_bytes;
+      const int64_t next_lines = p + 1 < p_end ? (std::min(PANEL, n - n0 - PANEL) * row_bytes + 63) / 64 : 0;
+      const int64_t lines_per_tile = (next_lines + tiles - 1) / tiles;
+      int64_t fetched = 0;
       fill_panel(in_kind, x, n0, rows, k, k8, qscale, zp, panel.data(), nan.data());
       for (int64_t b0 = 0; b0 < mb; b0 += ct) {
         const int cb = int(std::min<int64_t>(ct, mb - b0));
         const int64_t m0 = b0 * 8, m1 = std::min(m, (b0 + cb) * 8);
         for (int64_t r0 = 0; r0 < rows; r0 += rt) {
           const int rr = int(std::min<int64_t>(rt, rows - r0));
+          for (int64_t e = 0; e < lines_per_tile && fetched < next_lines; ++e, ++fetched)
+            __builtin_prefetch(next + fetched * 64, 0, 3);
 #if defined(__AVX512BW__)
           if (isa == 2) {
             if (fast && rr == RF && m1 - m0 == CF * 8) {
