@@ -85,3 +85,27 @@ def test_misaligned_output_falls_back_to_plain_stores():
                                  0, S, None, ctypes.c_void_p(y.data_ptr()), 2, 1, 1)
     assert rc == 0 and buf[0] == 7.0
     _same(y.view(n, m), want)
+
+
+@pytest.mark.parametrize("m", [4, 16, 20, 70, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_channels_first_tiles_bit_identical_to_reference(m, bias, threads):
+    # l1fx_i8_pointwise_cf: 12-, 8- and 4-filter float tiles over 16 real positions, the generic tiles for the
+    # rest (filters left over, the positions of a chunk's last partial tile), vectorised position packing.
+    if C.build_info()["isa"] != "avx512bw":  # (a failed build is an error here, not a skip)
+        pytest.skip("the channels-first mode needs an AVX-512BW build")
+    g = torch.Generator().manual_seed(m)
+    n, k, l = 2, 37, 300  # K not a multiple of 8, L: a full 256-position chunk and a partial one
+    x = torch.randn(n, k, l, generator=g) * 3 + 0.5
+    x[0, 3, 17] = float("nan")  # inside a full tile
+    x[1, 36, 299] = float("nan")  # the last position (generic edge), the last channel
+    x[1, 0, 40] = 1e30
+    x[0, 5, 260] = -float("inf")
+    qw = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)
+    rows_w = torch.nn.functional.pad(qw, (0, -k % 8))
+    b = torch.randn(m, generator=g) if bias else None
+    want = R.linear(x.transpose(1, 2).reshape(-1, k), qw, S, Z, b).reshape(n, l, m).transpose(1, 2)
+    assert bool(torch.isnan(want[0, :, 17]).all()) and bool(torch.isnan(want[1, :, 299]).all())
+    for t in (1, 2):
+        threads(t)
+        _same(C.pointwise_channels_first(x, rows_w, S, Z, b), want)

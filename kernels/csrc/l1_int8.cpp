@@ -263,13 +263,16 @@ L1FX_NO_CONTRACT void tile_avx512(const uint8_t* xs, int64_t k8, const uint8_t* 
 }
 using Tile512 = void (*)(const uint8_t*, int64_t, const uint8_t*, int64_t, const Epilogue&);
 
-// The float hot path of the linear kernel: a full R x (C * 8) tile (every row and filter real, C even,
-// 255 * K < 2^31), written 16 outputs = one 64-byte line per store. It is the float branch of tile_avx512 with
-// compile-time trip counts only, so the 2R*C/2 accumulators never leave the registers (the generic tile spills
-// them to the stack around its run-time edge tests) and the bias of the tile is loaded once, not per row.
+// The float hot path: a full R x (C * 8) tile (every row and column real, C even, 255 * K < 2^31), written 16
+// outputs = one 64-byte line per store. It is the float branch of tile_avx512 with compile-time trip counts
+// only, so the R * C accumulators never leave the registers (the generic tile spills them to the stack around
+// its run-time edge tests) and the bias of the tile is loaded once, not per row.
+// Rows mode (CFM false, the linear kernel): bias and outputs per column (filter), a NaN flag per row (input row).
+// Channels-first mode (CFM true, l1fx_i8_pointwise_cf): the rows are filters, the columns positions, so the bias
+// is per row and the NaN flags per column.
 // stream: non-temporal stores (the output is larger than the caches; the caller checked 64-byte alignment):
 // no read-for-ownership of each output line, which at K = 64 costs more than the whole SAD loop.
-template <int R, int C>
+template <int R, int C, bool CFM = false>
 L1FX_NO_CONTRACT inline void tile_f32(const uint8_t* xs, int64_t k8, const uint8_t* wp, int64_t kb, float* y,
                                       int64_t ld, float scale, const float* bias, const uint8_t* nan, bool stream) {
   static_assert(C % 2 == 0, "pairs of 8-filter blocks");
@@ -295,13 +298,19 @@ L1FX_NO_CONTRACT inline void tile_f32(const uint8_t* xs, int64_t k8, const uint8
   const __m512 vscale = _mm512_set1_ps(scale), sign = _mm512_set1_ps(-0.0f), nanv = _mm512_set1_ps(NAN);
 #pragma GCC unroll 4
   for (int c = 0; c < C; c += 2) {
-    const __m512 b = bias ? _mm512_loadu_ps(bias + c * 8) : _mm512_setzero_ps();
+    __m512 b = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    if (!CFM && bias) b = _mm512_loadu_ps(bias + c * 8);
+    if (CFM) bad = _mm_cmpneq_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(nan + c * 8)),
+                                       _mm_setzero_si128());
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512i sums = _mm512_permutex2var_epi32(acc[r][c], even, acc[r][c + 1]);
       const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), vscale);
+      if (CFM && bias) b = _mm512_set1_ps(bias[r]);
       __m512 v = bias ? _mm512_sub_ps(b, p) : _mm512_xor_ps(p, sign);
-      if (nan[r]) v = nanv;
+      if (CFM) v = _mm512_mask_mov_ps(v, bad, nanv);
+      else if (nan[r]) v = nanv;
       float* dst = y + r * ld + c * 8;
       if (stream) _mm512_stream_ps(dst, v); else _mm512_storeu_ps(dst, v);
     }
@@ -508,6 +517,51 @@ int l1fx_i8_patches(const uint8_t* q, int64_t c0, int64_t cg, int64_t d, int64_t
   return 0;
 }
 
+#if defined(__AVX512VBMI__)
+// The channels-first layer's packing, vectorised: positions l0 .. l0 + np of x [K][L] (row stride l) quantised
+// (the operations of fill_panel) into [blocks of 8 positions][kb][8 positions][8 k] codes, nan[p] = position p
+// holds NaN in some channel. Per 8 k x 8 positions: four 2-row zmm quantisations (8 positions of channel kk in
+// the low half, of kk + 1 in the high half) give the codes channel-major; one VPERMB transposes them to the
+// position-major block. Channels past k and positions past np are code 0 (the zero padding of the weight).
+void pack_positions(const float* xb, int64_t k, int64_t l, int64_t l0, int64_t np, int64_t kb, float qscale,
+                    float zp, uint8_t* packed, uint8_t* nan) {
+  const __m512 vscale = _mm512_set1_ps(qscale), vzp = _mm512_set1_ps(zp), lo = _mm512_setzero_ps(),
+               hi = _mm512_set1_ps(255.0f);
+  alignas(64) uint8_t idx[64];
+  for (int p = 0; p < 8; ++p)
+    for (int i = 0; i < 8; ++i) idx[p * 8 + i] = static_cast<uint8_t>(i * 8 + p);
+  const __m512i transpose = _mm512_load_si512(idx);
+  const int64_t blocks = (np + 7) / 8;
+  __mmask8 bad[32] = {};  // NaN positions per block (CHUNK / 8 blocks at most)
+  for (int64_t kblk = 0; kblk < kb; ++kblk)
+    for (int64_t pb = 0; pb < blocks; ++pb) {
+      const int64_t p0 = pb * 8;
+      const __mmask8 live = static_cast<__mmask8>(np - p0 >= 8 ? 0xff : (1u << (np - p0)) - 1);
+      __m128i part[4];
+      for (int h = 0; h < 4; ++h) {
+        const int64_t c0 = kblk * 8 + 2 * h;
+        const __mmask8 m0 = c0 < k ? live : 0, m1 = c0 + 1 < k ? live : 0;
+        const float* src = xb + c0 * l + l0 + p0;
+        const __m256 a = _mm256_maskz_loadu_ps(m0, src), b = _mm256_maskz_loadu_ps(m1, m1 ? src + l : src);
+        const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1);
+        const __mmask16 both = static_cast<__mmask16>(m0 | (unsigned(m1) << 8));
+        const __mmask16 isnan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        bad[pb] |= static_cast<__mmask8>(isnan | (isnan >> 8));
+        __m512 q = _mm512_add_ps(
+            _mm512_roundscale_ps(_mm512_div_ps(v, vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vzp);
+        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+        part[h] = _mm512_maskz_cvtusepi32_epi8(both, _mm512_cvttps_epi32(q));
+      }
+      __m512i z = _mm512_castsi128_si512(part[0]);
+      z = _mm512_inserti32x4(z, part[1], 1);
+      z = _mm512_inserti32x4(z, part[2], 2);
+      z = _mm512_inserti32x4(z, part[3], 3);
+      _mm512_storeu_si512(packed + (pb * kb + kblk) * 64, _mm512_permutexvar_epi8(transpose, z));
+    }
+  for (int64_t p = 0; p < blocks * 8; ++p) nan[p] = (bad[p / 8] >> (p % 8)) & 1;
+}
+#endif
+
 #if defined(__AVX512BW__)
 // Channels-first pointwise layer: y[n, m, l] = bias[m] + -(scale * sum_k |q(x[n, k, l]) - qw[m, k]|) for x
 // [N][K][L] float32, straight into y [N][M][L] with no transposed copy of either. |a - b| is symmetric, so
@@ -525,14 +579,19 @@ int l1fx_i8_pointwise_cf(const float* x, const uint8_t* wrows, int64_t n, int64_
 #pragma omp parallel num_threads(threads)
   {
     std::vector<uint8_t> packed(CHUNK / 8 * kb * 64), nan(CHUNK);
+#if !defined(__AVX512VBMI__)
     std::vector<uint8_t> codes(CHUNK);
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t b = t / chunks, l0 = (t % chunks) * CHUNK, np = std::min(CHUNK, l - l0);
       const int64_t blocks = (np + 7) / 8;
+      const float* xb = x + b * k * l;
+#if defined(__AVX512VBMI__)
+      pack_positions(xb, k, l, l0, np, kb, qscale, zp, packed.data(), nan.data());
+#else
       std::memset(packed.data(), 0, blocks * kb * 64);
       std::memset(nan.data(), 0, CHUNK);
-      const float* xb = x + b * k * l;
       for (int64_t kk = 0; kk < k; ++kk) {
         const float* src = xb + kk * l + l0;
         for (int64_t p = 0; p < np; ++p) {
@@ -542,15 +601,39 @@ int l1fx_i8_pointwise_cf(const float* x, const uint8_t* wrows, int64_t n, int64_
         uint8_t* col = packed.data() + (kk / 8) * 64 + (kk % 8);
         for (int64_t p = 0; p < np; ++p) col[((p / 8) * kb) * 64 + (p % 8) * 8] = codes[p];
       }
-      for (int64_t m0 = 0; m0 < m; m0 += R512) {
-        const int rr = int(std::min<int64_t>(R512, m - m0));
-        for (int64_t b0 = 0; b0 < blocks; b0 += C512) {
-          const int cb = int(std::min<int64_t>(C512, blocks - b0));
-          Epilogue e{0, y + b * m * l, l, m0, l0 + b0 * 8, std::min(l, l0 + (b0 + cb) * 8), scale, nullptr,
-                     nullptr, fits32, bias, nan.data(), l0};
-          pick_avx512(rr, cb)(wrows + m0 * k8, k8, packed.data() + b0 * kb * 64, kb, e);
+#endif
+      float* yb = y + b * m * l;
+      // Full tiles of 16 positions: 12, 8 or 4 filters at a time (the widths of real layers are multiples of 4)
+      // through tile_f32; what is left (filters or positions) through the generic tiles.
+      const int64_t full = fits32 ? std::min(blocks, (l - l0) / 8) / 2 * 2 : 0;  // blocks of only real positions
+      int64_t m0 = 0;
+      for (; m0 < m; ) {
+        const int64_t left = m - m0;
+        const int rr = left >= 12 ? 12 : left >= 8 ? 8 : left >= 4 ? 4 : 0;
+        if (rr == 0) break;
+        const float* rb = bias ? bias + m0 : nullptr;
+        for (int64_t b0 = 0; b0 < full; b0 += 2) {
+          float* dst = yb + m0 * l + l0 + b0 * 8;
+          const uint8_t* pk = packed.data() + b0 * kb * 64;
+          if (rr == 12) tile_f32<12, 2, true>(wrows + m0 * k8, k8, pk, kb, dst, l, scale, rb, nan.data() + b0 * 8, false);
+          else if (rr == 8) tile_f32<8, 2, true>(wrows + m0 * k8, k8, pk, kb, dst, l, scale, rb, nan.data() + b0 * 8, false);
+          else tile_f32<4, 2, true>(wrows + m0 * k8, k8, pk, kb, dst, l, scale, rb, nan.data() + b0 * 8, false);
         }
+        m0 += rr;
       }
+      auto generic = [&](int64_t ma, int64_t mz, int64_t ba, int64_t bz) {
+        for (int64_t r0 = ma; r0 < mz; r0 += R512) {
+          const int rr = int(std::min<int64_t>(R512, mz - r0));
+          for (int64_t b0 = ba; b0 < bz; b0 += C512) {
+            const int cb = int(std::min<int64_t>(C512, bz - b0));
+            Epilogue e{0, yb, l, r0, l0 + b0 * 8, std::min(l, l0 + (b0 + cb) * 8), scale, nullptr,
+                       nullptr, fits32, bias, nan.data(), l0};
+            pick_avx512(rr, cb)(wrows + r0 * k8, k8, packed.data() + b0 * kb * 64, kb, e);
+          }
+        }
+      };
+      generic(0, m0, full, blocks);  // the positions past the full tiles, for the filters done above
+      generic(m0, m, 0, blocks);     // the filters left (fewer than 4), all positions
     }
   }
   return 0;
