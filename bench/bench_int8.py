@@ -17,7 +17,7 @@ time goes, from the kernel's own switches (same round-robin): the layer, the
 kernel called directly (no custom-op/Python layer), on uint8 codes (no input
 quantisation), with plain instead of streamed output stores.
 
-    .venv/bin/python bench/bench_int8.py [--reps 11] [--threads 1] [--conv] [--profile] [--json out.json]
+    .venv/bin/python bench/bench_int8.py [--reps 11] [--threads 1] [--conv] [--profile] [--timer cpu] [--json out.json]
 """
 from __future__ import annotations
 
@@ -46,12 +46,16 @@ LINEAR_SHAPES = [(32768, 64, 128), (8192, 256, 512)]
 TARGETS = {"F.linear": 2.0, "l1 fp32": 3.0}  # the issue's: int8 at least this many times faster
 
 
+CLOCK = time.perf_counter  # --timer cpu: time.process_time (1 thread only: a loaded machine's time slices
+                           # then do not land on whichever column was running; every column is timed alike)
+
+
 def _time(fn, reps: int) -> list[float]:
     out = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        out.append(time.perf_counter() - t)
+        out.append(CLOCK() - t)
     return out
 
 
@@ -126,8 +130,15 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--conv", action="store_true", help="also a 3x3x3 Conv3d 32->32 on 16^3 x2")
     p.add_argument("--profile", action="store_true", help="also split the int8 layer's time (see the doc)")
+    p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                   help="cpu: process CPU time instead of wall time (with --threads 1 only)")
     p.add_argument("--json", help="write the medians here")
     a = p.parse_args(argv)
+    global CLOCK
+    if a.timer == "cpu":
+        if a.threads != 1:
+            p.error("--timer cpu needs --threads 1 (CPU time adds up the threads)")
+        CLOCK = time.process_time
     torch.set_num_threads(a.threads)
     info = int8_cpu.build_info()
     if not info["loaded"]:
@@ -137,7 +148,7 @@ def main(argv=None) -> dict:
     if a.conv:
         cases.append(("conv3d 32->32 k3 16^3 x2 (F.linear column: F.conv3d)", conv_case()))
     print(f"# {platform.processor() or platform.machine()}, int8 isa {info['isa']}, torch {torch.__version__}, "
-          f"threads {a.threads}, median of {a.reps}, ms")
+          f"threads {a.threads}, median of {a.reps}, ms ({a.timer} time)")
     print("| shape | F.linear | l1 fp32 | l1 int8 | ao int8 | int8 vs F.linear | int8 vs l1 fp32 | int8 vs ao |")
     print("|---|---|---|---|---|---|---|---|")
     results = {}
