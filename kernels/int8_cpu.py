@@ -38,7 +38,7 @@ _state: dict = {}
 def _declare(lib: ctypes.CDLL) -> Optional[dict]:
     """ctypes signatures of the library's functions."""
     vp, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.l1fx_i8_linear.argtypes = [i32, vp, vp, i64, i64, i64, f32, i32, i32, f32, vp, vp, i32, i32]
+    lib.l1fx_i8_linear.argtypes = [i32, vp, vp, i64, i64, i64, f32, i32, i32, f32, vp, vp, i32, i32, i32]
     lib.l1fx_i8_linear.restype = i32
     lib.l1fx_i8_quantize.argtypes = [vp, vp, i64, f32, i32, i32]
     lib.l1fx_i8_quantize.restype = i64
@@ -102,15 +102,17 @@ def linear_codes(qx: Tensor, packed: Tensor, m: int, *, isa: Optional[int] = Non
     out_kind = 1 if k <= ref.INT32_MAX_K else 2
     out = torch.empty(n, m, dtype=torch.int32 if out_kind == 1 else torch.int64)
     _check(_lib().l1fx_i8_linear(1, _ptr(qx), _ptr(packed), n, k, m, 1.0, 0, out_kind, 1.0, None, _ptr(out),
-                                 _isa(isa), torch.get_num_threads()))
+                                 _isa(isa), torch.get_num_threads(), 0))
     return out
 
 
 def linear(x: Tensor, packed: Tensor, m: int, scale: float, zero_point: int, bias: Optional[Tensor], *,
-           isa: Optional[int] = None) -> Tensor:
+           isa: Optional[int] = None, stream: Optional[bool] = None) -> Tensor:
     """``bias + -(scale * sum_k |q(x) - qw|)`` in float32 from float32 rows ``x`` (quantised in the kernel).
 
-    ``x`` may also be uint8 codes (then NaN cannot occur). NaN rows give NaN.
+    ``x`` may also be uint8 codes (then NaN cannot occur). NaN rows give NaN. ``stream``: non-temporal stores
+    of the output (None: the kernel decides by size; it also needs AVX-512BW, ``m % 16 == 0``, an aligned
+    output). The same bits either way; it only changes the speed.
     """
     n, k = x.shape
     kind = 1 if x.dtype == torch.uint8 else 0
@@ -118,7 +120,8 @@ def linear(x: Tensor, packed: Tensor, m: int, scale: float, zero_point: int, bia
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     y = torch.empty(n, m, dtype=torch.float32)
     _check(_lib().l1fx_i8_linear(kind, _ptr(x), _ptr(packed), n, k, m, float(scale), int(zero_point), 0, float(scale),
-                                 _ptr(bias), _ptr(y), _isa(isa), torch.get_num_threads()))
+                                 _ptr(bias), _ptr(y), _isa(isa), torch.get_num_threads(),
+                                 -1 if stream is None else int(bool(stream))))
     return y
 
 
