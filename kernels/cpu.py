@@ -207,13 +207,14 @@ def _geometry_3d(x: Tensor, w: Tensor, stride, padding, dilation) -> tuple[list[
 
 
 def conv_forward_kernel(x: Tensor, w: Tensor, stride, padding, dilation, groups: int) -> str:
-    """Which direct forward kernel :func:`conv_forward` runs here: ``"rows"`` or ``"packed"`` (tests, benchmarks)."""
+    """Which direct forward kernel :func:`conv_forward` runs here: ``"pointwise"``, ``"rows"`` or ``"packed"``
+    (tests, benchmarks)."""
     geom, _ = _geometry_3d(x, w, stride, padding, dilation)
     g = (ctypes.c_int64 * 18)(*geom)
-    rows = _lib().l1fx_conv_forward_uses_rows(
+    kind = _lib().l1fx_conv_forward_uses_rows(
         x.shape[0], x.shape[1], w.shape[0], groups, ctypes.cast(g, ctypes.c_void_p), torch.get_num_threads()
     )
-    return "rows" if rows else "packed"
+    return {2: "pointwise", 1: "rows"}.get(kind, "packed")
 
 
 def conv_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:

@@ -633,17 +633,30 @@ void pack_conv_slice(const T* x, const ConvGeom& cg, int64_t b, int64_t g, const
     }
 }
 
-// CONV_MT filters (rows wr[i], K-contiguous, offset to the slice) x CONV_PV
-// vectors of positions over KS patch values; acc carries the sums in and out.
+// CONV_MT filters (rows wr[i], K-contiguous, offset to the slice) x the first
+// PV of the CONV_PV vectors of positions over KS patch values; acc carries the
+// sums in and out. A panel's last tile runs only the vectors it has positions
+// in (216 outputs per sample, 6^3, fill 14 of 16 vectors, not 16).
+template <int PV>
 inline void conv_micro(const float* xp, const float* const* wr, int64_t KS, vf acc[CONV_MT][CONV_PV]) {
   const vf one = splat(kOpaqueOne);
   for (int64_t k = 0; k < KS; ++k) {
-    vf xv[CONV_PV];
-    for (int v = 0; v < CONV_PV; ++v) xv[v] = load(xp + k * CONV_PW + v * VW);
+    vf xv[PV];
+    for (int v = 0; v < PV; ++v) xv[v] = load(xp + k * CONV_PW + v * VW);
     for (int i = 0; i < CONV_MT; ++i) {
       const vf wb = splat(wr[i][k]);
-      for (int v = 0; v < CONV_PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wb) * one;
+      for (int v = 0; v < PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wb) * one;
     }
+  }
+}
+inline void conv_micro_dispatch(int pv, const float* xp, const float* const* wr, int64_t KS,
+                                vf acc[CONV_MT][CONV_PV]) {
+  static_assert(CONV_PV <= 4, "add cases below");
+  switch (pv) {
+    case 1: return conv_micro<1>(xp, wr, KS, acc);
+    case 2: return conv_micro<2 <= CONV_PV ? 2 : CONV_PV>(xp, wr, KS, acc);
+    case 3: return conv_micro<3 <= CONV_PV ? 3 : CONV_PV>(xp, wr, KS, acc);
+    default: return conv_micro<CONV_PV>(xp, wr, KS, acc);
   }
 }
 
@@ -687,7 +700,7 @@ void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const Conv
           vf* cr = n_slices > 1 ? &carry[size_t(mb * CONV_MT * CONV_PV)] : nullptr;
           for (int i = 0; i < CONV_MT; ++i)
             for (int v = 0; v < CONV_PV; ++v) acc[i][v] = s == 0 ? vf{} : cr[i * CONV_PV + v];
-          conv_micro(xb.data(), wr, KS, acc);
+          conv_micro_dispatch(int((rows + VW - 1) / VW), xb.data(), wr, KS, acc);
           if (s + 1 < n_slices) {
             for (int i = 0; i < CONV_MT; ++i)
               for (int v = 0; v < CONV_PV; ++v) cr[i * CONV_PV + v] = acc[i][v];
@@ -733,23 +746,28 @@ void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const Conv
 constexpr int ROW_MT = VW == 16 ? 4 : 2;
 constexpr int ROW_PV = VW == 16 ? 6 : 4;
 
-// ROW_MT filters x PV position vectors; base[v] is the buffer at position
-// vector v, koff[k] the offset of patch element k, wb the filter block [K][ROW_MT].
-template <int PV>
-inline void row_micro(const float* const* base, const int32_t* koff, const float* wb, int64_t K,
-                      vf acc[ROW_MT][PV]) {
+// MT filters x PV position vectors; base[v] is the buffer at position vector
+// v, koff[k] the offset of patch element k, wb the filter block [K][MT]. The
+// register tile of the row-tile and the pointwise conv forwards.
+template <int MT, int PV>
+inline void tile_micro(const float* const* base, const int32_t* koff, const float* wb, int64_t K, vf acc[MT][PV]) {
   const vf one = splat(kOpaqueOne);
-  for (int i = 0; i < ROW_MT; ++i)
+  for (int i = 0; i < MT; ++i)
     for (int v = 0; v < PV; ++v) acc[i][v] = vf{};
   for (int64_t k = 0; k < K; ++k) {
     const int32_t o = koff[k];
     vf xv[PV];
     for (int v = 0; v < PV; ++v) xv[v] = load(base[v] + o);
-    for (int i = 0; i < ROW_MT; ++i) {
-      const vf wv = splat(wb[k * ROW_MT + i]);
+    for (int i = 0; i < MT; ++i) {
+      const vf wv = splat(wb[k * MT + i]);
       for (int v = 0; v < PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wv) * one;
     }
   }
+}
+template <int PV>
+inline void row_micro(const float* const* base, const int32_t* koff, const float* wb, int64_t K,
+                      vf acc[ROW_MT][PV]) {
+  tile_micro<ROW_MT, PV>(base, koff, wb, K, acc);
 }
 
 // A tile is DT output depth planes x TH output rows (b, group fixed); its
@@ -951,12 +969,105 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
   }
 }
 
+// ---------------------------------------------------------------- pointwise conv forward
+// Kernel size 1, stride 1, no padding (PointNet's shared MLPs, 1x1x1 layers):
+// per (sample, group), y[m, s] = bias[m] - sum_c |x[c, s] - w[m, c]| with x a
+// [Cg, S] matrix whose positions are contiguous, so no patch needs gathering
+// and no line buffer covering whole lines is needed (the row-tile path's
+// buffer of all channels x the whole line does not fit its budget from 64
+// channels of 1024 points on, and the packed path's 4x4 tile is ~15% slower).
+// A work item is a panel of PW_PV vectors of positions: channel rows of x are
+// copied into a contiguous [Cg][PW_PV * VW] panel (reading x in place would
+// stride by S floats per channel, 4 KiB for 1024 points, which maps every
+// channel to the same L1/L2 sets), then every block of PW_MT filters runs the
+// register tile over it. Tile 6 filters x 4 vectors: 24 accumulators + 4 x
+// vectors + the broadcast + the difference fill the 32 registers without a
+// spill (4 x 6 spills two accumulators per step).
+constexpr int PW_MT = VW == 16 ? 6 : 3;
+constexpr int PW_PV = VW == 16 ? 4 : 3;
+constexpr int PW_W = PW_PV * VW;  // positions per panel
+
+inline bool pointwise_conv(const ConvGeom& cg) {
+  for (int a = 0; a < 3; ++a)
+    if (cg.ker[a] != 1 || cg.st[a] != 1 || cg.pad[a] != 0) return false;
+  return true;
+}
+
+// Filters of every group as blocks [group][block][K][MT] (zero padded) and the bias per filter;
+// split over the threads of the enclosing parallel region (ends with a barrier).
+template <int MT, typename T>
+void filter_blocks(const T* w, const T* bias, int64_t M, int64_t Mg, int64_t K, float* wb, float* col_term) {
+  const int64_t n_mb = (Mg + MT - 1) / MT;
+#pragma omp for schedule(static)
+  for (int64_t gm = 0; gm < M; ++gm) {
+    const int64_t g = gm / Mg, m = gm % Mg;
+    float* blk = wb + (g * n_mb + m / MT) * K * MT + m % MT;
+    for (int64_t k = 0; k < K; ++k) blk[k * MT] = to_f(w[gm * K + k]);
+    col_term[gm] = bias ? to_f(bias[gm]) : 0.f;
+  }
+}
+
+template <typename T>
+void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
+  const int64_t K = cg.Cg(), Mg = cg.Mg(), S = cg.S();
+  const int64_t n_mb = (Mg + PW_MT - 1) / PW_MT, n_pt = (S + PW_W - 1) / PW_W;
+  std::vector<float> wb(size_t(cg.G * n_mb * K * PW_MT), 0.f), col_term(size_t(cg.M), 0.f);
+  std::vector<int32_t> koff(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) koff[size_t(k)] = int32_t(k * PW_W);
+  const int64_t items = cg.B * cg.G * n_pt;
+#pragma omp parallel num_threads(threads_for(std::max(items, cg.M), nthreads))
+  {
+    filter_blocks<PW_MT>(w, bias, cg.M, Mg, K, wb.data(), col_term.data());
+    std::vector<float> xp(static_cast<size_t>(K * PW_W));
+    const float* base[PW_PV];
+    for (int v = 0; v < PW_PV; ++v) base[v] = xp.data() + v * VW;
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t pt = it % n_pt, g = (it / n_pt) % cg.G, b = it / (n_pt * cg.G);
+      const int64_t s0 = pt * PW_W, n = std::min<int64_t>(PW_W, S - s0);
+      const T* xs = x + (b * cg.C + g * K) * S + s0;
+      for (int64_t c = 0; c < K; ++c)
+        for (int v = 0; v < PW_PV; ++v) {
+          const int64_t lanes = std::max<int64_t>(0, std::min<int64_t>(VW, n - v * VW));
+          const T* src = xs + c * S + v * VW;
+          store(&xp[size_t(c * PW_W + v * VW)], lanes == VW ? load_full(src) : lanes ? load_masked(src, 0, lanes) : vf{});
+        }
+      const float* wg = &wb[size_t(g * n_mb * K * PW_MT)];
+      T* yg = y + (b * cg.M + g * Mg) * S + s0;
+      for (int64_t mb = 0; mb < n_mb; ++mb) {
+        vf acc[PW_MT][PW_PV];
+        tile_micro<PW_MT, PW_PV>(base, koff.data(), wg + mb * K * PW_MT, K, acc);
+        for (int i = 0; i < PW_MT && mb * PW_MT + i < Mg; ++i) {
+          const int64_t m = mb * PW_MT + i;
+          const vf col = splat(col_term[size_t(g * Mg + m)]);
+          for (int v = 0; v < PW_PV && v * VW < n; ++v) {
+            const vf out = col - acc[i][v];
+            const int64_t lanes = std::min<int64_t>(VW, n - v * VW);
+            T* yp = yg + m * S + v * VW;
+            if (std::is_same<T, float>::value)
+              store_first(reinterpret_cast<float*>(yp), out, lanes);
+            else
+              for (int64_t e = 0; e < lanes; ++e) from_f(out[e], yp + e);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Which conv forward kernel runs: 2 = pointwise, 1 = row tiles, 0 = packed patch panels.
+inline int conv_forward_kind(const ConvGeom& cg, int nthreads) {
+  if (pointwise_conv(cg)) return 2;
+  return row_tiles_fit(cg, nthreads) ? 1 : 0;
+}
+
 template <typename T>
 void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
-  if (row_tiles_fit(cg, nthreads))
-    conv_forward_rows(x, w, bias, y, cg, nthreads);
-  else
-    conv_forward_packed(x, w, bias, y, cg, nthreads);
+  switch (conv_forward_kind(cg, nthreads)) {
+    case 2: return conv_forward_pointwise(x, w, bias, y, cg, nthreads);
+    case 1: return conv_forward_rows(x, w, bias, y, cg, nthreads);
+    default: return conv_forward_packed(x, w, bias, y, cg, nthreads);
+  }
 }
 
 // ---------------------------------------------------------------- direct conv input gradient
@@ -1408,9 +1519,10 @@ int l1fx_conv_forward(int dtype, const void* x, const void* w, const void* bias,
 }
 
 // Which conv forward kernel l1fx_conv_forward runs for this geometry and
-// thread count: 1 = row tiles (line buffers), 0 = packed patch panels.
+// thread count: 2 = pointwise (kernel 1, stride 1, no padding), 1 = row tiles
+// (line buffers), 0 = packed patch panels.
 int l1fx_conv_forward_uses_rows(int64_t B, int64_t C, int64_t M, int64_t G, const int64_t* geom, int nthreads) {
-  return row_tiles_fit(make_geom(B, C, M, G, geom), nthreads) ? 1 : 0;
+  return conv_forward_kind(make_geom(B, C, M, G, geom), nthreads);
 }
 
 // Direct conv input gradient (any geometry): g [B, M, out...], gx like x.
