@@ -980,12 +980,17 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
 // copied into a contiguous [Cg][PW_PV * VW] panel (reading x in place would
 // stride by S floats per channel, 4 KiB for 1024 points, which maps every
 // channel to the same L1/L2 sets), then every block of PW_MT filters runs the
-// register tile over it. Tile 6 filters x 4 vectors: 24 accumulators + 4 x
+// register tile over it. Tiles: 6 filters x 4 vectors (24 accumulators + 4 x
 // vectors + the broadcast + the difference fill the 32 registers without a
-// spill (4 x 6 spills two accumulators per step).
-constexpr int PW_MT = VW == 16 ? 6 : 3;
-constexpr int PW_PV = VW == 16 ? 4 : 3;
-constexpr int PW_W = PW_PV * VW;  // positions per panel
+// spill; 4 x 6 spills two accumulators per step), or 4 x 5 where fewer padded
+// filters make up for its one more load per 20 steps (16 or 32 filters: 6 x 4
+// would run 18 or 36).
+template <int MT, int PV>
+struct PwTile {
+  static constexpr int mt = MT, pv = PV, width = PV * VW;  // filters, vectors, positions per panel
+};
+using PwWide = PwTile<VW == 16 ? 6 : 3, VW == 16 ? 4 : 3>;
+using PwNarrow = PwTile<VW == 16 ? 4 : 3, VW == 16 ? 5 : 3>;
 
 inline bool pointwise_conv(const ConvGeom& cg) {
   for (int a = 0; a < 3; ++a)
@@ -1007,8 +1012,9 @@ void filter_blocks(const T* w, const T* bias, int64_t M, int64_t Mg, int64_t K, 
   }
 }
 
-template <typename T>
+template <typename Tile, typename T>
 void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
+  constexpr int PW_MT = Tile::mt, PW_PV = Tile::pv, PW_W = Tile::width;
   const int64_t K = cg.Cg(), Mg = cg.Mg(), S = cg.S();
   const int64_t n_mb = (Mg + PW_MT - 1) / PW_MT, n_pt = (S + PW_W - 1) / PW_W;
   std::vector<float> wb(size_t(cg.G * n_mb * K * PW_MT), 0.f), col_term(size_t(cg.M), 0.f);
@@ -1053,6 +1059,19 @@ void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const C
       }
     }
   }
+}
+
+// The tile with less padded work: filter blocks x position panels.
+template <typename Tile>
+int64_t pointwise_work(const ConvGeom& cg) {
+  return round_up(cg.Mg(), Tile::mt) * round_up(cg.S(), Tile::width);
+}
+template <typename T>
+void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
+  if (100 * pointwise_work<PwNarrow>(cg) < 97 * pointwise_work<PwWide>(cg))
+    conv_forward_pointwise<PwNarrow>(x, w, bias, y, cg, nthreads);
+  else
+    conv_forward_pointwise<PwWide>(x, w, bias, y, cg, nthreads);
 }
 
 // Which conv forward kernel runs: 2 = pointwise, 1 = row tiles, 0 = packed patch panels.
