@@ -213,6 +213,16 @@ def _build(name: str, ratio):
     return model.eval()
 
 
+def _load_model(spec: dict):
+    """The parent's converted model (saved with torch.save), so the rel err column compares the very
+    model whose output is the reference; rebuilt (seeded, the same model) if it could not be saved."""
+    import torch
+
+    if spec.get("model"):
+        return torch.load(spec["model"], weights_only=False).eval()
+    return _build(spec["name"], spec["ratio"])
+
+
 def _model_child(spec: dict) -> dict:
     import torch
 
@@ -220,7 +230,7 @@ def _model_child(spec: dict) -> dict:
     ref = torch.load(spec["ref"], weights_only=False)
     used = ""
     if spec["path"] == "l1-eager":
-        model = _build(spec["name"], spec["ratio"])  # deterministic: the same model as the parent's
+        model = _load_model(spec)
         run = lambda: model(pts, cat)  # noqa: E731
         used = "torch"
     else:
@@ -246,7 +256,7 @@ def _model_interleaved_child(spec: dict) -> dict:
         dense = ort.InferenceSession(spec["dense"], providers=["CPUExecutionProvider"])
         feed_d = dict(zip([i.name for i in dense.get_inputs()], [pts.numpy(), cat.numpy()]))
         runs["dense-ort"] = lambda: dense.run(None, feed_d)
-    model = _build(spec["name"], spec["ratio"])
+    model = _load_model(spec)
     runs["l1-eager"] = lambda: model(pts, cat)
     if spec.get("file"):
         for path in ("l1-session", "l1-python"):
@@ -289,11 +299,16 @@ def _prepare_model(name: str, ratio: float, tmp: str, cache: dict) -> dict:
     out["dense"] = cache[name]
     model = _build(name, ratio)
     tag = f"{name}_{ratio:g}"
-    # A converted GraphModule does not pickle, so subprocesses rebuild it (seeded) and are checked
-    # against this output.
+    # The subprocesses load this very model (and check against this output); a model that does not
+    # pickle is rebuilt there (seeded).
     ref = os.path.join(tmp, f"{tag}_ref.pt")
     with torch.no_grad():
         torch.save(model(*_inputs(BATCH)), ref)
+    out["model"] = os.path.join(tmp, f"{tag}_model.pt")
+    try:
+        torch.save(model, out["model"])
+    except Exception:  # noqa: BLE001 - not picklable: the children rebuild it
+        out["model"] = None
     f = os.path.join(tmp, f"{tag}.onnx")
     try:
         with warnings.catch_warnings():
@@ -374,7 +389,7 @@ def run_models(args, rows_out: list) -> None:
                 dense_ms = dense_mb = eager_ms = None
                 inter = _run_child({"kind": "model-interleaved", "repeat": 2 * args.model_repeat,
                                     "dense": files["dense"].get("file"), "file": files["l1"].get("file"),
-                                    "name": name, "ratio": ratio}, args.timeout)
+                                    "name": name, "ratio": ratio, "model": files["model"]}, args.timeout)
                 if "error" not in inter:
                     ref_d, ref_e = inter.get("dense-ort"), inter["l1-eager"]
                     parts = [f"{p} {v:.1f} ms" + (f" = {v / ref_d:.2f}x dense" if ref_d else "")
@@ -389,7 +404,8 @@ def run_models(args, rows_out: list) -> None:
                         rows_out.append((label, path, "failed", f"export: {info['error']}", "", "", "", "", ""))
                         continue
                     spec = {"kind": "model", "path": path, "repeat": args.model_repeat,
-                            "file": info.get("file", ""), "name": name, "ratio": ratio, "ref": files["l1"]["ref"]}
+                            "file": info.get("file", ""), "name": name, "ratio": ratio, "ref": files["l1"]["ref"],
+                            "model": files["model"]}
                     if path == "dense-ort":  # compare the dense file against the dense model's own output
                         spec["ref"] = os.path.join(tmp, f"{name}_dense_ref.pt")
                         if not os.path.exists(spec["ref"]):

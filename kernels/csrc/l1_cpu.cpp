@@ -980,11 +980,12 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
 // copied into a contiguous [Cg][PW_PV * VW] panel (reading x in place would
 // stride by S floats per channel, 4 KiB for 1024 points, which maps every
 // channel to the same L1/L2 sets), then every block of PW_MT filters runs the
-// register tile over it. Tiles: 6 filters x 4 vectors (24 accumulators + 4 x
-// vectors + the broadcast + the difference fill the 32 registers without a
-// spill; 4 x 6 spills two accumulators per step), or 4 x 5 where fewer padded
-// filters make up for its one more load per 20 steps (16 or 32 filters: 6 x 4
-// would run 18 or 36).
+// register tile over it. Tiles: 4 filters x 5 vectors (20 accumulators, 5 x
+// vectors, the broadcast, the difference, the sign mask and the 1.0f: no
+// spill), or 6 x 4 where it pads clearly fewer filters (6, 12, 18, ...). 6 x 4
+// needs all 32 registers before the two constants and GCC spills one
+// accumulator per step (Zen 4, one thread, 8 x 1024 points: 4 x 5 is ~3-8%
+// faster on 64 -> 128 and 128 -> 64, equal on 368 -> 128); 4 x 6 spills more.
 template <int MT, int PV>
 struct PwTile {
   static constexpr int mt = MT, pv = PV, width = PV * VW;  // filters, vectors, positions per panel
@@ -998,12 +999,10 @@ inline bool pointwise_conv(const ConvGeom& cg) {
   return true;
 }
 
-// Filters of every group as blocks [group][block][K][MT] (zero padded) and the bias per filter;
-// split over the threads of the enclosing parallel region (ends with a barrier).
+// Filters of every group as blocks [group][block][K][MT] (zero padded) and the bias per filter.
 template <int MT, typename T>
 void filter_blocks(const T* w, const T* bias, int64_t M, int64_t Mg, int64_t K, float* wb, float* col_term) {
   const int64_t n_mb = (Mg + MT - 1) / MT;
-#pragma omp for schedule(static)
   for (int64_t gm = 0; gm < M; ++gm) {
     const int64_t g = gm / Mg, m = gm % Mg;
     float* blk = wb + (g * n_mb + m / MT) * K * MT + m % MT;
@@ -1020,14 +1019,17 @@ void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const C
   std::vector<float> wb(size_t(cg.G * n_mb * K * PW_MT), 0.f), col_term(size_t(cg.M), 0.f);
   std::vector<int32_t> koff(static_cast<size_t>(K));
   for (int64_t k = 0; k < K; ++k) koff[size_t(k)] = int32_t(k * PW_W);
+  // Serial: M * K values against B * S * M * K steps of the tile; no barrier inside the parallel
+  // region, and items are handed out one by one, so a thread that the OS parks on a busy machine
+  // delays the call by at most the item it holds.
+  filter_blocks<PW_MT>(w, bias, cg.M, Mg, K, wb.data(), col_term.data());
   const int64_t items = cg.B * cg.G * n_pt;
-#pragma omp parallel num_threads(threads_for(std::max(items, cg.M), nthreads))
+#pragma omp parallel num_threads(threads_for(items, nthreads))
   {
-    filter_blocks<PW_MT>(w, bias, cg.M, Mg, K, wb.data(), col_term.data());
     std::vector<float> xp(static_cast<size_t>(K * PW_W));
     const float* base[PW_PV];
     for (int v = 0; v < PW_PV; ++v) base[v] = xp.data() + v * VW;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t pt = it % n_pt, g = (it / n_pt) % cg.G, b = it / (n_pt * cg.G);
       const int64_t s0 = pt * PW_W, n = std::min<int64_t>(PW_W, S - s0);
@@ -1061,14 +1063,14 @@ void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const C
   }
 }
 
-// The tile with less padded work: filter blocks x position panels.
+// 4 x 5 unless it does over 3% more padded work (filter blocks x position panels) than 6 x 4.
 template <typename Tile>
 int64_t pointwise_work(const ConvGeom& cg) {
   return round_up(cg.Mg(), Tile::mt) * round_up(cg.S(), Tile::width);
 }
 template <typename T>
 void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
-  if (100 * pointwise_work<PwNarrow>(cg) < 97 * pointwise_work<PwWide>(cg))
+  if (100 * pointwise_work<PwNarrow>(cg) <= 103 * pointwise_work<PwWide>(cg))
     conv_forward_pointwise<PwNarrow>(x, w, bias, y, cg, nthreads);
   else
     conv_forward_pointwise<PwWide>(x, w, bias, y, cg, nthreads);
