@@ -746,28 +746,23 @@ void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const Conv
 constexpr int ROW_MT = VW == 16 ? 4 : 2;
 constexpr int ROW_PV = VW == 16 ? 6 : 4;
 
-// MT filters x PV position vectors; base[v] is the buffer at position vector
-// v, koff[k] the offset of patch element k, wb the filter block [K][MT]. The
-// register tile of the row-tile and the pointwise conv forwards.
-template <int MT, int PV>
-inline void tile_micro(const float* const* base, const int32_t* koff, const float* wb, int64_t K, vf acc[MT][PV]) {
+// ROW_MT filters x PV position vectors; base[v] is the buffer at position
+// vector v, koff[k] the offset of patch element k, wb the filter block [K][ROW_MT].
+template <int PV>
+inline void row_micro(const float* const* base, const int32_t* koff, const float* wb, int64_t K,
+                      vf acc[ROW_MT][PV]) {
   const vf one = splat(kOpaqueOne);
-  for (int i = 0; i < MT; ++i)
+  for (int i = 0; i < ROW_MT; ++i)
     for (int v = 0; v < PV; ++v) acc[i][v] = vf{};
   for (int64_t k = 0; k < K; ++k) {
     const int32_t o = koff[k];
     vf xv[PV];
     for (int v = 0; v < PV; ++v) xv[v] = load(base[v] + o);
-    for (int i = 0; i < MT; ++i) {
-      const vf wv = splat(wb[k * MT + i]);
+    for (int i = 0; i < ROW_MT; ++i) {
+      const vf wv = splat(wb[k * ROW_MT + i]);
       for (int v = 0; v < PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wv) * one;
     }
   }
-}
-template <int PV>
-inline void row_micro(const float* const* base, const int32_t* koff, const float* wb, int64_t K,
-                      vf acc[ROW_MT][PV]) {
-  tile_micro<ROW_MT, PV>(base, koff, wb, K, acc);
 }
 
 // A tile is DT output depth planes x TH output rows (b, group fixed); its
@@ -981,17 +976,35 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
 // stride by S floats per channel, 4 KiB for 1024 points, which maps every
 // channel to the same L1/L2 sets), then every block of PW_MT filters runs the
 // register tile over it. Tiles: 4 filters x 5 vectors (20 accumulators, 5 x
-// vectors, the broadcast, the difference, the sign mask and the 1.0f: no
-// spill), or 6 x 4 where it pads clearly fewer filters (6, 12, 18, ...). 6 x 4
-// needs all 32 registers before the two constants and GCC spills one
-// accumulator per step (Zen 4, one thread, 8 x 1024 points: 4 x 5 is ~3-8%
-// faster on 64 -> 128 and 128 -> 64, equal on 368 -> 128); 4 x 6 spills more.
+// vectors, the broadcast, the difference, the sign mask and the 1.0f: 29 of
+// the 32 registers), or 6 x 4 where it pads clearly fewer filters (6, 12, 18,
+// ...). Zen 4, one thread, 8 x 1024 points: 4 x 5 is 5-20% faster than 6 x 4
+// (which needs all 32 registers) on 32 -> 64, 64 -> 128, 128 -> 64, 368 -> 128.
 template <int MT, int PV>
 struct PwTile {
   static constexpr int mt = MT, pv = PV, width = PV * VW;  // filters, vectors, positions per panel
 };
 using PwWide = PwTile<VW == 16 ? 6 : 3, VW == 16 ? 4 : 3>;
 using PwNarrow = PwTile<VW == 16 ? 4 : 3, VW == 16 ? 5 : 3>;
+
+// MT filters x PV vectors of positions over a [K][PV * VW] panel xp, wb the
+// filter block [K][MT]. Both operands are walked by pointer increments: with
+// the row-tile kernel's per-k offset table GCC 12 spills a few of the
+// 4 x 5 tile's vectors per step (~8% slower).
+template <int MT, int PV>
+inline void panel_micro(const float* xp, const float* wb, int64_t K, vf acc[MT][PV]) {
+  const vf one = splat(kOpaqueOne);
+  for (int i = 0; i < MT; ++i)
+    for (int v = 0; v < PV; ++v) acc[i][v] = vf{};
+  for (int64_t k = 0; k < K; ++k, xp += PV * VW, wb += MT) {
+    vf xv[PV];
+    for (int v = 0; v < PV; ++v) xv[v] = load(xp + v * VW);
+    for (int i = 0; i < MT; ++i) {
+      const vf wv = splat(wb[i]);
+      for (int v = 0; v < PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wv) * one;
+    }
+  }
+}
 
 inline bool pointwise_conv(const ConvGeom& cg) {
   for (int a = 0; a < 3; ++a)
@@ -1017,8 +1030,6 @@ void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const C
   const int64_t K = cg.Cg(), Mg = cg.Mg(), S = cg.S();
   const int64_t n_mb = (Mg + PW_MT - 1) / PW_MT, n_pt = (S + PW_W - 1) / PW_W;
   std::vector<float> wb(size_t(cg.G * n_mb * K * PW_MT), 0.f), col_term(size_t(cg.M), 0.f);
-  std::vector<int32_t> koff(static_cast<size_t>(K));
-  for (int64_t k = 0; k < K; ++k) koff[size_t(k)] = int32_t(k * PW_W);
   // Serial: M * K values against B * S * M * K steps of the tile; no barrier inside the parallel
   // region, and items are handed out one by one, so a thread that the OS parks on a busy machine
   // delays the call by at most the item it holds.
@@ -1027,8 +1038,6 @@ void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const C
 #pragma omp parallel num_threads(threads_for(items, nthreads))
   {
     std::vector<float> xp(static_cast<size_t>(K * PW_W));
-    const float* base[PW_PV];
-    for (int v = 0; v < PW_PV; ++v) base[v] = xp.data() + v * VW;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t pt = it % n_pt, g = (it / n_pt) % cg.G, b = it / (n_pt * cg.G);
@@ -1044,7 +1053,7 @@ void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const C
       T* yg = y + (b * cg.M + g * Mg) * S + s0;
       for (int64_t mb = 0; mb < n_mb; ++mb) {
         vf acc[PW_MT][PW_PV];
-        tile_micro<PW_MT, PW_PV>(base, koff.data(), wg + mb * K * PW_MT, K, acc);
+        panel_micro<PW_MT, PW_PV>(xp.data(), wg + mb * K * PW_MT, K, acc);
         for (int i = 0; i < PW_MT && mb * PW_MT + i < Mg; ++i) {
           const int64_t m = mb * PW_MT + i;
           const vf col = splat(col_term[size_t(g * Mg + m)]);
