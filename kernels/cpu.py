@@ -16,7 +16,8 @@ come from one C++ pass over the rows; NaN and infinities land where the
 formula puts them, as in the reference kernel.
 
 Convolutions do not go through im2col on this backend where avoidable:
-the forward is a direct implicit-GEMM kernel. When the last spatial axis has
+the forward is a direct implicit-GEMM kernel. Kernel size 1 with stride 1 and
+no padding reads x as the [C, positions] matrix it is ("pointwise"). When the last spatial axis has
 stride 1 and the output is large next to the per-thread buffers, it copies the
 input lines a tile of output rows needs (zero padded) into a per-thread
 buffer of at most 256 KiB and reads the patches straight from it ("rows");
