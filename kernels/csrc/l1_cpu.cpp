@@ -970,7 +970,8 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
 // [Cg, S] matrix whose positions are contiguous, so no patch needs gathering
 // and no line buffer covering whole lines is needed (the row-tile path's
 // buffer of all channels x the whole line does not fit its budget from 64
-// channels of 1024 points on, and the packed path's 4x4 tile is ~15% slower).
+// channels of 1024 points on, and the packed path with its 4x4 tile was ~10%
+// slower on 368 -> 128).
 // A work item is a panel of PW_PV vectors of positions: channel rows of x are
 // copied into a contiguous [Cg][PW_PV * VW] panel (reading x in place would
 // stride by S floats per channel, 4 KiB for 1024 points, which maps every
