@@ -28,6 +28,7 @@ columns divide by ``torch`` (layers) or by ``dense-ort`` and ``l1-eager`` (model
     python bench/bench_onnx.py                                   # both tables
     python bench/bench_onnx.py --what layers --rows 16384 --k 64 --m 128 --no-conv
     python bench/bench_onnx.py --what models --models pointnet --ratios 1 --markdown out.md
+    python bench/bench_onnx.py --what models --threads 1    # one thread everywhere (steadier on a busy machine)
 """
 from __future__ import annotations
 
@@ -81,17 +82,38 @@ def _time(run, repeat: int) -> dict:
             "peak_mb": _status_mb("VmHWM") - base, "y": y}
 
 
-def _session(onnx_file: str, path):
-    """A session on one l1 path (``None``: whatever ``ort_session`` picks)."""
+THREADS_ENV = "L1FX_BENCH_THREADS"  # --threads, handed to the measurement subprocesses
+
+
+def _threads() -> int:
+    """--threads (0: each library's default) and, when set, the same count for torch in this process."""
+    n = int(os.environ.get(THREADS_ENV, "0") or 0)
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)
+    return n
+
+
+def _plain_session(onnx_file: str):
     import onnxruntime as ort
 
+    so = ort.SessionOptions()
+    if _threads() > 0:
+        so.intra_op_num_threads = _threads()
+    return ort.InferenceSession(onnx_file, so, providers=["CPUExecutionProvider"])
+
+
+def _session(onnx_file: str, path):
+    """A session on one l1 path (``None``: whatever ``ort_session`` picks)."""
     from l1fx.ort_runtime import PATHS, ort_session
 
     if path == "plain":
-        return ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"]), "plain"
+        return _plain_session(onnx_file), "plain"
+    opts = {"intra_op_num_threads": _threads()} if _threads() > 0 else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sess = ort_session(onnx_file, paths=PATHS if path is None else (path,))
+        sess = ort_session(onnx_file, paths=PATHS if path is None else (path,), **opts)
     return sess, sess.l1fx_path
 
 
@@ -213,6 +235,16 @@ def _build(name: str, ratio):
     return model.eval()
 
 
+def _load_model(spec: dict):
+    """The parent's converted model (saved with torch.save), so the rel err column compares the very
+    model whose output is the reference; rebuilt (seeded, the same model) if it could not be saved."""
+    import torch
+
+    if spec.get("model"):
+        return torch.load(spec["model"], weights_only=False).eval()
+    return _build(spec["name"], spec["ratio"])
+
+
 def _model_child(spec: dict) -> dict:
     import torch
 
@@ -220,7 +252,7 @@ def _model_child(spec: dict) -> dict:
     ref = torch.load(spec["ref"], weights_only=False)
     used = ""
     if spec["path"] == "l1-eager":
-        model = _build(spec["name"], spec["ratio"])  # deterministic: the same model as the parent's
+        model = _load_model(spec)
         run = lambda: model(pts, cat)  # noqa: E731
         used = "torch"
     else:
@@ -237,16 +269,15 @@ def _model_child(spec: dict) -> dict:
 
 def _model_interleaved_child(spec: dict) -> dict:
     """Dense file, eager l1 model and the l1 file's sessions called in turn in one process: medians."""
-    import onnxruntime as ort
     import torch
 
     pts, cat = _inputs(BATCH)
     runs = {}
     if spec.get("dense"):
-        dense = ort.InferenceSession(spec["dense"], providers=["CPUExecutionProvider"])
+        dense = _plain_session(spec["dense"])
         feed_d = dict(zip([i.name for i in dense.get_inputs()], [pts.numpy(), cat.numpy()]))
         runs["dense-ort"] = lambda: dense.run(None, feed_d)
-    model = _build(spec["name"], spec["ratio"])
+    model = _load_model(spec)
     runs["l1-eager"] = lambda: model(pts, cat)
     if spec.get("file"):
         for path in ("l1-session", "l1-python"):
@@ -289,11 +320,16 @@ def _prepare_model(name: str, ratio: float, tmp: str, cache: dict) -> dict:
     out["dense"] = cache[name]
     model = _build(name, ratio)
     tag = f"{name}_{ratio:g}"
-    # A converted GraphModule does not pickle, so subprocesses rebuild it (seeded) and are checked
-    # against this output.
+    # The subprocesses load this very model (and check against this output); a model that does not
+    # pickle is rebuilt there (seeded).
     ref = os.path.join(tmp, f"{tag}_ref.pt")
     with torch.no_grad():
         torch.save(model(*_inputs(BATCH)), ref)
+    out["model"] = os.path.join(tmp, f"{tag}_model.pt")
+    try:
+        torch.save(model, out["model"])
+    except Exception:  # noqa: BLE001 - not picklable: the children rebuild it
+        out["model"] = None
     f = os.path.join(tmp, f"{tag}.onnx")
     try:
         with warnings.catch_warnings():
@@ -374,7 +410,7 @@ def run_models(args, rows_out: list) -> None:
                 dense_ms = dense_mb = eager_ms = None
                 inter = _run_child({"kind": "model-interleaved", "repeat": 2 * args.model_repeat,
                                     "dense": files["dense"].get("file"), "file": files["l1"].get("file"),
-                                    "name": name, "ratio": ratio}, args.timeout)
+                                    "name": name, "ratio": ratio, "model": files["model"]}, args.timeout)
                 if "error" not in inter:
                     ref_d, ref_e = inter.get("dense-ort"), inter["l1-eager"]
                     parts = [f"{p} {v:.1f} ms" + (f" = {v / ref_d:.2f}x dense" if ref_d else "")
@@ -389,7 +425,8 @@ def run_models(args, rows_out: list) -> None:
                         rows_out.append((label, path, "failed", f"export: {info['error']}", "", "", "", "", ""))
                         continue
                     spec = {"kind": "model", "path": path, "repeat": args.model_repeat,
-                            "file": info.get("file", ""), "name": name, "ratio": ratio, "ref": files["l1"]["ref"]}
+                            "file": info.get("file", ""), "name": name, "ratio": ratio, "ref": files["l1"]["ref"],
+                            "model": files["model"]}
                     if path == "dense-ort":  # compare the dense file against the dense model's own output
                         spec["ref"] = os.path.join(tmp, f"{name}_dense_ref.pt")
                         if not os.path.exists(spec["ref"]):
@@ -445,6 +482,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model-paths", nargs="*", default=list(MODEL_PATHS), choices=MODEL_PATHS)
     ap.add_argument("--model-repeat", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement subprocess")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for torch, onnxruntime (intra-op) and the l1fx kernels in every measurement "
+                         "(default: each library's own default, the cores)")
     ap.add_argument("--markdown", help="also write the tables to this Markdown file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -460,9 +500,14 @@ def main(argv=None) -> int:
             r = _model_child(spec)
         print(json.dumps(r))
         return 0
+    if args.threads > 0:
+        os.environ[THREADS_ENV] = str(args.threads)
+    _threads()
     import torch
 
-    header = (f"cpus: {os.cpu_count()}, torch threads {torch.get_num_threads()}; best (median) of "
+    header = (f"cpus: {os.cpu_count()}, torch threads {torch.get_num_threads()}"
+              + (f", onnxruntime intra-op threads {args.threads}" if args.threads > 0 else "")
+              + "; best (median) of "
               f"{args.repeat} (layers) / {args.model_repeat} (models) runs after a warm-up; "
               f"models at batch {BATCH} x {POINTS} points")
     print(header)

@@ -16,7 +16,8 @@ come from one C++ pass over the rows; NaN and infinities land where the
 formula puts them, as in the reference kernel.
 
 Convolutions do not go through im2col on this backend where avoidable:
-the forward is a direct implicit-GEMM kernel. When the last spatial axis has
+the forward is a direct implicit-GEMM kernel. Kernel size 1 with stride 1 and
+no padding reads x as the [C, positions] matrix it is ("pointwise"). When the last spatial axis has
 stride 1 and the output is large next to the per-thread buffers, it copies the
 input lines a tile of output rows needs (zero padded) into a per-thread
 buffer of at most 256 KiB and reads the patches straight from it ("rows");
@@ -207,13 +208,14 @@ def _geometry_3d(x: Tensor, w: Tensor, stride, padding, dilation) -> tuple[list[
 
 
 def conv_forward_kernel(x: Tensor, w: Tensor, stride, padding, dilation, groups: int) -> str:
-    """Which direct forward kernel :func:`conv_forward` runs here: ``"rows"`` or ``"packed"`` (tests, benchmarks)."""
+    """Which direct forward kernel :func:`conv_forward` runs here: ``"pointwise"``, ``"rows"`` or ``"packed"``
+    (tests, benchmarks)."""
     geom, _ = _geometry_3d(x, w, stride, padding, dilation)
     g = (ctypes.c_int64 * 18)(*geom)
-    rows = _lib().l1fx_conv_forward_uses_rows(
+    kind = _lib().l1fx_conv_forward_uses_rows(
         x.shape[0], x.shape[1], w.shape[0], groups, ctypes.cast(g, ctypes.c_void_p), torch.get_num_threads()
     )
-    return "rows" if rows else "packed"
+    return {2: "pointwise", 1: "rows"}.get(kind, "packed")
 
 
 def conv_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:

@@ -1,6 +1,8 @@
 """The C++ ``cpu`` backend against the reference kernel (the oracle)."""
 from __future__ import annotations
 
+import math
+
 
 import pytest
 import torch
@@ -310,12 +312,84 @@ def test_packed_conv_forward_matches_reference(case, dtype):
     torch.testing.assert_close(got.double(), want, **_tol(dtype, w[0].numel()))
 
 
+# The pointwise forward kernel (kernel 1, stride 1, no padding: PointNet's
+# shared MLPs, 1x1x1 layers): point counts that leave a short last panel (1000,
+# 37: vectors past the positions), fewer filters than one register block (5)
+# and counts that leave a partial block (50, 7), K = 3 (the first layer) and
+# K = 368 (PointNet's head), groups, a dilation that does not matter, 2-D and
+# 3-D. Data at an offset of 1e4 and a far outlier: every summand must come from
+# fl(x - w) itself.
+POINTWISE_CASES = [
+    ((2, 3, 1000), (50, 3, 1), [1], [0], [1], 1),
+    ((1, 368, 37), (7, 368, 1), [1], [0], [1], 1),
+    ((3, 12, 70), (9, 4, 1), [1], [0], [3], 3),
+    ((2, 6, 5, 9), (5, 6, 1, 1), [1, 1], [0, 0], [1, 1], 1),
+    ((2, 48, 4, 5, 6), (16, 48, 1, 1, 1), [1, 1, 1], [0, 0, 0], [1, 1, 1], 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", POINTWISE_CASES)
+def test_pointwise_conv_forward_matches_reference(case, dtype):
+    from l1fx.kernels import conv
+
+    xs, ws, stride, padding, dilation, groups = case
+    torch.manual_seed(4)
+    x, w, b = torch.randn(xs) + 1e4, torch.randn(ws) + 1e4, torch.randn(ws[0])
+    x.view(-1)[::11] -= 3e5
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    args = (stride, padding, dilation, groups)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert cpu.conv_forward_kernel(x, w, *args) == "pointwise"
+            got = cpu.conv_forward(x, w, b, *args)
+            want = conv.conv_forward(reference.BACKEND, x.double(), w.double(), b.double(), *args)
+            # float32: (K + 2) eps of the sum of |terms| (~1e4 K at this offset) plus the bias.
+            k = w[0].numel()
+            bound = (k + 2) * 2.0 ** -24 * (want.abs() + 2.0 * 3e5 * k) + 1e-6
+            if dtype == torch.float32:
+                assert ((got.double() - want).abs() <= bound).all(), f"{case} with {threads} threads"
+            else:
+                torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=0.0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_pointwise_conv_forward_nonfinite_like_reference():
+    from l1fx.kernels import conv
+
+    torch.manual_seed(5)
+    x, w = torch.randn(2, 20, 70) + 50, torch.randn(13, 20, 1) + 50
+    x[1, 3, 65] = -math.inf  # in the short last panel
+    x[0, 7, 2] = math.inf
+    w[4, 9, 0] = math.nan
+    w[11, 7, 0] = math.inf  # inf - inf = NaN at x[0, 7, 2] for filter 11
+    args = ([1], [0], [1], 1)
+    assert cpu.conv_forward_kernel(x, w, *args) == "pointwise"
+    got = cpu.conv_forward(x, w, None, *args)
+    want = conv.conv_forward(reference.BACKEND, x, w, None, *args)
+    # A NaN filter poisons its outputs, inf - inf is NaN, an infinite input gives -inf (y = -sum |x - w|).
+    assert got[:, 4].isnan().all() and got[0, 11, 2].isnan()
+    assert (got[1, [m for m in range(13) if m != 4], 65] == -math.inf).all() and got[0, 0, 2] == -math.inf
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got == math.inf, want == math.inf) and torch.equal(got == -math.inf, want == -math.inf)
+    fin = want.isfinite()
+    torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-3)
+
+
 def test_conv_forward_kernel_choice():
     # Stride 2 along the line, or few outputs next to the line buffers: packed.
     x, w = torch.randn(1, 4, 6, 6, 16), torch.randn(8, 4, 3, 3, 3)
     assert cpu.conv_forward_kernel(x, w, [1, 1, 2], [1, 1, 1], [1, 1, 1], 1) == "packed"
     assert cpu.conv_forward_kernel(x[:, :, :1, :1], w[:1], [1, 1, 1], [1, 1, 1], [1, 1, 1], 1) == "packed"
     assert cpu.conv_forward_kernel(x, torch.randn(64, 4, 3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], 1) == "rows"
+    # Kernel 1 with stride 1 and no padding: pointwise; with padding or stride 2 it is not.
+    w1 = torch.randn(8, 4, 1, 1, 1)
+    assert cpu.conv_forward_kernel(x, w1, [1, 1, 1], [0, 0, 0], [1, 1, 1], 1) == "pointwise"
+    assert cpu.conv_forward_kernel(x, w1, [1, 1, 1], [0, 0, 1], [1, 1, 1], 1) != "pointwise"
+    assert cpu.conv_forward_kernel(x, w1, [1, 2, 1], [0, 0, 0], [1, 1, 1], 1) != "pointwise"
 
 
 def test_kernel_return_codes_raise_real_exceptions():

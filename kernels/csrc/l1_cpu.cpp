@@ -633,17 +633,30 @@ void pack_conv_slice(const T* x, const ConvGeom& cg, int64_t b, int64_t g, const
     }
 }
 
-// CONV_MT filters (rows wr[i], K-contiguous, offset to the slice) x CONV_PV
-// vectors of positions over KS patch values; acc carries the sums in and out.
+// CONV_MT filters (rows wr[i], K-contiguous, offset to the slice) x the first
+// PV of the CONV_PV vectors of positions over KS patch values; acc carries the
+// sums in and out. A panel's last tile runs only the vectors it has positions
+// in (216 outputs per sample, 6^3, fill 14 of 16 vectors, not 16).
+template <int PV>
 inline void conv_micro(const float* xp, const float* const* wr, int64_t KS, vf acc[CONV_MT][CONV_PV]) {
   const vf one = splat(kOpaqueOne);
   for (int64_t k = 0; k < KS; ++k) {
-    vf xv[CONV_PV];
-    for (int v = 0; v < CONV_PV; ++v) xv[v] = load(xp + k * CONV_PW + v * VW);
+    vf xv[PV];
+    for (int v = 0; v < PV; ++v) xv[v] = load(xp + k * CONV_PW + v * VW);
     for (int i = 0; i < CONV_MT; ++i) {
       const vf wb = splat(wr[i][k]);
-      for (int v = 0; v < CONV_PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wb) * one;
+      for (int v = 0; v < PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wb) * one;
     }
+  }
+}
+inline void conv_micro_dispatch(int pv, const float* xp, const float* const* wr, int64_t KS,
+                                vf acc[CONV_MT][CONV_PV]) {
+  static_assert(CONV_PV <= 4, "add cases below");
+  switch (pv) {
+    case 1: return conv_micro<1>(xp, wr, KS, acc);
+    case 2: return conv_micro<2 <= CONV_PV ? 2 : CONV_PV>(xp, wr, KS, acc);
+    case 3: return conv_micro<3 <= CONV_PV ? 3 : CONV_PV>(xp, wr, KS, acc);
+    default: return conv_micro<CONV_PV>(xp, wr, KS, acc);
   }
 }
 
@@ -687,7 +700,7 @@ void conv_forward_packed(const T* x, const T* w, const T* bias, T* y, const Conv
           vf* cr = n_slices > 1 ? &carry[size_t(mb * CONV_MT * CONV_PV)] : nullptr;
           for (int i = 0; i < CONV_MT; ++i)
             for (int v = 0; v < CONV_PV; ++v) acc[i][v] = s == 0 ? vf{} : cr[i * CONV_PV + v];
-          conv_micro(xb.data(), wr, KS, acc);
+          conv_micro_dispatch(int((rows + VW - 1) / VW), xb.data(), wr, KS, acc);
           if (s + 1 < n_slices) {
             for (int i = 0; i < CONV_MT; ++i)
               for (int v = 0; v < CONV_PV; ++v) cr[i * CONV_PV + v] = acc[i][v];
@@ -951,12 +964,141 @@ void conv_forward_rows(const T* x, const T* w, const T* bias, T* y, const ConvGe
   }
 }
 
+// ---------------------------------------------------------------- pointwise conv forward
+// Kernel size 1, stride 1, no padding (PointNet's shared MLPs, 1x1x1 layers):
+// per (sample, group), y[m, s] = bias[m] - sum_c |x[c, s] - w[m, c]| with x a
+// [Cg, S] matrix whose positions are contiguous, so no patch needs gathering
+// and no line buffer covering whole lines is needed (the row-tile path's
+// buffer of all channels x the whole line does not fit its budget from 64
+// channels of 1024 points on, and the packed path with its 4x4 tile was ~10%
+// slower on 368 -> 128).
+// A work item is a panel of PW_PV vectors of positions: channel rows of x are
+// copied into a contiguous [Cg][PW_PV * VW] panel (reading x in place would
+// stride by S floats per channel, 4 KiB for 1024 points, which maps every
+// channel to the same L1/L2 sets), then every block of PW_MT filters runs the
+// register tile over it. Tiles: 4 filters x 5 vectors (20 accumulators, 5 x
+// vectors, the broadcast, the difference, the sign mask and the 1.0f: 29 of
+// the 32 registers), or 6 x 4 where it pads clearly fewer filters (6, 12, 18,
+// ...). Zen 4, one thread, 8 x 1024 points: 4 x 5 is 5-20% faster than 6 x 4
+// (which needs all 32 registers) on 32 -> 64, 64 -> 128, 128 -> 64, 368 -> 128.
+template <int MT, int PV>
+struct PwTile {
+  static constexpr int mt = MT, pv = PV, width = PV * VW;  // filters, vectors, positions per panel
+};
+using PwWide = PwTile<VW == 16 ? 6 : 3, VW == 16 ? 4 : 3>;
+using PwNarrow = PwTile<VW == 16 ? 4 : 3, VW == 16 ? 5 : 3>;
+
+// MT filters x PV vectors of positions over a [K][PV * VW] panel xp, wb the
+// filter block [K][MT]. Both operands are walked by pointer increments: with
+// the row-tile kernel's per-k offset table GCC 12 spills a few of the
+// 4 x 5 tile's vectors per step (~8% slower).
+template <int MT, int PV>
+inline void panel_micro(const float* xp, const float* wb, int64_t K, vf acc[MT][PV]) {
+  const vf one = splat(kOpaqueOne);
+  for (int i = 0; i < MT; ++i)
+    for (int v = 0; v < PV; ++v) acc[i][v] = vf{};
+  for (int64_t k = 0; k < K; ++k, xp += PV * VW, wb += MT) {
+    vf xv[PV];
+    for (int v = 0; v < PV; ++v) xv[v] = load(xp + v * VW);
+    for (int i = 0; i < MT; ++i) {
+      const vf wv = splat(wb[i]);
+      for (int v = 0; v < PV; ++v) acc[i][v] = acc[i][v] + absdiff(xv[v], wv) * one;
+    }
+  }
+}
+
+inline bool pointwise_conv(const ConvGeom& cg) {
+  for (int a = 0; a < 3; ++a)
+    if (cg.ker[a] != 1 || cg.st[a] != 1 || cg.pad[a] != 0) return false;
+  return true;
+}
+
+// Filters of every group as blocks [group][block][K][MT] (zero padded) and the bias per filter.
+template <int MT, typename T>
+void filter_blocks(const T* w, const T* bias, int64_t M, int64_t Mg, int64_t K, float* wb, float* col_term) {
+  const int64_t n_mb = (Mg + MT - 1) / MT;
+  for (int64_t gm = 0; gm < M; ++gm) {
+    const int64_t g = gm / Mg, m = gm % Mg;
+    float* blk = wb + (g * n_mb + m / MT) * K * MT + m % MT;
+    for (int64_t k = 0; k < K; ++k) blk[k * MT] = to_f(w[gm * K + k]);
+    col_term[gm] = bias ? to_f(bias[gm]) : 0.f;
+  }
+}
+
+template <typename Tile, typename T>
+void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
+  constexpr int PW_MT = Tile::mt, PW_PV = Tile::pv, PW_W = Tile::width;
+  const int64_t K = cg.Cg(), Mg = cg.Mg(), S = cg.S();
+  const int64_t n_mb = (Mg + PW_MT - 1) / PW_MT, n_pt = (S + PW_W - 1) / PW_W;
+  std::vector<float> wb(size_t(cg.G * n_mb * K * PW_MT), 0.f), col_term(size_t(cg.M), 0.f);
+  // Serial: M * K values against B * S * M * K steps of the tile; no barrier inside the parallel
+  // region, and items are handed out one by one, so a thread that the OS parks on a busy machine
+  // delays the call by at most the item it holds.
+  filter_blocks<PW_MT>(w, bias, cg.M, Mg, K, wb.data(), col_term.data());
+  const int64_t items = cg.B * cg.G * n_pt;
+#pragma omp parallel num_threads(threads_for(items, nthreads))
+  {
+    std::vector<float> xp(static_cast<size_t>(K * PW_W));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t pt = it % n_pt, g = (it / n_pt) % cg.G, b = it / (n_pt * cg.G);
+      const int64_t s0 = pt * PW_W, n = std::min<int64_t>(PW_W, S - s0);
+      const T* xs = x + (b * cg.C + g * K) * S + s0;
+      for (int64_t c = 0; c < K; ++c)
+        for (int v = 0; v < PW_PV; ++v) {
+          const int64_t lanes = std::max<int64_t>(0, std::min<int64_t>(VW, n - v * VW));
+          const T* src = xs + c * S + v * VW;
+          store(&xp[size_t(c * PW_W + v * VW)], lanes == VW ? load_full(src) : lanes ? load_masked(src, 0, lanes) : vf{});
+        }
+      const float* wg = &wb[size_t(g * n_mb * K * PW_MT)];
+      T* yg = y + (b * cg.M + g * Mg) * S + s0;
+      for (int64_t mb = 0; mb < n_mb; ++mb) {
+        vf acc[PW_MT][PW_PV];
+        panel_micro<PW_MT, PW_PV>(xp.data(), wg + mb * K * PW_MT, K, acc);
+        for (int i = 0; i < PW_MT && mb * PW_MT + i < Mg; ++i) {
+          const int64_t m = mb * PW_MT + i;
+          const vf col = splat(col_term[size_t(g * Mg + m)]);
+          for (int v = 0; v < PW_PV && v * VW < n; ++v) {
+            const vf out = col - acc[i][v];
+            const int64_t lanes = std::min<int64_t>(VW, n - v * VW);
+            T* yp = yg + m * S + v * VW;
+            if (std::is_same<T, float>::value)
+              store_first(reinterpret_cast<float*>(yp), out, lanes);
+            else
+              for (int64_t e = 0; e < lanes; ++e) from_f(out[e], yp + e);
+          }
+        }
+      }
+    }
+  }
+}
+
+// 4 x 5 unless it does over 3% more padded work (filter blocks x position panels) than 6 x 4.
+template <typename Tile>
+int64_t pointwise_work(const ConvGeom& cg) {
+  return round_up(cg.Mg(), Tile::mt) * round_up(cg.S(), Tile::width);
+}
+template <typename T>
+void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
+  if (100 * pointwise_work<PwNarrow>(cg) <= 103 * pointwise_work<PwWide>(cg))
+    conv_forward_pointwise<PwNarrow>(x, w, bias, y, cg, nthreads);
+  else
+    conv_forward_pointwise<PwWide>(x, w, bias, y, cg, nthreads);
+}
+
+// Which conv forward kernel runs: 2 = pointwise, 1 = row tiles, 0 = packed patch panels.
+inline int conv_forward_kind(const ConvGeom& cg, int nthreads) {
+  if (pointwise_conv(cg)) return 2;
+  return row_tiles_fit(cg, nthreads) ? 1 : 0;
+}
+
 template <typename T>
 void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
-  if (row_tiles_fit(cg, nthreads))
-    conv_forward_rows(x, w, bias, y, cg, nthreads);
-  else
-    conv_forward_packed(x, w, bias, y, cg, nthreads);
+  switch (conv_forward_kind(cg, nthreads)) {
+    case 2: return conv_forward_pointwise(x, w, bias, y, cg, nthreads);
+    case 1: return conv_forward_rows(x, w, bias, y, cg, nthreads);
+    default: return conv_forward_packed(x, w, bias, y, cg, nthreads);
+  }
 }
 
 // ---------------------------------------------------------------- direct conv input gradient
@@ -1408,9 +1550,10 @@ int l1fx_conv_forward(int dtype, const void* x, const void* w, const void* bias,
 }
 
 // Which conv forward kernel l1fx_conv_forward runs for this geometry and
-// thread count: 1 = row tiles (line buffers), 0 = packed patch panels.
+// thread count: 2 = pointwise (kernel 1, stride 1, no padding), 1 = row tiles
+// (line buffers), 0 = packed patch panels.
 int l1fx_conv_forward_uses_rows(int64_t B, int64_t C, int64_t M, int64_t G, const int64_t* geom, int nthreads) {
-  return row_tiles_fit(make_geom(B, C, M, G, geom), nthreads) ? 1 : 0;
+  return conv_forward_kind(make_geom(B, C, M, G, geom), nthreads);
 }
 
 // Direct conv input gradient (any geometry): g [B, M, out...], gx like x.
