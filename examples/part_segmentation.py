@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ratios", default="0.333,0.667",
                    help="replacement ratios besides 1 (MGS + DLC); empty string to skip")
     p.add_argument("--ratio-models", default=",".join(MODEL_NAMES), help="models of the ratio ablation")
+    p.add_argument("--ratio-unit", default="unit", choices=("unit", "layer"),
+                   help="what --ratios counts: convert's units (a shared MLP is one unit; default) or single layers "
+                        "in registration order")
     p.add_argument("--seeds", type=int, default=1, help="runs per configuration, seeds F..F+N-1; mean ± std")
     p.add_argument("--first-seed", type=int, default=0, help="F, the first seed (to add seeds to a study)")
     p.add_argument("--budget", type=float, default=1.0, help="train this many times the preset's epochs")
@@ -177,20 +180,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def to_l1(model: nn.Module, ratio: float, init="dense", example_inputs=None, exclude=None) -> nn.Module:
-    """``l1fx.convert(model, ratio, init=init)``; without it, a module swap of the first ``ratio`` of the layers."""
+def convertible(m: nn.Module) -> bool:
+    """A dense layer of a registered kind that has an ℓ1 layer."""
+    from l1fx import layers
+    from l1fx.nn import L1Module
+
+    spec = layers.spec_for_module(m)
+    return spec is not None and spec.l1_class is not None and not isinstance(m, L1Module)
+
+
+def first_layers(model: nn.Module, ratio: float) -> set:
+    """Names of the first ``ratio`` of the convertible layers, in registration order (halves round up)."""
+    from l1fx.passes.select import nearest_count
+
+    names = [n for n, m in model.named_modules() if convertible(m)]
+    return set(names[: nearest_count(ratio, len(names))])
+
+
+def to_l1(model: nn.Module, ratio: float, init="dense", example_inputs=None, exclude=None,
+          ratio_unit: str = "unit") -> nn.Module:
+    """``l1fx.convert(model, ratio, init=init)``; without it, a module swap of the first ``ratio`` of the layers.
+
+    ``ratio_unit="layer"`` (ratio < 1) converts the first ``ratio`` of the *layers* in registration order (input
+    to output for the bundled models) instead of convert's units (a shared MLP is one unit: PointNet has two,
+    so its ratios 1/3 and 2/3 both convert the same three-layer encoder).
+    """
     if _convert is not None:
-        return _convert(model, ratio=ratio, init=init, exclude=exclude,
-                        example_inputs=example_inputs if init == "data" else None)
+        kwargs = dict(ratio=ratio, init=init, exclude=exclude, example_inputs=example_inputs if init == "data" else None)
+        if ratio_unit == "layer" and ratio < 1:  # exactly these layers; the ratio then does not apply
+            chosen = first_layers(model, ratio)
+            kwargs.update(ratio=1.0, filter_fn=lambda module, fqn: fqn in chosen)
+        return _convert(model, **kwargs)
     if init != "dense" or exclude is not None:
         raise RuntimeError(f"--init {init} / --exclude needs l1fx.convert, which is not installed")
     from l1fx import layers
-    from l1fx.nn import L1Module
     from l1fx.passes.select import nearest_count
-
-    def convertible(m: nn.Module) -> bool:  # a dense layer of a registered kind that has an l1 layer
-        spec = layers.spec_for_module(m)
-        return spec is not None and spec.l1_class is not None and not isinstance(m, L1Module)
 
     model = copy.deepcopy(model)
     names = [n for n, m in model.named_modules() if convertible(m)]
@@ -212,7 +236,7 @@ def build_model_for(args, model_name: str, variant: str, ratio: float, seed: int
     model = build_model(model_name, data.num_parts, data.num_categories, **args.model_kwargs[model_name])
     if variant != "baseline":
         model = to_l1(model, ratio, args.init, init_batch(data, args.batch) if args.init == "data" else None,
-                      args.exclude)
+                      args.exclude, getattr(args, "ratio_unit", "unit"))
     return model
 
 
@@ -303,6 +327,7 @@ def train_one(args, model_name, variant, ratio, seed, train_set, test_set, progr
     print(f"{label:<30} mIoU {final['instance_miou']:6.2f}  acc {final['accuracy']:6.2f}  "
           f"({seconds:.0f} s, {total} steps)", flush=True)
     return {"model": model_name, "variant": variant, "ratio": ratio, "seed": seed,
+            "ratio_unit": getattr(args, "ratio_unit", "unit") if ratio < 1 else "-",
             "init": "-" if variant == "baseline" else str(args.init), "final": final, "history": history,
             "seconds": seconds, "train_seconds": train_seconds, "cpu_seconds": time.process_time() - cpu0,
             "steps": total, "lr": lr, "eval": eval_set,

@@ -120,3 +120,26 @@ def test_grid_on_validation_then_lr_from_runs_each_variant_at_its_choice(tmp_pat
         assert e.value.code == 2
     with pytest.raises(SystemExit):
         example.main(common + ["--lr-from", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+
+
+def test_ratio_unit_layer_converts_the_first_layers_where_units_cannot_tell_the_ratios_apart():
+    """PointNet has two convert units (the encoder MLP, the head MLP + classifier): ratios 1/3 and 2/3 both
+    convert the 3-layer encoder; --ratio-unit layer converts the first 2 and 4 of its 6 layers."""
+    from l1fx.models import build_model
+    from l1fx.nn import L1Module
+
+    example = load_example()
+    torch.manual_seed(0)
+    model = build_model("pointnet", num_parts=5, num_categories=2, **TINY["pointnet"])
+
+    def l1_names(m):
+        return sorted(n for n, x in m.named_modules() if isinstance(x, L1Module))
+
+    units = [l1_names(example.to_l1(model, r)) for r in (0.333, 0.667)]
+    assert units[0] == units[1] and len(units[0]) == 2  # TINY's encoder has 2 layers, the whole model 4
+    layers = [l1_names(example.to_l1(model, r, ratio_unit="layer")) for r in (0.25, 0.5, 0.75)]
+    assert layers == [["encoder.0.0"], ["encoder.0.0", "encoder.1.0"], ["encoder.0.0", "encoder.1.0", "head.0"]]
+    assert len(l1_names(example.to_l1(model, 1.0, ratio_unit="layer"))) == 4
+    assert example.parse_args(["--quick", "--ratio-unit", "layer"]).ratio_unit == "layer"
+    with pytest.raises(SystemExit):
+        example.parse_args(["--quick", "--ratio-unit", "block"])
