@@ -581,6 +581,13 @@ def write_outputs(args, argv, out: Path, results: list[dict], speed: dict, t0: f
     return tables
 
 
+def lr_note(args, chosen) -> str:
+    """The base learning rate(s) of this invocation, for the log."""
+    if chosen is not None:
+        return "chosen per configuration (--lr-from)"
+    return ", ".join(f"{lr:g}" for lr in args.lrs)
+
+
 def split_validation(train_set: PartSegmentationData, count: int, seed: int = 0):
     """``(train, val)``: ``count`` shapes held out of ``train_set``, category-balanced, the same split every run.
 
@@ -649,7 +656,7 @@ def _main(args, argv) -> list[dict]:
     chosen = chosen_lrs(args) if args.lr_from else None
     print(f"data: {len(train_set)} train / {len(test_set)} {eval_set} shapes, {args.points} points, "
           f"{train_set.num_categories} categories, {train_set.num_parts} parts; {args.epochs} epochs, "
-          f"batch {args.batch}; {args.optimizer} lr {args.lr} wd {args.weight_decay}; recipe {args.recipe}; "
+          f"batch {args.batch}; {args.optimizer} lr {lr_note(args, chosen)} wd {args.weight_decay}; recipe {args.recipe}; "
           f"converter: {'l1fx.convert' if _convert else 'module swap (l1fx.convert missing)'}, ℓ1 init: {args.init}",
           flush=True)
     speed = measure_speed(args, train_set, args.speed_repeats) if args.speed_repeats > 0 else {}
