@@ -9,7 +9,8 @@ needs no download (:func:`l1fx.data.make_part_segmentation`):
   - ``l1-vanilla``: every layer converted to ℓ1, exact ℓ1 gradients (mix 0), no DLC;
   - ``l1-mgs``: + MGS only; ``l1-dlc``: + DLC only; ``l1-mgs-dlc``: both (the paper's ablation);
 * the replacement-ratio ablation (``--ratios``: 1/3, 2/3 of the layers converted, earliest first,
-  MGS + DLC; ratio 1 is ``l1-mgs-dlc``) for the models of ``--ratio-models``;
+  MGS + DLC; ratio 1 is ``l1-mgs-dlc``) for the models of ``--ratio-models``; ``--ratio-unit layer``
+  counts layers instead of convert's units (a shared MLP is one unit);
 * ``--seeds N`` repeats every run with N seeds (initial weights, batch order): mean ± std;
 * ``--budget F`` trains F times the preset's epochs; the training-step time of ℓ1 ÷ dense per model,
   measured side by side (``--speed-repeats``);
