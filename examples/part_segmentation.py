@@ -457,13 +457,19 @@ def paired_gaps(results: list[dict]) -> dict:
     return out
 
 
+def gap_order(item) -> tuple:
+    """Sort key of a ``paired_gaps`` item: model, steps (as numbers), variant, ratio, lr (``None`` first)."""
+    (model, steps, variant, ratio, lr), _ = item
+    return model, steps, variant, ratio, -1.0 if lr is None else lr
+
+
 def gap_lines(results: list[dict]) -> list[str]:
     gaps = paired_gaps(results)
     if not gaps:
         return []
     lines = ["", "Gap to the baseline of the same seed (final ℓ1 mIoU − baseline mIoU; mean ± std over seeds):", "",
              "| Model | Steps | Variant | Ratio | lr | n | Gap | per seed |", "|---|---|---|---|---|---|---|---|"]
-    for (model, steps, variant, ratio, lr), by_seed in sorted(gaps.items(), key=lambda kv: str(kv[0])):
+    for (model, steps, variant, ratio, lr), by_seed in sorted(gaps.items(), key=gap_order):
         finals = [by_seed[sd][-1] for sd in sorted(by_seed)]
         lines.append(f"| {model} | {steps} | {variant} | {ratio:.2f} | {fmt_lr(lr)} | {len(finals)} | "
                      f"{mean_std(finals)} | {', '.join(f'{g:+.1f}' for g in finals)} |")
@@ -481,7 +487,7 @@ def plot_gap_curves(results: list[dict], out: Path) -> list[Path]:
     paths = []
     for model_name in dict.fromkeys(k[0] for k in gaps):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (model, steps, variant, _, lr), by_seed in sorted(gaps.items(), key=lambda kv: str(kv[0])):
+        for (model, steps, variant, _, lr), by_seed in sorted(gaps.items(), key=gap_order):
             if model != model_name:
                 continue
             curves = list(by_seed.values())
