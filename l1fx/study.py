@@ -19,7 +19,7 @@ import torch
 from .train import DLC, MGS
 
 __all__ = ["VARIANTS", "RECIPES", "OPTIMIZERS", "schedules", "make_optimizer", "mean_std", "summarize",
-           "plot_curves", "progress_factory", "step_time"]
+           "plot_curves", "progress_factory", "step_time", "stratified_split", "select_best"]
 
 # The paper's ablation (S3DIS Table 6 structure): baseline and four ℓ1 variants.
 VARIANTS = ("baseline", "l1-vanilla", "l1-mgs", "l1-dlc", "l1-mgs-dlc")
@@ -61,6 +61,49 @@ def make_optimizer(params, name: str, lr: Optional[float] = None, weight_decay: 
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def stratified_split(groups: torch.Tensor, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, held_out)`` index tensors: ``count`` items held out, as evenly over ``groups`` as possible.
+
+    ``groups[i]`` is item i's group (e.g. its shape category). Each group's items are shuffled by a
+    generator of their own (``seed``; the global RNG is not touched), then the groups give one item each in
+    turn until ``count`` are held out, so a validation split has the category balance of the set it comes
+    from. Both index tensors are sorted.
+    """
+    groups = torch.as_tensor(groups).flatten()
+    if not 0 < count < len(groups):
+        raise ValueError(f"a held-out split needs 0 < count < {len(groups)} items, got {count}")
+    g = torch.Generator().manual_seed(seed)
+    queues = [idx[torch.randperm(len(idx), generator=g)].tolist()
+              for idx in (torch.nonzero(groups == v).flatten() for v in torch.unique(groups))]
+    held: list[int] = []
+    while len(held) < count:
+        for q in queues:
+            if q and len(held) < count:
+                held.append(q.pop())
+    mask = torch.zeros(len(groups), dtype=torch.bool)
+    mask[held] = True
+    return torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
+
+
+def select_best(results: Iterable[dict], key: Callable[[dict], tuple], param: Callable[[dict], float],
+                score: Callable[[dict], float]) -> dict:
+    """Per ``key(r)``: the ``param`` value (e.g. the learning rate) with the best mean ``score`` over its runs.
+
+    Returns ``{key: {"best": value, "scores": {value: [scores]}}}``. A run whose score is not finite
+    counts as the worst possible (a diverged run must never win); ties go to the smaller value, so the
+    choice does not depend on the order the runs came in.
+    """
+    table: dict = {}
+    for r in results:
+        table.setdefault(key(r), {}).setdefault(param(r), []).append(score(r))
+
+    def merit(values: list) -> float:
+        return statistics.mean(values) if finite(values) else -math.inf
+
+    return {k: {"best": min(by, key=lambda v: (-merit(by[v]), v)), "scores": dict(sorted(by.items()))}
+            for k, by in table.items()}
 
 
 def mean_std(values: Sequence[float]) -> str:
