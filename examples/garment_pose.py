@@ -101,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="initial ℓ1 weights, l1fx.convert(init=...): 'data' (default), 'dense' or a factor")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default="out/garment_pose", help="directory for results, plots, generated data")
+    p.add_argument("--data", help="directory caching the generated garments (default: --out), to share one "
+                                  "generation between runs")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="no training: combine the results.json of runs in DIR... (e.g. one seed each) into --out")
@@ -126,10 +128,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- data
 def load_or_generate(args, out: Path) -> tuple[list, list]:
-    """Train (seed 0) and test (seed 1) garments, cached in ``out`` (generation takes ~0.5 s a garment)."""
+    """Train (seed 0) and test (seed 1) garments, cached in ``out`` (--data or --out; ~0.2-0.5 s a garment)."""
     # v2: the hanging yaw is jittered (l1fx.garments); caches of the uniform-yaw generator are not reused
-    key = (f"garments-v2-c{''.join(c[0] for c in args.categories)}-tr{args.train}x{args.grasps}-te{args.test}"
-           f"-p{args.points}-g{args.grid}-y{args.yaw_jitter:g}")
+    key = (f"garments-v2-{'+'.join(args.categories)}-tr{args.train}x{args.grasps}-te{args.test}"
+           f"-p{args.points}-g{args.grid}-y{args.yaw_jitter!r}")
     path = out / f"{key}.pkl"
     if path.exists():
         with open(path, "rb") as f:
@@ -418,11 +420,14 @@ def _run(args, argv) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    train, test = load_or_generate(args, out)
+    data_dir = Path(args.data) if args.data else out
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train, test = load_or_generate(args, data_dir)
     if len(train) < args.batch:
         raise l1fx.UsageError(f"{len(train)} training garments, fewer than --batch {args.batch}")
     print(f"data: generated garments ({', '.join(args.categories)}), {args.train} train instances x {args.grasps} "
-          f"grasps / {args.test} test per category, yaw jitter {args.yaw_jitter:g} rad, {args.points} observed points, grid {args.grid}^3; {args.epochs} epochs, batch {args.batch}, "
+          f"grasps / {args.test} test per category, yaw jitter {args.yaw_jitter:g} rad, {args.points} observed "
+          f"points, grid {args.grid}^3; {args.epochs} epochs, batch {args.batch}, "
           f"{args.optimizer} lr {args.lr}, ℓ1 init {args.init}", flush=True)
     energies = energy(args, train[0])
     print(f"energy per garment: dense {energies['dense_uJ']:.2f} µJ, ℓ1 {energies['l1_uJ']:.2f} µJ "

@@ -162,6 +162,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("learning rates must be positive and finite")
     if not 0 <= args.val < args.train:
         p.error(f"--val must lie in 0 .. --train - 1 = {args.train - 1}")
+    if args.train - args.val < args.batch:
+        p.error(f"--val {args.val} leaves {args.train - args.val} training shapes, fewer than one batch "
+                f"(--batch {args.batch}): lower --val or raise --train")
     args.model_kwargs = preset["models"]
     args.models = [m for m in args.models.split(",") if m]
     args.ratio_models = [m for m in args.ratio_models.split(",") if m]
@@ -619,11 +622,25 @@ def chosen_lrs(args) -> dict:
     """``{(model, variant, ratio): lr}`` selected from the ``--lr-from`` results (validation runs only)."""
     try:
         results, _ = load_results(args.lr_from)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         usage_exit(f"--lr-from {args.lr_from}: cannot read the results there ({e})")
+    if not all(isinstance(r, dict) for r in results):
+        usage_exit(f"--lr-from {args.lr_from}: cannot read the results there (not a list of runs)")
     if any(r.get("eval") != "val" for r in results):
         usage_exit(f"--lr-from {args.lr_from}: every run there must be a validation run (--val); a learning "
                    "rate is never chosen on the test set")
+    unit = getattr(args, "ratio_unit", "unit")
+    other_unit = sorted({r.get("ratio_unit") for r in results if r.get("ratio", 1.0) < 1} - {unit, None})
+    if other_unit:  # a ratio counted in other units is another model
+        usage_exit(f"--lr-from {args.lr_from}: its ratio runs count {', '.join(other_unit)}, this run counts "
+                   f"{unit}s (--ratio-unit): choose learning rates from runs of the same models")
+    budgets: dict = {}
+    for r in results:
+        budgets.setdefault(config_key(r), set()).add(r.get("steps"))
+    mixed = sorted(k for k, v in budgets.items() if len(v) > 1)
+    if mixed:  # one mean over several budgets would choose for none of them
+        usage_exit(f"--lr-from {args.lr_from}: runs of different budgets (steps) for {', '.join(map(str, mixed))}; "
+                   "keep one budget per folder")
     chosen = {k: v["best"] for k, v in lr_selection(results).items()}
     wanted = {(m, v, 1.0) for m in args.models for v in args.variants} | \
         {(m, "l1-mgs-dlc", round(r, 4)) for m in args.models if m in args.ratio_models for r in args.ratios}

@@ -266,6 +266,23 @@ def test_garment_example_end_to_end(tmp_path):
     assert len(merged) == 2 * len(results) and "| l1-garmentnets |" in (tmp_path / "m" / "results.md").read_text()
 
 
+def test_garment_example_data_folder_is_generated_once_and_shared(tmp_path, monkeypatch):
+    example = load_example()
+    calls = []
+    real = example.generate_garments
+    monkeypatch.setattr(example, "generate_garments", lambda *a, **k: calls.append(k) or real(*a, **k))
+    common = ["--smoke", "--variants", "", "--data", str(tmp_path / "data"), "--no-plots"]
+    example.main(common + ["--out", str(tmp_path / "a")])
+    assert len(calls) == 2 and calls[0]["grasps"] == 1 and calls[0]["yaw_jitter"] == example.YAW_JITTER
+    cached = sorted(p.name for p in (tmp_path / "data").glob("*.pkl"))
+    assert cached == [f"garments-v2-skirt+shirt-tr2x1-te1-p128-g8-y{example.YAW_JITTER!r}.pkl"]
+    example.main(common + ["--out", str(tmp_path / "b")])  # another run, the same data: not generated again
+    assert len(calls) == 2 and not list((tmp_path / "b").glob("*.pkl"))
+    example.main(common + ["--out", str(tmp_path / "c"), "--yaw-jitter", "0.5", "--grasps", "2"])
+    assert len(calls) == 4 and calls[2]["grasps"] == 2 and calls[2]["yaw_jitter"] == 0.5  # other settings: new data
+    assert len(list((tmp_path / "data").glob("*.pkl"))) == 2
+
+
 def test_example_tables_report_mean_and_std_over_seeds():
     example = load_example()
     cat = {"task_cd": 0.0, "canonical_cd": 0.0, "nocs_cm": 0.0, "no_mesh": 0.0}

@@ -69,6 +69,14 @@ def test_lr_options_parse_and_reject_bad_values():
             example.parse_args(["--quick", *bad])
 
 
+def test_a_validation_split_that_leaves_less_than_a_batch_is_a_usage_error(capsys):
+    example = load_example()
+    with pytest.raises(SystemExit) as e:
+        example.parse_args(["--quick", "--val", "60"])  # 64 training shapes, batch 16: 4 left
+    assert e.value.code == 2
+    assert "--val 60 leaves 4 training shapes, fewer than one batch" in capsys.readouterr().err
+
+
 def test_validation_split_keeps_the_data_type_and_is_held_out_of_training():
     example = load_example()
     train, _ = example.make_part_segmentation(24, 2, 16, seed=0)
@@ -143,3 +151,24 @@ def test_ratio_unit_layer_converts_the_first_layers_where_units_cannot_tell_the_
     assert example.parse_args(["--quick", "--ratio-unit", "layer"]).ratio_unit == "layer"
     with pytest.raises(SystemExit):
         example.parse_args(["--quick", "--ratio-unit", "block"])
+
+
+def test_lr_from_refuses_folders_that_mix_budgets_or_ratio_units(tmp_path, capsys):
+    example = load_example()
+
+    def run(steps, lr, ratio=1.0, unit="-"):
+        return {"model": "pointnet", "variant": "baseline", "ratio": ratio, "ratio_unit": unit, "seed": 0,
+                "steps": steps, "lr": lr, "eval": "val", "final": {"instance_miou": 50.0}}
+
+    for name, runs, message in (
+            ("budgets", [run(288, 0.05), run(864, 0.5)], "runs of different budgets (steps)"),
+            ("units", [run(288, 0.05), run(288, 0.05, 0.5, "layer")], "its ratio runs count layer"),
+            ("broken", "not a list", "cannot read the results there")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"results": runs}))
+        args = example.parse_args(["--quick", "--models", "pointnet", "--variants", "baseline", "--ratios=",
+                                   "--lr-from", str(folder)])
+        with pytest.raises(SystemExit) as e:
+            example.chosen_lrs(args)
+        assert e.value.code == 2 and message in capsys.readouterr().err
