@@ -507,17 +507,23 @@ def plot_gap_curves(results: list[dict], out: Path) -> list[Path]:
         ax.axhline(-2, color="gray", lw=0.8, ls="--")
         ax.set(title=f"{model_name}: ℓ1 − baseline mIoU, paired by seed (mean ± std)", xlabel="training step",
                ylabel="gap (mIoU points)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"gap_{model_name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(fig, ax, out / f"gap_{model_name}.png"))
     return paths
 
 
 def curve_label(r: dict) -> str:
     return r["variant"] + (f" (ratio {r['ratio']:.2f})" if r["ratio"] < 1 else "")
+
+
+def _save_figure(fig, ax, path: Path) -> Path:
+    """Legend, layout, write ``path`` (PNG) and free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_budget_curves(results: list[dict], out: Path) -> list[Path]:
@@ -547,12 +553,7 @@ def plot_budget_curves(results: list[dict], out: Path) -> list[Path]:
             y = [statistics.mean(r["history"]["test_miou"][i] for r in rs) for i in range(len(x))]
             ax.plot(x, y, marker=".", label=f"{variant}, {steps} steps (n={len(rs)})")
         ax.set(title=f"{model_name}: test instance mIoU vs budget", xlabel="training step", ylabel="mIoU (%)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"budget_{model_name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(fig, ax, out / f"budget_{model_name}.png"))
     return paths
 
 
@@ -669,7 +670,10 @@ def _main(args, argv) -> list[dict]:
     progress = progress_factory(args.no_progress)
     t0 = time.perf_counter()
     if args.from_results:
-        results, speed = load_results(args.from_results)
+        try:
+            results, speed = load_results(args.from_results)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            usage_exit(f"--from-results {args.from_results}: cannot read the results there ({e})")
         print(write_outputs(args, argv, out, results, speed, t0, not args.no_plots))
         return results
     train_set, test_set = make_part_segmentation(args.train, args.test, args.points, seed=0)

@@ -1,28 +1,13 @@
 """Equal tuning in the part-segmentation study: the learning-rate grid, the validation split, the selection rule."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from l1fx.study import select_best, stratified_split
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "part_segmentation.py"
-TINY = {
-    "pointnet": dict(encoder=(8, 16), head=(16,)),
-    "pointnet2": dict(npoint=(16, 4), nsample=(4, 4), sa_mlps=((8,), (8, 16), (16,)), fp_mlps=((16,), (8,), (8,)),
-                      head=8),
-    "voxelcnn": dict(resolution=4, widths=(4, 8), head=8),
-}
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("part_segmentation_lr_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from test_examples import TINY, load_example  # the same tiny widths and a fresh copy of the example module
 
 
 def test_stratified_split_is_balanced_disjoint_fixed_and_leaves_the_rng_alone():
@@ -172,3 +157,10 @@ def test_lr_from_refuses_folders_that_mix_budgets_or_ratio_units(tmp_path, capsy
         with pytest.raises(SystemExit) as e:
             example.chosen_lrs(args)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_from_results_that_cannot_be_read_is_a_usage_error(tmp_path, capsys):
+    example = load_example()
+    with pytest.raises(SystemExit) as e:
+        example.main(["--quick", "--from-results", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--from-results" in capsys.readouterr().err
