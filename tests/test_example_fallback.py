@@ -1,21 +1,16 @@
 """examples/part_segmentation.py's module-swap fallback (used where l1fx.convert is missing) picks layers as
 convert does: the layer registry's kinds, and ``ratio`` rounded with halves up (not Python's banker's round)."""
-import importlib.util
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from l1fx.nn import L1ConvTranspose1d, L1Linear, L1Module
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "part_segmentation.py"
+import example_loader  # tests/example_loader.py
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("part_segmentation_fallback", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return example_loader.load_example("part_segmentation.py", "part_segmentation_fallback")
 
 
 class Wide(nn.Linear):

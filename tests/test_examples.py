@@ -1,8 +1,6 @@
 """The bundled point networks and the part-segmentation example, end to end on a tiny config."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +10,8 @@ from l1fx.models import MODELS, build_model
 from l1fx.nn import L1Module
 from l1fx.train import TrainingWrapper
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "part_segmentation.py"
+import example_loader  # tests/example_loader.py
+
 TINY = {
     "pointnet": dict(encoder=(8, 16), head=(16,)),
     "pointnet2": dict(npoint=(16, 4), nsample=(4, 4), sa_mlps=((8,), (8, 16), (16,)), fp_mlps=((16,), (8,), (8,)),
@@ -22,10 +21,7 @@ TINY = {
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("part_segmentation_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return example_loader.load_example("part_segmentation.py", "part_segmentation_example")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

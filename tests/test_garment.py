@@ -1,8 +1,6 @@
 """Garment pose (GarmentNets): Chamfer distance and metrics, the garment generator, the pipeline, the example."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +19,8 @@ from l1fx.nn import L1Module
 from l1fx.report import compare
 from l1fx.train import TrainingWrapper
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "garment_pose.py"
+import example_loader  # tests/example_loader.py
+
 SMALL = dict(npoint=(32, 8), radius=(0.15, 0.3), nsample=(8, 8), sa_mlps=((8, 16), (16, 32)), fp_mlps=((16,), (16,)),
              features=8, unet=(4, 8))
 
@@ -238,10 +237,7 @@ def test_pipeline_traces_converts_without_inner_products_and_trains():
 
 # ---------------------------------------------------------------- the example
 def load_example():
-    spec = importlib.util.spec_from_file_location("garment_pose_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return example_loader.load_example("garment_pose.py", "garment_pose_example")
 
 
 def test_garment_example_end_to_end(tmp_path):

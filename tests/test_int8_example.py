@@ -1,17 +1,13 @@
 """examples/int8_part_segmentation.py end to end on its quick preset (it imports part_segmentation's helpers,
 so a change of their signatures must not break it silently again)."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "int8_part_segmentation.py"
+import example_loader
 
 
 def test_int8_example_quick_trains_quantises_and_times(tmp_path):
-    spec = importlib.util.spec_from_file_location("int8_part_segmentation_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = example_loader.load_example("int8_part_segmentation.py")
     out = module.main(["--quick", "--threads", "1", "--speed-batch", "2", "--speed-points", "128", "--reps", "1",
                        "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "int8_results.json").read_text())

@@ -1,5 +1,4 @@
 """``python -m l1fx.rewrite``: the libcst codemod that rewrites model source files."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from torch.utils._pytree import tree_leaves
 
 import l1fx.nn
 from l1fx.rewrite import RewriteError, main, rewrite_file, rewrite_source, select
+
+import example_loader  # tests/example_loader.py
 
 ZOO_PATH = Path(__file__).with_name("zoo.py")
 REPO = Path(__file__).resolve().parents[1]
@@ -26,10 +27,7 @@ def run_code(code):
 
 
 def load_module(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return example_loader.load_file(path, name)
 
 
 DENSE_ATEN = {"convolution", "_convolution", "conv1d", "conv2d", "conv3d", "mkldnn_convolution",

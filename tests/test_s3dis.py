@@ -1,5 +1,4 @@
 """S3DIS scene segmentation: loader (both layouts), blocks, errors, metrics, generated scenes, models, example."""
-import importlib.util
 import json
 import math
 import random
@@ -18,7 +17,8 @@ from l1fx.nn import L1Module
 from l1fx.s3dis import confusion_matrix, room_blocks
 from l1fx.train import TrainingWrapper
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "scene_segmentation.py"
+import example_loader  # tests/example_loader.py
+
 LABEL = {name: i for i, name in enumerate(S3DIS_CLASSES)}
 
 
@@ -288,10 +288,7 @@ def test_scene_models_trace_convert_and_train_a_step(name):
 
 # ---------------------------------------------------------------- the example
 def load_example():
-    spec = importlib.util.spec_from_file_location("scene_segmentation_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return example_loader.load_example("scene_segmentation.py", "scene_segmentation_example")
 
 
 def test_scene_segmentation_example_end_to_end(tmp_path):
