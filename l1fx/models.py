@@ -178,6 +178,24 @@ class FeaturePropagation(nn.Module):
         return self.mlp(x)
 
 
+def encode_decode(sa: Sequence[SetAbstraction], fp: Sequence[FeaturePropagation], xyz: Tensor, feats: Tensor,
+                  finest_skip: bool = True) -> Tensor:
+    """PointNet++'s U-shaped pass: the set abstractions down from ``xyz [B, N, 3]`` / ``feats [B, C, N]``, then
+    one feature propagation per level back up to the N input points (``fp[0]`` from the coarsest level). The
+    skip features of the finest level are ``feats`` itself, or none with ``finest_skip=False``."""
+    xyzs, levels = [xyz], [feats]
+    for block in sa:
+        new_xyz, new_feats = block(xyzs[-1], levels[-1])
+        xyzs.append(new_xyz)
+        levels.append(new_feats)
+    x = levels[-1]
+    for k, block in enumerate(fp):
+        level = len(sa) - k
+        skip = levels[level - 1] if level > 1 or finest_skip else None
+        x = block(xyzs[level - 1], xyzs[level], skip, x)
+    return x
+
+
 class PointNet2PartSeg(nn.Module):
     """PointNet++ single-scale-grouping part segmentation (three SA levels, three FP levels)."""
 

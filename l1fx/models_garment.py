@@ -109,17 +109,10 @@ class GarmentNets(nn.Module):
         self.unet = UNet3D(features + 3 + 1, 4, unet)  # features, world xyz, occupancy -> winding, warp
 
     def forward(self, points: Tensor):
-        xyz = [points.transpose(1, 2).contiguous()]
-        feats = [points]
-        for sa in self.sa:
-            new_xyz, new_feats = sa(xyz[-1], feats[-1])
-            xyz.append(new_xyz)
-            feats.append(new_feats)
-        x = feats[-1]
-        for k, fp in enumerate(self.fp):
-            level = len(self.sa) - k
-            x = fp(xyz[level - 1], xyz[level], feats[level - 1], x)
-        x = self.point_head(x)
+        from .models import encode_decode  # here, not at module level: the import would be circular
+
+        # the raw xyz are the finest skip: NOCS regression needs the fine position
+        x = self.point_head(encode_decode(self.sa, self.fp, points.transpose(1, 2).contiguous(), points))
         nocs = torch.sigmoid(self.nocs_head(x))
         volume = scatter_to_grid(torch.cat([x, points], 1), nocs, self.grid)
         out = self.unet(volume)

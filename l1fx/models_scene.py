@@ -94,16 +94,9 @@ class PointNet2SemSeg(nn.Module):
         self.classifier = nn.Conv1d(head, num_classes, 1)
 
     def forward(self, points: Tensor) -> Tensor:
-        xyz = [points[:, :3].transpose(1, 2).contiguous()]
-        feats = [points]
-        for sa in self.sa:
-            new_xyz, new_feats = sa(xyz[-1], feats[-1])
-            xyz.append(new_xyz)
-            feats.append(new_feats)
-        x = feats[-1]
-        for k, fp in enumerate(self.fp):
-            level = len(self.sa) - k
-            x = fp(xyz[level - 1], xyz[level], feats[level - 1] if level > 1 else None, x)
+        from .models import encode_decode  # here, not at module level: the import would be circular
+
+        x = encode_decode(self.sa, self.fp, points[:, :3].transpose(1, 2).contiguous(), points, finest_skip=False)
         return self.classifier(self.dropout(self.head(x)))
 
 
