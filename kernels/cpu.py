@@ -237,6 +237,35 @@ def conv_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, 
     return y
 
 
+def conv_forward_fused(xs: list, w: Tensor, col: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                       relu: bool, stride, padding, dilation, groups: int) -> Tensor:
+    """The C ABI of onnxruntime's ``l1fx.L1FusedConv`` (float32; see ``l1fx_conv_forward_fused``):
+    ``act(scale * (col - sum |cat(xs, 1) - w|) + shift)`` with ``col`` [M] or [B, M], the inputs read in
+    place as their concatenation along channels. Used by the native onnxruntime library; exposed for its tests."""
+    x0 = xs[0]
+    whole = x0.new_empty((x0.shape[0], sum(x.shape[1] for x in xs), *x0.shape[2:]))  # shape only
+    geom, out = _geometry_3d(whole, w, stride, padding, dilation)
+    y = torch.empty((x0.shape[0], w.shape[0], *out), dtype=torch.float32)
+    xs = [x.contiguous() for x in xs]
+    ptrs = (ctypes.c_void_p * len(xs))(*[x.data_ptr() for x in xs])
+    chans = (ctypes.c_int64 * len(xs))(*[x.shape[1] for x in xs])
+    w, col = w.contiguous(), col.contiguous()
+    scale = None if scale is None else scale.contiguous()
+    shift = None if shift is None else shift.contiguous()
+    fn = _lib().l1fx_conv_forward_fused
+    if fn.argtypes is None:
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [ctypes.c_int, vp, vp, vp, vp, ctypes.c_int, vp, vp, ctypes.c_int, vp, i64, i64, i64, i64, vp,
+                       ctypes.c_int]
+        fn.restype = ctypes.c_int
+    g = (ctypes.c_int64 * 18)(*geom)
+    rc = fn(len(xs), ctypes.cast(ptrs, ctypes.c_void_p), ctypes.cast(chans, ctypes.c_void_p), _ptr(w), _ptr(col),
+            int(col.dim() == 2), _ptr(scale), _ptr(shift), int(relu), _ptr(y), x0.shape[0], whole.shape[1], w.shape[0],
+            groups, ctypes.cast(g, ctypes.c_void_p), torch.get_num_threads())
+    _check_rc(rc, "l1fx_conv_forward_fused")
+    return y
+
+
 def conv_backward(
     grad: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, groups: int, mix: float, need_x: bool,
     need_w: bool,

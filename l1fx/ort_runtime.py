@@ -17,8 +17,9 @@ the file's ``l1fx.L1Linear`` / ``l1fx.L1Conv`` nodes on the first path that work
 
 Falling back to ``portable`` warns once (:class:`OrtFallbackWarning`, with the
 reason); so does falling back from ``native`` to ``python``. The file on disk is
-never changed: the native path loads it as it is, the Python path builds its
-session from an in-memory copy.
+never changed: the native path runs an in-memory copy in which each l1 conv also does
+the norm, ReLU and Concat around it (:mod:`l1fx.ort_fuse`; ``fuse=False`` runs the file's
+graph), the Python path builds its session from an in-memory copy.
 
 ``sess_options`` is never changed: onnxruntime can neither copy a
 ``SessionOptions`` nor list its config entries, so pass a function returning a
@@ -130,7 +131,24 @@ def _options(sess_options, options: dict, path: str):
     return opts
 
 
-def _session(model, sess_options, providers, options, path: str):
+def _fused(model):
+    """The native path's in-memory graph (:mod:`l1fx.ort_fuse`) and what was fused; ``(None, None)`` if
+    the rewrite fails (the file then runs as it is, with a warning)."""
+    import onnx
+
+    from .ort_fuse import fuse
+
+    try:
+        proto = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+        fused, report = fuse(proto)
+        return (fused.SerializeToString(), report) if report.any() else (None, report)
+    except Exception as e:  # noqa: BLE001 - a rewrite that fails must not cost the user the session
+        warnings.warn(f"l1fx.ort_session: running the native path without fusing norms and activations into "
+                      f"the l1 nodes ({_first_line(e)})", OrtFallbackWarning, stacklevel=4)
+        return None, None
+
+
+def _session(model, sess_options, providers, options, path: str, fuse: bool = True):
     import onnxruntime as ort
 
     opts = _options(sess_options, options, path)
@@ -139,10 +157,16 @@ def _session(model, sess_options, providers, options, path: str):
         from .ort_ops import fast_session
 
         return fast_session(model, opts, providers)
+    src = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    report = None
     if path == "native":
         opts.register_custom_ops_library(native_library())
-    src = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-    return ort.InferenceSession(src, opts, providers=providers)
+        if fuse:
+            fused, report = _fused(model)
+            src = fused or src
+    sess = ort.InferenceSession(src, opts, providers=providers)
+    sess.l1fx_fused = report
+    return sess
 
 
 def _warn_if_copied(sess_options) -> None:
@@ -162,7 +186,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def ort_session(model: Union[str, Path, "onnx.ModelProto"], sess_options=None,  # noqa: F821
-                providers: Optional[Sequence[str]] = None, *, paths: Sequence[str] = PATHS, **options):
+                providers: Optional[Sequence[str]] = None, *, paths: Sequence[str] = PATHS, fuse: bool = True,
+                **options):
     """An ``onnxruntime.InferenceSession`` for the exported file ``model``, on the fastest l1 path that works.
 
     Args:
@@ -173,6 +198,10 @@ def ort_session(model: Union[str, Path, "onnx.ModelProto"], sess_options=None,  
             config entries), with an :class:`OrtOptionsWarning` naming what is lost.
         providers: onnxruntime execution providers (default ``["CPUExecutionProvider"]``; the l1 kernels are CPU).
         paths: the paths to try, in order (default ``("native", "python", "portable")``).
+        fuse: on the native path, run an in-memory copy of the graph in which each l1 conv takes over the
+            inference BatchNormalization and Relu after it, the Concat before it and the channels that
+            are constant along its positions (:mod:`l1fx.ort_fuse`; what was fused: ``sess.l1fx_fused``,
+            a :class:`l1fx.ort_fuse.FuseReport`; ``None`` where the rewrite did not run). ``False`` runs the file's graph.
         **options: ``SessionOptions`` attributes, e.g. ``intra_op_num_threads=2``.
 
     The path taken is recorded on the session as ``sess.l1fx_path``. Raises
@@ -189,7 +218,7 @@ def ort_session(model: Union[str, Path, "onnx.ModelProto"], sess_options=None,  
     failures: list[tuple[str, str]] = []
     for path in paths:
         try:
-            sess = _session(model, sess_options, providers, options, path)
+            sess = _session(model, sess_options, providers, options, path, fuse)
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors (pybind11 classes) derive from Exception only
             if path == "portable":  # the file itself does not run: that is the caller's to see
                 raise
@@ -200,6 +229,8 @@ def ort_session(model: Union[str, Path, "onnx.ModelProto"], sess_options=None,  
             warnings.warn(f"l1fx.ort_session: running the l1 nodes on the {path!r} path ({why})",
                           OrtFallbackWarning, stacklevel=2)
         sess.l1fx_path = path
+        if not hasattr(sess, "l1fx_fused"):
+            sess.l1fx_fused = None
         return sess
     # Only reached when ``paths`` leaves out "portable" and every path asked for failed.
     from .errors import BackendUnavailable

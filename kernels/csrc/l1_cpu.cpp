@@ -1025,8 +1025,45 @@ void filter_blocks(const T* w, const T* bias, int64_t M, int64_t Mg, int64_t K, 
   }
 }
 
+// What the fused forward (l1fx_conv_forward_fused, onnxruntime's l1fx.L1FusedConv) does around the
+// sums: out = act(scale * (col - acc) + shift), col the bias [M] or per sample [B, M] (the bias less
+// the sums of input channels that are constant along the positions, computed once per sample), the
+// affine (a folded inference batch norm) and the ReLU optional. The plain forward is col = bias only.
+struct Epilogue {
+  const float* col = nullptr;    // [B, M] replacing the bias, or null
+  const float* scale = nullptr;  // [M] with shift, or null
+  const float* shift = nullptr;
+  bool relu = false;
+  // ReLU with NaN kept (torch.relu): MAXPS returns its second operand when either is NaN.
+  inline vf apply(vf out, int64_t m) const {
+    if (scale) out = out * splat(scale[m]) + splat(shift[m]);
+    return relu ? vmax(vf{}, out) : out;
+  }
+  inline float apply(float out, int64_t m) const {
+    if (scale) out = out * scale[m] + shift[m];
+    return relu ? (out > 0.f || out != out ? out : 0.f) : out;
+  }
+};
+
+// Channel rows of the input: row c of sample b is rows[c] + b * bstride[c] (S positions, contiguous),
+// for one tensor [B, C, S] or several [B, C_i, S] read as their concatenation along channels.
+template <typename T>
+struct ChannelRows {
+  std::vector<const T*> rows;
+  std::vector<int64_t> bstride;
+  ChannelRows(int n, const T* const* xs, const int64_t* channels, int64_t S) {
+    for (int i = 0; i < n; ++i)
+      for (int64_t c = 0; c < channels[i]; ++c) {
+        rows.push_back(xs[i] + c * S);
+        bstride.push_back(channels[i] * S);
+      }
+  }
+  const T* row(int64_t b, int64_t c) const { return rows[size_t(c)] + b * bstride[size_t(c)]; }
+};
+
 template <typename Tile, typename T>
-void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
+void conv_forward_pointwise(const ChannelRows<T>& x, const T* w, const T* bias, T* y, const ConvGeom& cg,
+                            int nthreads, const Epilogue& ep) {
   constexpr int PW_MT = Tile::mt, PW_PV = Tile::pv, PW_W = Tile::width;
   const int64_t K = cg.Cg(), Mg = cg.Mg(), S = cg.S();
   const int64_t n_mb = (Mg + PW_MT - 1) / PW_MT, n_pt = (S + PW_W - 1) / PW_W;
@@ -1043,23 +1080,25 @@ void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const C
     for (int64_t it = 0; it < items; ++it) {
       const int64_t pt = it % n_pt, g = (it / n_pt) % cg.G, b = it / (n_pt * cg.G);
       const int64_t s0 = pt * PW_W, n = std::min<int64_t>(PW_W, S - s0);
-      const T* xs = x + (b * cg.C + g * K) * S + s0;
-      for (int64_t c = 0; c < K; ++c)
+      for (int64_t c = 0; c < K; ++c) {
+        const T* xs = x.row(b, g * K + c) + s0;
         for (int v = 0; v < PW_PV; ++v) {
           const int64_t lanes = std::max<int64_t>(0, std::min<int64_t>(VW, n - v * VW));
-          const T* src = xs + c * S + v * VW;
+          const T* src = xs + v * VW;
           store(&xp[size_t(c * PW_W + v * VW)], lanes == VW ? load_full(src) : lanes ? load_masked(src, 0, lanes) : vf{});
         }
+      }
       const float* wg = &wb[size_t(g * n_mb * K * PW_MT)];
+      const float* cols = ep.col ? ep.col + b * cg.M : col_term.data();
       T* yg = y + (b * cg.M + g * Mg) * S + s0;
       for (int64_t mb = 0; mb < n_mb; ++mb) {
         vf acc[PW_MT][PW_PV];
         panel_micro<PW_MT, PW_PV>(xp.data(), wg + mb * K * PW_MT, K, acc);
         for (int i = 0; i < PW_MT && mb * PW_MT + i < Mg; ++i) {
-          const int64_t m = mb * PW_MT + i;
-          const vf col = splat(col_term[size_t(g * Mg + m)]);
+          const int64_t m = mb * PW_MT + i, gm = g * Mg + m;
+          const vf col = splat(cols[size_t(gm)]);
           for (int v = 0; v < PW_PV && v * VW < n; ++v) {
-            const vf out = col - acc[i][v];
+            const vf out = ep.apply(col - acc[i][v], gm);
             const int64_t lanes = std::min<int64_t>(VW, n - v * VW);
             T* yp = yg + m * S + v * VW;
             if (std::is_same<T, float>::value)
@@ -1079,11 +1118,12 @@ int64_t pointwise_work(const ConvGeom& cg) {
   return round_up(cg.Mg(), Tile::mt) * round_up(cg.S(), Tile::width);
 }
 template <typename T>
-void conv_forward_pointwise(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
+void conv_forward_pointwise(const ChannelRows<T>& x, const T* w, const T* bias, T* y, const ConvGeom& cg,
+                            int nthreads, const Epilogue& ep = Epilogue{}) {
   if (100 * pointwise_work<PwNarrow>(cg) <= 103 * pointwise_work<PwWide>(cg))
-    conv_forward_pointwise<PwNarrow>(x, w, bias, y, cg, nthreads);
+    conv_forward_pointwise<PwNarrow>(x, w, bias, y, cg, nthreads, ep);
   else
-    conv_forward_pointwise<PwWide>(x, w, bias, y, cg, nthreads);
+    conv_forward_pointwise<PwWide>(x, w, bias, y, cg, nthreads, ep);
 }
 
 // Which conv forward kernel runs: 2 = pointwise, 1 = row tiles, 0 = packed patch panels.
@@ -1095,7 +1135,10 @@ inline int conv_forward_kind(const ConvGeom& cg, int nthreads) {
 template <typename T>
 void conv_forward(const T* x, const T* w, const T* bias, T* y, const ConvGeom& cg, int nthreads) {
   switch (conv_forward_kind(cg, nthreads)) {
-    case 2: return conv_forward_pointwise(x, w, bias, y, cg, nthreads);
+    case 2: {
+      const int64_t C = cg.C;
+      return conv_forward_pointwise(ChannelRows<T>(1, &x, &C, cg.S()), w, bias, y, cg, nthreads);
+    }
     case 1: return conv_forward_rows(x, w, bias, y, cg, nthreads);
     default: return conv_forward_packed(x, w, bias, y, cg, nthreads);
   }
@@ -1554,6 +1597,46 @@ int l1fx_conv_forward(int dtype, const void* x, const void* w, const void* bias,
 // (line buffers), 0 = packed patch panels.
 int l1fx_conv_forward_uses_rows(int64_t B, int64_t C, int64_t M, int64_t G, const int64_t* geom, int nthreads) {
   return conv_forward_kind(make_geom(B, C, M, G, geom), nthreads);
+}
+
+// The fused forward of onnxruntime's l1fx.L1FusedConv (kernels/csrc/ort_ops.cpp), float32:
+//   y = act(scale * (col - sum |x - w|) + shift)
+// x: n_x tensors xs[i] [B, x_channels[i], in...] read as one tensor concatenated along channels (no
+// copy); col: [M] (col_per_sample = 0: the bias) or [B, M]; scale and shift [M] or both null; relu 0/1.
+// The pointwise kernel applies all of it in registers; the other kernels (one input tensor only)
+// compute -sum |x - w| and the epilogue runs over their output once, in place, with the same rounding
+// (col + (-acc) is col - acc). Returns 2 for several input tensors with a non-pointwise geometry.
+int l1fx_conv_forward_fused(int n_x, const float* const* xs, const int64_t* x_channels, const float* w,
+                            const float* col, int col_per_sample, const float* scale, const float* shift, int relu,
+                            float* y, int64_t B, int64_t C, int64_t M, int64_t G, const int64_t* geom, int nthreads) {
+  const ConvGeom cg = make_geom(B, C, M, G, geom);
+  int64_t channels = 0;
+  for (int i = 0; i < n_x; ++i) channels += x_channels[i];
+  if (n_x < 1 || channels != C || (scale == nullptr) != (shift == nullptr)) return 1;
+  Epilogue ep;
+  ep.col = col_per_sample ? col : nullptr;
+  ep.scale = scale;
+  ep.shift = shift;
+  ep.relu = relu != 0;
+  if (conv_forward_kind(cg, nthreads) == 2) {
+    conv_forward_pointwise(ChannelRows<float>(n_x, xs, x_channels, cg.S()), w, col_per_sample ? nullptr : col, y, cg,
+                           nthreads, ep);
+    return 0;
+  }
+  if (n_x != 1) return 2;
+  conv_forward(xs[0], w, static_cast<const float*>(nullptr), y, cg, nthreads);
+  const int64_t P = cg.P();
+#pragma omp parallel for num_threads(threads_for(B * M, nthreads)) schedule(static)
+  for (int64_t bm = 0; bm < B * M; ++bm) {
+    const int64_t m = bm % M;
+    const float c = col_per_sample ? col[bm] : col[m];
+    float* yp = y + bm * P;
+    const vf cv = splat(c);
+    int64_t p = 0;
+    for (; p + VW <= P; p += VW) store(yp + p, ep.apply(cv + load(yp + p), m));
+    for (; p < P; ++p) yp[p] = ep.apply(c + yp[p], m);
+  }
+  return 0;
 }
 
 // Direct conv input gradient (any geometry): g [B, M, out...], gx like x.

@@ -1,4 +1,5 @@
 // onnxruntime custom-op library for the l1fx ONNX domain: l1fx.L1Linear and l1fx.L1Conv
+// (and l1fx.L1FusedConv, which only l1fx.ort_session's in-memory graphs use)
 // (schemas in l1fx/onnx_ops.py) computed by the l1fx CPU kernels (l1_cpu.cpp) in place,
 // with no copy and no Python.
 //
@@ -7,9 +8,10 @@
 // and includes this file, then builds it like the CPU kernels (kernels/cpu_build.py).
 //
 // Loaded with SessionOptions.register_custom_ops_library: onnxruntime calls
-// RegisterCustomOps, which adds the two ops to the "l1fx" domain. A node with a
+// RegisterCustomOps, which adds the ops to the "l1fx" domain. A node with a
 // registered kernel is run by it; the model-local function bodies are then unused.
 // float32 only (the l1fx kernels' other dtype, bfloat16, has no use in exported files).
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -145,17 +147,16 @@ struct LinearOp : Ort::CustomOpBase<LinearOp, LinearKernel, true> {
 };
 
 // ---------------------------------------------------------------- L1Conv
-struct ConvKernel {
+// The attributes of an ONNX Conv-like node and the l1fx kernel geometry they give for X and W.
+struct ConvAttrs {
   std::vector<int64_t> strides, pads, dilations;
   int64_t group;
-  int nthreads;
 
-  ConvKernel(const OrtKernelInfo* info, int n)
+  explicit ConvAttrs(const OrtKernelInfo* info)
       : strides(ints_attr(info, "strides", {})),
         pads(ints_attr(info, "pads", {})),
         dilations(ints_attr(info, "dilations", {})),
-        group(int_attr(info, "group", 1)),
-        nthreads(n) {
+        group(int_attr(info, "group", 1)) {
     // Checked here so that a session that cannot run a node fails when it is made, not when it runs.
     const size_t nd = pads.size() / 2;
     for (size_t a = 0; a < nd; ++a)
@@ -163,48 +164,62 @@ struct ConvKernel {
         throw std::invalid_argument("asymmetric pads are not supported by the l1fx kernel");
   }
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return guarded("L1Conv", [&] {
-      Ort::KernelContext ctx(context);
-      Inputs in = read_inputs(ctx);
-      const size_t nd = in.xs.size() >= 2 ? in.xs.size() - 2 : 0;
-      if (nd < 1 || nd > 3 || in.ws.size() != nd + 2 || in.bs.size() != 1 || in.bs[0] != in.ws[0])
-        throw std::invalid_argument("X " + shape_str(in.xs) + ", W " + shape_str(in.ws) + ", B " +
-                                    shape_str(in.bs) + " do not fit X[N, C, *S], W[M, C/group, *k], B[M] "
-                                    "with 1 to 3 spatial axes");
-      const int64_t B = in.xs[0], C = in.xs[1], M = in.ws[0], G = group;
-      if (G < 1 || C % G != 0 || M % G != 0 || in.ws[1] * G != C)
-        throw std::invalid_argument("group " + std::to_string(G) + " does not fit X " + shape_str(in.xs) +
-                                    " and W " + shape_str(in.ws));
+  // geom = {in[3], ker[3], stride[3], pad[3], dil[3], out[3]} (1-D/2-D lead with size-1 axes); returns Y's shape.
+  std::vector<int64_t> conv_geometry(const std::vector<int64_t>& xs, const std::vector<int64_t>& ws,
+                                     int64_t* geom) const {
+      const size_t nd = xs.size() >= 2 ? xs.size() - 2 : 0;
+      if (nd < 1 || nd > 3 || ws.size() != nd + 2)
+        throw std::invalid_argument("X " + shape_str(xs) + ", W " + shape_str(ws) + " do not fit X[N, C, *S], "
+                                    "W[M, C/group, *k] with 1 to 3 spatial axes");
+      const int64_t B = xs[0], C = xs[1], M = ws[0], G = group;
+      if (G < 1 || C % G != 0 || M % G != 0 || ws[1] * G != C)
+        throw std::invalid_argument("group " + std::to_string(G) + " does not fit X " + shape_str(xs) +
+                                    " and W " + shape_str(ws));
       std::vector<int64_t> st = strides.empty() ? std::vector<int64_t>(nd, 1) : strides;
       std::vector<int64_t> dl = dilations.empty() ? std::vector<int64_t>(nd, 1) : dilations;
       std::vector<int64_t> pd = pads.empty() ? std::vector<int64_t>(2 * nd, 0) : pads;
       if (st.size() != nd || dl.size() != nd || pd.size() != 2 * nd)
         throw std::invalid_argument("strides/pads/dilations do not have one entry per spatial axis");
-      // geom = {in[3], ker[3], stride[3], pad[3], dil[3], out[3]}; 1-D/2-D lead with size-1 axes.
-      int64_t geom[18];
       const size_t lead = 3 - nd;
       std::vector<int64_t> ys = {B, M};
       for (size_t i = 0; i < 3; ++i) {
         const bool pad_axis = i < lead;
         const size_t a = i - lead;
-        const int64_t inn = pad_axis ? 1 : in.xs[2 + a], ker = pad_axis ? 1 : in.ws[2 + a];
+        const int64_t inn = pad_axis ? 1 : xs[2 + a], ker = pad_axis ? 1 : ws[2 + a];
         const int64_t s = pad_axis ? 1 : st[a], d = pad_axis ? 1 : dl[a];
         const int64_t p = pad_axis ? 0 : pd[a];
         if (s < 1 || d < 1 || p < 0) throw std::invalid_argument("strides and dilations must be >= 1, pads >= 0");
         const int64_t span = inn + 2 * p - d * (ker - 1) - 1;
         if (span < 0)
-          throw std::invalid_argument("kernel " + shape_str(in.ws) + " is larger than the padded input " +
-                                      shape_str(in.xs));
+          throw std::invalid_argument("kernel " + shape_str(ws) + " is larger than the padded input " +
+                                      shape_str(xs));
         const int64_t out = span / s + 1;
         geom[i] = inn; geom[3 + i] = ker; geom[6 + i] = s; geom[9 + i] = p; geom[12 + i] = d; geom[15 + i] = out;
         if (!pad_axis) ys.push_back(out);
       }
+    return ys;
+  }
+};
+
+struct ConvKernel {
+  ConvAttrs attrs;
+  int nthreads;
+
+  ConvKernel(const OrtKernelInfo* info, int n) : attrs(info), nthreads(n) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded("L1Conv", [&] {
+      Ort::KernelContext ctx(context);
+      Inputs in = read_inputs(ctx);
+      if (in.bs.size() != 1 || in.ws.empty() || in.bs[0] != in.ws[0])
+        throw std::invalid_argument("B " + shape_str(in.bs) + " does not fit W " + shape_str(in.ws) + ": B[M]");
+      int64_t geom[18];
+      std::vector<int64_t> ys = attrs.conv_geometry(in.xs, in.ws, geom);
       Ort::UnownedValue y = ctx.GetOutput(0, ys);
       if (numel(ys) == 0) return;
       int rc = l1fx_conv_forward(kFloat32, in.x.GetTensorData<float>(), in.w.GetTensorData<float>(),
-                                 in.b.GetTensorData<float>(), y.GetTensorMutableData<float>(), B, C, M, G, geom,
-                                 kernel_threads(nthreads));
+                                 in.b.GetTensorData<float>(), y.GetTensorMutableData<float>(), in.xs[0], in.xs[1],
+                                 in.ws[0], attrs.group, geom, kernel_threads(nthreads));
       if (rc != 0) throw std::runtime_error("l1fx_conv_forward failed with code " + std::to_string(rc));
     });
   }
@@ -220,6 +235,92 @@ struct ConvOp : Ort::CustomOpBase<ConvOp, ConvKernel, true> {
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// ---------------------------------------------------------------- L1FusedConv
+// Not in exported files: l1fx.ort_session's native path writes it into its in-memory copy of the
+// graph (l1fx/ort_fuse.py), in place of an L1Conv with what follows or feeds it:
+//   Y = act(scale * (COL - sum |X - W|) + shift)
+// inputs W [M, C/group, *k], COL [M] (the bias) or [B, M] (the bias less the sums over input channels
+// that are constant along the positions), SCALE and SHIFT [M] (a folded inference BatchNormalization)
+// or both empty, then X as one or more tensors [B, C_i, *S] read as their concatenation along channels
+// (several only for kernel 1, stride 1, no padding). Attributes: L1Conv's, and relu (0/1).
+struct FusedConvKernel {
+  ConvAttrs attrs;
+  int64_t relu;
+  int nthreads;
+
+  FusedConvKernel(const OrtKernelInfo* info, int n) : attrs(info), relu(int_attr(info, "relu", 0)), nthreads(n) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded("L1FusedConv", [&] {
+      Ort::KernelContext ctx(context);
+      const size_t n_in = ctx.GetInputCount();
+      if (n_in < 5) throw std::invalid_argument("expects W, COL, SCALE, SHIFT and at least one X");
+      Ort::ConstValue w = ctx.GetInput(0), col = ctx.GetInput(1), scale = ctx.GetInput(2), shift = ctx.GetInput(3);
+      const std::vector<int64_t> ws = w.GetTensorTypeAndShapeInfo().GetShape();
+      const std::vector<int64_t> cs = col.GetTensorTypeAndShapeInfo().GetShape();
+      const int64_t n_scale = numel(scale.GetTensorTypeAndShapeInfo().GetShape());
+      const int64_t n_shift = numel(shift.GetTensorTypeAndShapeInfo().GetShape());
+      std::vector<const float*> xs;
+      std::vector<int64_t> channels;
+      std::vector<int64_t> x0;
+      for (size_t i = 4; i < n_in; ++i) {
+        Ort::ConstValue x = ctx.GetInput(i);
+        std::vector<int64_t> shape = x.GetTensorTypeAndShapeInfo().GetShape();
+        if (i == 4) {
+          x0 = shape;
+        } else if (shape.size() != x0.size() || shape.size() < 2 || shape[0] != x0[0] ||
+                   !std::equal(shape.begin() + 2, shape.end(), x0.begin() + 2)) {
+          throw std::invalid_argument("X inputs " + shape_str(x0) + " and " + shape_str(shape) +
+                                      " differ outside the channel axis");
+        }
+        xs.push_back(x.GetTensorData<float>());
+        channels.push_back(shape.size() >= 2 ? shape[1] : 0);
+      }
+      std::vector<int64_t> xall = x0;
+      if (xall.size() >= 2) {
+        xall[1] = 0;
+        for (int64_t c : channels) xall[1] += c;
+      }
+      int64_t geom[18];
+      std::vector<int64_t> ys = attrs.conv_geometry(xall, ws, geom);
+      const int64_t B = xall[0], M = ws[0];
+      const bool per_sample = cs.size() == 2;
+      if (!((cs.size() == 1 && cs[0] == M) || (per_sample && cs[0] == B && cs[1] == M)))
+        throw std::invalid_argument("COL " + shape_str(cs) + " is neither [M] nor [B, M] for M = " +
+                                    std::to_string(M) + ", B = " + std::to_string(B));
+      if (n_scale != n_shift || (n_scale != 0 && n_scale != M))
+        throw std::invalid_argument("SCALE and SHIFT must both be [M] or both empty");
+      Ort::UnownedValue y = ctx.GetOutput(0, ys);
+      if (numel(ys) == 0) return;
+      int rc = l1fx_conv_forward_fused(int(xs.size()), xs.data(), channels.data(), w.GetTensorData<float>(),
+                                       col.GetTensorData<float>(), per_sample ? 1 : 0,
+                                       n_scale ? scale.GetTensorData<float>() : nullptr,
+                                       n_scale ? shift.GetTensorData<float>() : nullptr, relu ? 1 : 0,
+                                       y.GetTensorMutableData<float>(), B, xall[1], M, attrs.group, geom,
+                                       kernel_threads(nthreads));
+      if (rc == 2) throw std::invalid_argument("several X inputs need kernel 1, stride 1 and no padding");
+      if (rc != 0) throw std::runtime_error("l1fx_conv_forward_fused failed with code " + std::to_string(rc));
+    });
+  }
+};
+
+struct FusedConvOp : Ort::CustomOpBase<FusedConvOp, FusedConvKernel, true> {
+  int nthreads;
+  explicit FusedConvOp(int n) : nthreads(n) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded("L1FusedConv", [&] { *kernel = new FusedConvKernel(info, nthreads); });
+  }
+  const char* GetName() const { return "L1FusedConv"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 4 ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
+  }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
@@ -259,6 +360,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   // does not tell us: one small set per registration, kept for the process.
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, new l1fx_ort::LinearOp(nthreads))) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, new l1fx_ort::ConvOp(nthreads))) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, new l1fx_ort::FusedConvOp(nthreads))) return st;
   return api->AddCustomOpDomain(options, domain);
 }
 
