@@ -16,6 +16,8 @@ statistics calibrated on random data so the outputs depend on the inputs), paths
 * ``dense-ort``     - the dense model exported (``export_onnx``) and run in plain onnxruntime: the target;
 * ``l1-eager``      - the converted model in eager PyTorch;
 * ``l1-session``    - the converted model's file through ``l1fx.ort_session`` (the fastest path here);
+* ``l1-unfused``    - ... through ``ort_session``'s native path with ``fuse=False`` (the file's graph: each
+  l1 node alone, onnxruntime's own norm, ReLU and Concat nodes around it);
 * ``l1-python``     - ... through the Python custom-op path;
 * ``l1-portable``   - ... in plain onnxruntime (function bodies, what runs without l1fx).
 
@@ -44,11 +46,12 @@ import warnings
 
 LAYER_PATHS = ("torch", "ort-native", "ort-python", "ort-portable", "ort-broadcast")
 DEFAULT_LAYER_PATHS = ("torch", "ort-native", "ort-python", "ort-portable")
-MODEL_PATHS = ("dense-ort", "l1-eager", "l1-session", "l1-python", "l1-portable")
+MODEL_PATHS = ("dense-ort", "l1-eager", "l1-session", "l1-unfused", "l1-python", "l1-portable")
 MODELS = ("pointnet", "pointnet2", "voxelcnn")
 # PointNet++ does not export today (its export is still being worked on, see the ONNX results): opt in.
 DEFAULT_MODELS = ("pointnet", "voxelcnn")
-SESSION_PATH = {"ort-native": "native", "ort-python": "python", "l1-session": None, "l1-python": "python"}
+SESSION_PATH = {"ort-native": "native", "ort-python": "python", "l1-session": None, "l1-unfused": "native",
+                "l1-python": "python"}
 BATCH, POINTS, PARTS, CATEGORIES = 8, 1024, 50, 16
 
 
@@ -104,8 +107,8 @@ def _plain_session(onnx_file: str):
     return ort.InferenceSession(onnx_file, so, providers=["CPUExecutionProvider"])
 
 
-def _session(onnx_file: str, path):
-    """A session on one l1 path (``None``: whatever ``ort_session`` picks)."""
+def _session(onnx_file: str, path, fuse: bool = True):
+    """A session on one l1 path (``None``: whatever ``ort_session`` picks); ``fuse``: ort_session's."""
     from l1fx.ort_runtime import PATHS, ort_session
 
     if path == "plain":
@@ -113,7 +116,7 @@ def _session(onnx_file: str, path):
     opts = {"intra_op_num_threads": _threads()} if _threads() > 0 else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sess = ort_session(onnx_file, paths=PATHS if path is None else (path,), **opts)
+        sess = ort_session(onnx_file, paths=PATHS if path is None else (path,), fuse=fuse, **opts)
     return sess, sess.l1fx_path
 
 
@@ -259,7 +262,7 @@ def _model_child(spec: dict) -> dict:
         used = "torch"
     else:
         sess, used = _session(spec["file"], {"dense-ort": "plain", "l1-portable": "plain"}.get(
-            spec["path"], SESSION_PATH.get(spec["path"])))
+            spec["path"], SESSION_PATH.get(spec["path"])), fuse=spec["path"] != "l1-unfused")
         names = [i.name for i in sess.get_inputs()]
         feed = dict(zip(names, [pts.numpy(), cat.numpy()]))
         run = lambda: sess.run(None, feed)[0]  # noqa: E731
@@ -282,9 +285,9 @@ def _model_interleaved_child(spec: dict) -> dict:
     model = _load_model(spec)
     runs["l1-eager"] = lambda: model(pts, cat)
     if spec.get("file"):
-        for path in ("l1-session", "l1-python"):
+        for path in ("l1-session", "l1-unfused", "l1-python"):
             try:
-                sess, used = _session(spec["file"], SESSION_PATH[path])
+                sess, used = _session(spec["file"], SESSION_PATH[path], fuse=path != "l1-unfused")
             except Exception:  # noqa: BLE001 - unavailable here
                 continue
             feed = dict(zip([i.name for i in sess.get_inputs()], [pts.numpy(), cat.numpy()]))
