@@ -14,6 +14,7 @@ converted model's eager PyTorch time (medians of 3, batch as exported; loaded sh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -182,8 +183,16 @@ def run_one(name: str) -> dict:
     feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), x)}
     with torch.no_grad():
         eager = _median_ms(lambda: model(*x))
+        refs = model(*x)
     ort_ms = _median_ms(lambda: sess.run(None, feed))
-    row["ort"] = f"{ort_ms:.1f} ms ({sess.l1fx_path}) = {ort_ms / eager:.2f}x eager {eager:.1f} ms"
+    refs = [refs] if isinstance(refs, torch.Tensor) else list(refs)
+    err = max(float(np.abs(got - ref.numpy()).max() / max(float(np.abs(ref.numpy()).max()), 1e-30))
+              for got, ref in zip(sess.run(None, feed), refs))
+    fused = sess.l1fx_fused
+    what = ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(fused).items() if v) if fused else ""
+    row["ort"] = (f"{ort_ms:.1f} ms ({sess.l1fx_path}{'; fused: ' + what if what else ''}) = {ort_ms / eager:.2f}x "
+                  f"eager {eager:.1f} ms; rel err vs eager "
+                  + ("- (random FPS starts: eager draws its own)" if result.fed_random else f"{err:.1e}"))
     return row
 
 
