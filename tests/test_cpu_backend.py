@@ -418,3 +418,23 @@ def test_conv_backward_takes_expanded_grad(mix):
     want = cpu.conv_backward(g.contiguous(), x, w, *args, mix, True, True)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape,kernel,stride", [((4, 35, 64, 16), (1, 1), (1, 1)), ((2, 6, 9, 8, 7), (3, 3, 3), (2, 2, 2))])
+def test_conv_weight_grad_is_the_same_on_every_run(shape, kernel, stride):
+    """Same inputs and thread count, the same bits: the weight gradient's sums do not depend on which
+    thread took which part (they did: per-thread sums over dynamically handed-out tiles)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(7, shape[1], *kernel, generator=g)
+    nd = len(kernel)
+    out = [(s - k) // st + 1 for s, k, st in zip(shape[2:], kernel, stride)]
+    grad = torch.randn(shape[0], 7, *out, generator=g)
+    args = (stride, (0,) * nd, (1,) * nd, 1)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [cpu.conv_backward(grad, x, w, *args, 0.5, False, True)[1] for _ in range(8)]
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])

@@ -1483,34 +1483,37 @@ void conv_weight_grad(const T* g, const T* x, const T* w, float* gw, const ConvG
   const int64_t n_tiles = (P + RT - 1) / RT;
   const int64_t items = cg.B * cg.G * n_tiles;
   const int nt = threads_for(items, nthreads);
-  std::vector<float> s_priv(size_t(nt * cg.G * K_pad * M_pad), 0.f);
+  // Sums per slot, a fixed run of items summed in item order, the slots then added in slot order: the
+  // result does not depend on which thread ran what (it did with one sum per thread over items handed
+  // out dynamically: a busy machine changed the weight gradient's last bits, and the training run).
+  // Twice as many slots as threads, handed out dynamically, so a parked thread delays little.
+  const int64_t n_slots = std::min<int64_t>(items, 2 * nt);
+  std::vector<float> s_priv(size_t(n_slots * cg.G * K_pad * M_pad), 0.f);
 #pragma omp parallel num_threads(nt)
   {
-    int tid = 0;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-#endif
     // Panels [RT / CONV_PW][K][CONV_PW], plus one panel's worth of zeros: the k
     // blocks of weight_grad_block may run up to K_pad > K (those sums are dropped).
     std::vector<float> xp(static_cast<size_t>((RT + CONV_PW) * K_pad), 0.f), gp(static_cast<size_t>(RT * M_pad), 0.f);
     PanelReads pr(cg);
-    float* S = &s_priv[size_t(tid * cg.G * K_pad * M_pad)];
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t t = it % n_tiles, gr = (it / n_tiles) % cg.G, bb = it / (n_tiles * cg.G);
-      const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
-      for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW) {  // panels of CONV_PW positions, the forward's vector packer
-        pr.plan(cg, pos0 + r0, std::min<int64_t>(CONV_PW, rows - r0));
-        pack_conv_slice(x, cg, bb, gr, pr, 0, cg.Cg(), &xp[size_t(r0 * K)]);
+    for (int64_t slot = 0; slot < n_slots; ++slot) {
+      float* S = &s_priv[size_t(slot * cg.G * K_pad * M_pad)];
+      for (int64_t it = items * slot / n_slots; it < items * (slot + 1) / n_slots; ++it) {
+        const int64_t t = it % n_tiles, gr = (it / n_tiles) % cg.G, bb = it / (n_tiles * cg.G);
+        const int64_t pos0 = t * RT, rows = std::min(RT, P - pos0);
+        for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW) {  // panels of CONV_PW positions, the forward's vector packer
+          pr.plan(cg, pos0 + r0, std::min<int64_t>(CONV_PW, rows - r0));
+          pack_conv_slice(x, cg, bb, gr, pr, 0, cg.Cg(), &xp[size_t(r0 * K)]);
+        }
+        for (int64_t m = 0; m < Mg; ++m) {  // g[b, m, pos0 + r] -> gp[r][m]
+          const T* src = g + (bb * cg.M + gr * Mg + m) * P + pos0;
+          for (int64_t r = 0; r < rows; ++r) gp[size_t(r * M_pad + m)] = to_f(src[r]);
+        }
+        for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW)
+          weight_grad_block<MODE>(&xp[size_t(r0 * K)], 1, CONV_PW, &gp[size_t(r0 * M_pad)],
+                                  &wt[size_t(gr * K_pad * M_pad)], std::min<int64_t>(CONV_PW, rows - r0), K_pad, M_pad, a,
+                                  b, S + gr * K_pad * M_pad);
       }
-      for (int64_t m = 0; m < Mg; ++m) {  // g[b, m, pos0 + r] -> gp[r][m]
-        const T* src = g + (bb * cg.M + gr * Mg + m) * P + pos0;
-        for (int64_t r = 0; r < rows; ++r) gp[size_t(r * M_pad + m)] = to_f(src[r]);
-      }
-      for (int64_t r0 = 0; r0 < rows; r0 += CONV_PW)
-        weight_grad_block<MODE>(&xp[size_t(r0 * K)], 1, CONV_PW, &gp[size_t(r0 * M_pad)],
-                                &wt[size_t(gr * K_pad * M_pad)], std::min<int64_t>(CONV_PW, rows - r0), K_pad, M_pad, a,
-                                b, S + gr * K_pad * M_pad);
     }
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -1518,7 +1521,7 @@ void conv_weight_grad(const T* g, const T* x, const T* w, float* gw, const ConvG
       const int64_t gr = gm / Mg, m = gm % Mg;
       for (int64_t k = 0; k < K; ++k) {
         float s = 0.f;
-        for (int th = 0; th < nt; ++th) s += s_priv[size_t(((th * cg.G + gr) * K_pad + k) * M_pad + m)];
+        for (int64_t sl = 0; sl < n_slots; ++sl) s += s_priv[size_t(((sl * cg.G + gr) * K_pad + k) * M_pad + m)];
         gw[gm * K + k] = s;
       }
     }
