@@ -1486,8 +1486,9 @@ void conv_weight_grad(const T* g, const T* x, const T* w, float* gw, const ConvG
   // Sums per slot, a fixed run of items summed in item order, the slots then added in slot order: the
   // result does not depend on which thread ran what (it did with one sum per thread over items handed
   // out dynamically: a busy machine changed the weight gradient's last bits, and the training run).
-  // Twice as many slots as threads, handed out dynamically, so a parked thread delays little.
-  const int64_t n_slots = std::min<int64_t>(items, 2 * nt);
+  // Twice as many slots as threads, handed out dynamically, so a parked thread delays little; one
+  // thread keeps one sum in item order (the same bits as before slots, so earlier runs reproduce).
+  const int64_t n_slots = nt == 1 ? 1 : std::min<int64_t>(items, 2 * nt);
   std::vector<float> s_priv(size_t(n_slots * cg.G * K_pad * M_pad), 0.f);
 #pragma omp parallel num_threads(nt)
   {
