@@ -58,8 +58,18 @@ class _Graph:
     """The top-level graph with its producer/consumer maps (rebuilt after every pass)."""
 
     def __init__(self, model):
+        from onnx import shape_inference
+
         self.model, self.g = model, model.graph
         self._names = itertools.count()
+        # Shapes of the graph as exported (the passes keep every value's name and shape; the new
+        # l1fx.L1FusedConv has no schema that shape inference could use). onnx's inference does not
+        # see through the l1 nodes' function bodies: the shapes past them come from the file's
+        # value_info, which l1fx's exporter writes; without it the channel split is not done.
+        try:
+            self.shapes = _shapes(shape_inference.infer_shapes(model))
+        except Exception:  # noqa: BLE001 - no shapes, no proof: the passes that need one change nothing
+            self.shapes = {}
         self.refresh()
 
     def refresh(self) -> None:
@@ -222,16 +232,11 @@ def read_concat(gr: _Graph, report: FuseReport) -> None:
 
 
 def split_constant_channels(gr: _Graph, report: FuseReport) -> None:
-    from onnx import helper, shape_inference
+    from onnx import helper
 
     candidates = [n for n in gr.g.node if _is_fused(n) and len(n.input) > X_ + 1 and gr.array(n.input[COL_]).ndim == 1
                   and any(_expand_of(gr, x) for x in n.input[X_:])]
-    if not candidates:
-        return
-    try:
-        shapes = _shapes(shape_inference.infer_shapes(gr.model))
-    except Exception:  # noqa: BLE001 - no shapes, no proof: leave the graph as it is
-        return
+    shapes = gr.shapes
     for node in candidates:
         xs = list(node.input[X_:])
         dims = [shapes.get(x) for x in xs]
