@@ -57,20 +57,15 @@ class FuseReport:
 class _Graph:
     """The top-level graph with its producer/consumer maps (rebuilt after every pass)."""
 
-    def __init__(self, model):
-        from onnx import shape_inference
-
+    def __init__(self, model, original):
         self.model, self.g = model, model.graph
         self._names = itertools.count()
-        # Shapes of the graph as exported (the passes keep every value's name and shape; the new
-        # l1fx.L1FusedConv has no schema that shape inference could use). onnx's inference does not
-        # see through the l1 nodes' function bodies: the shapes past them come from the file's
-        # value_info, which l1fx's exporter writes; without it the channel split is not done.
-        try:
-            self.shapes = _shapes(shape_inference.infer_shapes(model))
-        except Exception:  # noqa: BLE001 - no shapes, no proof: the passes that need one change nothing
-            self.shapes = {}
+        self._shapes = _shapes_or_nothing(original)  # the file's, before any pass: see _shapes_or_nothing
         self.refresh()
+
+    @property
+    def shapes(self) -> dict:
+        return self._shapes()
 
     def refresh(self) -> None:
         self.producer = {o: n for n in self.g.node for o in n.output}
@@ -173,9 +168,7 @@ def to_fused(gr: _Graph, report: FuseReport) -> None:
         del node.input[:]
         node.input.extend([weight, bias, empty, empty, x])
         node.op_type = FUSED
-        keep = [a for a in node.attribute if a.name in _CONV_ATTRS]
-        del node.attribute[:]
-        node.attribute.extend(keep)
+        _keep_conv_attributes(node)
         _set_attr(node, "relu", 0)
 
 
@@ -283,9 +276,7 @@ def unfuse_plain(gr: _Graph, report: FuseReport) -> None:
             del node.input[:]
             node.input.extend([x, weight, bias])
             node.op_type = "L1Conv"
-            keep = [a for a in node.attribute if a.name in _CONV_ATTRS]
-            del node.attribute[:]
-            node.attribute.extend(keep)
+            _keep_conv_attributes(node)
 
 
 def drop_unused(gr: _Graph, report: FuseReport) -> None:
@@ -314,7 +305,7 @@ def fuse(model) -> tuple:
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    gr = _Graph(copy)
+    gr = _Graph(copy, model)
     report = FuseReport()
     for p in PASSES:
         p(gr, report)
@@ -323,6 +314,34 @@ def fuse(model) -> tuple:
 
 
 # ---------------------------------------------------------------- helpers
+def _shapes_or_nothing(original):
+    """A function returning the shapes of ``original`` (the unchanged input of :func:`fuse`), inferred on
+    first call (only the channel split needs them). The passes keep every value's name and shape, and the
+    new l1fx.L1FusedConv has no schema that shape inference could use, so the input graph is the one to ask.
+    onnx's inference does not see through the l1 nodes' function bodies: the shapes past them come from the
+    file's value_info, which l1fx's exporter writes; without it the channel split is not done."""
+    from onnx import shape_inference
+
+    cache: list = []
+
+    def shapes() -> dict:
+        if not cache:
+            try:
+                cache.append(_shapes(shape_inference.infer_shapes(original)))
+            except Exception:  # noqa: BLE001 - no shapes, no proof: the passes that need one change nothing
+                cache.append({})
+        return cache[0]
+
+    return shapes
+
+
+def _keep_conv_attributes(node) -> None:
+    """Drop every attribute but the conv geometry's (strides, pads, dilations, group)."""
+    keep = [a for a in node.attribute if a.name in _CONV_ATTRS]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+
+
 def _expand_of(gr: _Graph, name: str) -> Optional[str]:
     n = gr.producer.get(name)
     return n.input[0] if n is not None and n.op_type == "Expand" and n.domain in ("", "ai.onnx") else None

@@ -167,36 +167,36 @@ struct ConvAttrs {
   // geom = {in[3], ker[3], stride[3], pad[3], dil[3], out[3]} (1-D/2-D lead with size-1 axes); returns Y's shape.
   std::vector<int64_t> conv_geometry(const std::vector<int64_t>& xs, const std::vector<int64_t>& ws,
                                      int64_t* geom) const {
-      const size_t nd = xs.size() >= 2 ? xs.size() - 2 : 0;
-      if (nd < 1 || nd > 3 || ws.size() != nd + 2)
-        throw std::invalid_argument("X " + shape_str(xs) + ", W " + shape_str(ws) + " do not fit X[N, C, *S], "
-                                    "W[M, C/group, *k] with 1 to 3 spatial axes");
-      const int64_t B = xs[0], C = xs[1], M = ws[0], G = group;
-      if (G < 1 || C % G != 0 || M % G != 0 || ws[1] * G != C)
-        throw std::invalid_argument("group " + std::to_string(G) + " does not fit X " + shape_str(xs) +
-                                    " and W " + shape_str(ws));
-      std::vector<int64_t> st = strides.empty() ? std::vector<int64_t>(nd, 1) : strides;
-      std::vector<int64_t> dl = dilations.empty() ? std::vector<int64_t>(nd, 1) : dilations;
-      std::vector<int64_t> pd = pads.empty() ? std::vector<int64_t>(2 * nd, 0) : pads;
-      if (st.size() != nd || dl.size() != nd || pd.size() != 2 * nd)
-        throw std::invalid_argument("strides/pads/dilations do not have one entry per spatial axis");
-      const size_t lead = 3 - nd;
-      std::vector<int64_t> ys = {B, M};
-      for (size_t i = 0; i < 3; ++i) {
-        const bool pad_axis = i < lead;
-        const size_t a = i - lead;
-        const int64_t inn = pad_axis ? 1 : xs[2 + a], ker = pad_axis ? 1 : ws[2 + a];
-        const int64_t s = pad_axis ? 1 : st[a], d = pad_axis ? 1 : dl[a];
-        const int64_t p = pad_axis ? 0 : pd[a];
-        if (s < 1 || d < 1 || p < 0) throw std::invalid_argument("strides and dilations must be >= 1, pads >= 0");
-        const int64_t span = inn + 2 * p - d * (ker - 1) - 1;
-        if (span < 0)
-          throw std::invalid_argument("kernel " + shape_str(ws) + " is larger than the padded input " +
-                                      shape_str(xs));
-        const int64_t out = span / s + 1;
-        geom[i] = inn; geom[3 + i] = ker; geom[6 + i] = s; geom[9 + i] = p; geom[12 + i] = d; geom[15 + i] = out;
-        if (!pad_axis) ys.push_back(out);
-      }
+    const size_t nd = xs.size() >= 2 ? xs.size() - 2 : 0;
+    if (nd < 1 || nd > 3 || ws.size() != nd + 2)
+      throw std::invalid_argument("X " + shape_str(xs) + ", W " + shape_str(ws) + " do not fit X[N, C, *S], "
+                                  "W[M, C/group, *k] with 1 to 3 spatial axes");
+    const int64_t B = xs[0], C = xs[1], M = ws[0], G = group;
+    if (G < 1 || C % G != 0 || M % G != 0 || ws[1] * G != C)
+      throw std::invalid_argument("group " + std::to_string(G) + " does not fit X " + shape_str(xs) +
+                                  " and W " + shape_str(ws));
+    std::vector<int64_t> st = strides.empty() ? std::vector<int64_t>(nd, 1) : strides;
+    std::vector<int64_t> dl = dilations.empty() ? std::vector<int64_t>(nd, 1) : dilations;
+    std::vector<int64_t> pd = pads.empty() ? std::vector<int64_t>(2 * nd, 0) : pads;
+    if (st.size() != nd || dl.size() != nd || pd.size() != 2 * nd)
+      throw std::invalid_argument("strides/pads/dilations do not have one entry per spatial axis");
+    const size_t lead = 3 - nd;
+    std::vector<int64_t> ys = {B, M};
+    for (size_t i = 0; i < 3; ++i) {
+      const bool pad_axis = i < lead;
+      const size_t a = i - lead;
+      const int64_t inn = pad_axis ? 1 : xs[2 + a], ker = pad_axis ? 1 : ws[2 + a];
+      const int64_t s = pad_axis ? 1 : st[a], d = pad_axis ? 1 : dl[a];
+      const int64_t p = pad_axis ? 0 : pd[a];
+      if (s < 1 || d < 1 || p < 0) throw std::invalid_argument("strides and dilations must be >= 1, pads >= 0");
+      const int64_t span = inn + 2 * p - d * (ker - 1) - 1;
+      if (span < 0)
+        throw std::invalid_argument("kernel " + shape_str(ws) + " is larger than the padded input " +
+                                    shape_str(xs));
+      const int64_t out = span / s + 1;
+      geom[i] = inn; geom[3 + i] = ker; geom[6 + i] = s; geom[9 + i] = p; geom[12 + i] = d; geom[15 + i] = out;
+      if (!pad_axis) ys.push_back(out);
+    }
     return ys;
   }
 };
