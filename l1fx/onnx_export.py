@@ -331,9 +331,10 @@ def _finish_model(model_proto, custom_op: bool, chunk_bytes: Optional[int]):
 
     from . import onnx_ops
 
-    from . import onnx_pointops
+    from . import onnx_pointops, onnx_resize
 
     opset = _default_opset(model_proto)
+    onnx_resize.nearest_upsample_as_expand(model_proto, opset)  # onnxruntime's Resize is slow on CPU
     uses_l1 = any(n.domain == onnx_ops.DOMAIN for n in model_proto.graph.node)
     if uses_l1:
         used = {n.op_type for n in model_proto.graph.node if n.domain == onnx_ops.DOMAIN}
