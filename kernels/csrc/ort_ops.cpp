@@ -1,5 +1,6 @@
 // onnxruntime custom-op library for the l1fx ONNX domain: l1fx.L1Linear and l1fx.L1Conv
-// (and l1fx.L1FusedConv, which only l1fx.ort_session's in-memory graphs use)
+// (and l1fx.L1FusedConv, which only l1fx.ort_session's in-memory graphs use), and for
+// l1fx.points.FarthestPointSample (l1fx/onnx_pointops.py)
 // (schemas in l1fx/onnx_ops.py) computed by the l1fx CPU kernels (l1_cpu.cpp) in place,
 // with no copy and no Python.
 //
@@ -12,10 +13,12 @@
 // registered kernel is run by it; the model-local function bodies are then unused.
 // float32 only (the l1fx kernels' other dtype, bfloat16, has no use in exported files).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -325,6 +328,97 @@ struct FusedConvOp : Ort::CustomOpBase<FusedConvOp, FusedConvKernel, true> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+// ---------------------------------------------------------------- l1fx.points.FarthestPointSample
+// idx[B, npoint] (int64) = farthest point sampling of XYZ[B, N, C] (float) from START[B] (int64), as
+// l1fx.onnx_pointops.fps_reference computes it (its model-local function body is one ONNX Loop, whose
+// per-iteration overhead made it ~35 ms of a 55 ms PointNet++ session): each step takes the point with the
+// largest squared distance to the points taken so far, the first index on ties; the distance is
+// sum_c (x_c - centre_c)^2 summed in index order without fused multiply-adds (torch's order for C <= 4),
+// the running minimum and the arg-max treat NaN as torch.minimum and torch.argmax do (NaN wins).
+__attribute__((optimize("fp-contract=off")))
+void farthest_point_sample(const float* xyz, const int64_t* start, int64_t* idx, int64_t B, int64_t N, int64_t C,
+                           int64_t npoint, int nthreads) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (B > 1 && nthreads > 1)
+  for (int64_t b = 0; b < B; ++b) {
+    const float* x = xyz + b * N * C;
+    std::vector<float> dist(static_cast<size_t>(N), __builtin_inff());
+    std::vector<float> centre(static_cast<size_t>(C));
+    int64_t far = start[b];
+    for (int64_t i = 0; i < npoint; ++i) {
+      idx[b * npoint + i] = far;
+      std::copy(x + far * C, x + far * C + C, centre.begin());
+      float best = 0.0f;
+      int64_t best_n = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const float* p = x + n * C;
+        float sq = 0.0f;
+        if (C > 0) {
+          const float d0 = p[0] - centre[0];
+          sq = d0 * d0;
+          for (int64_t c = 1; c < C; ++c) {
+            const float d = p[c] - centre[c];
+            sq = sq + d * d;
+          }
+        }
+        const float old = dist[size_t(n)];
+        const float v = (std::isnan(old) || std::isnan(sq)) ? std::numeric_limits<float>::quiet_NaN()
+                                                               : (sq < old ? sq : old);
+        dist[size_t(n)] = v;
+        if (n == 0 || (!std::isnan(best) && (std::isnan(v) || v > best))) {
+          best = v;
+          best_n = n;
+        }
+      }
+      far = best_n;
+    }
+  }
+}
+
+struct FpsKernel {
+  int64_t npoint;
+  int nthreads;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded("points.FarthestPointSample", [&] {
+      Ort::KernelContext ctx(context);
+      Ort::ConstValue xyz = ctx.GetInput(0), start = ctx.GetInput(1);
+      const std::vector<int64_t> xs = xyz.GetTensorTypeAndShapeInfo().GetShape();
+      const std::vector<int64_t> ss = start.GetTensorTypeAndShapeInfo().GetShape();
+      if (xs.size() != 3 || ss.size() != 1 || ss[0] != xs[0])
+        throw std::invalid_argument("XYZ " + shape_str(xs) + ", START " + shape_str(ss) +
+                                    " do not fit XYZ[B, N, C], START[B]");
+      const int64_t B = xs[0], N = xs[1], C = xs[2];
+      if (npoint < 0) throw std::invalid_argument("npoint must be >= 0, got " + std::to_string(npoint));
+      Ort::UnownedValue out = ctx.GetOutput(0, {B, npoint});
+      if (B == 0 || npoint == 0) return;
+      if (N == 0) throw std::invalid_argument("XYZ " + shape_str(xs) + " has no points to sample");
+      const int64_t* st = start.GetTensorData<int64_t>();
+      for (int64_t b = 0; b < B; ++b)
+        if (st[b] < 0 || st[b] >= N)
+          throw std::invalid_argument("START[" + std::to_string(b) + "] = " + std::to_string(st[b]) +
+                                      " is not a point index in [0, " + std::to_string(N) + ")");
+      farthest_point_sample(xyz.GetTensorData<float>(), st, out.GetTensorMutableData<int64_t>(), B, N, C, npoint,
+                            kernel_threads(nthreads));
+    });
+  }
+};
+
+struct FpsOp : Ort::CustomOpBase<FpsOp, FpsKernel, true> {
+  int nthreads;
+  explicit FpsOp(int n) : nthreads(n) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded("points.FarthestPointSample", [&] { *kernel = new FpsKernel{int_attr(info, "npoint", -1), nthreads}; });
+  }
+  const char* GetName() const { return "FarthestPointSample"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64; }
+};
+
 }  // namespace l1fx_ort
 
 extern "C" {
@@ -361,7 +455,11 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, new l1fx_ort::LinearOp(nthreads))) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, new l1fx_ort::ConvOp(nthreads))) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, new l1fx_ort::FusedConvOp(nthreads))) return st;
-  return api->AddCustomOpDomain(options, domain);
+  if (OrtStatus* st = api->AddCustomOpDomain(options, domain)) return st;
+  OrtCustomOpDomain* points = nullptr;  // l1fx.onnx_pointops.DOMAIN
+  if (OrtStatus* st = api->CreateCustomOpDomain("l1fx.points", &points)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(points, new l1fx_ort::FpsOp(nthreads))) return st;
+  return api->AddCustomOpDomain(options, points);
 }
 
 }  // extern "C"
