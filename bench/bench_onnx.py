@@ -14,6 +14,9 @@ Two tables in one run (``--what layers models`` by default):
 statistics calibrated on random data so the outputs depend on the inputs), paths:
 
 * ``dense-ort``     - the dense model exported (``export_onnx``) and run in plain onnxruntime: the target;
+* ``dense-session`` - the dense model traced by l1fx's tracer (as ``convert`` does) before the export, so that
+  its point helpers become l1fx nodes too (PointNet++'s farthest point sampling: the native kernel instead
+  of torch's unrolled loop), through ``l1fx.ort_session``: the like-for-like dense deployment;
 * ``l1-eager``      - the converted model in eager PyTorch;
 * ``l1-session``    - the converted model's file through ``l1fx.ort_session`` (the fastest path here);
 * ``l1-unfused``    - ... through ``ort_session``'s native path with ``fuse=False`` (the file's graph: each
@@ -46,11 +49,11 @@ import warnings
 
 LAYER_PATHS = ("torch", "ort-native", "ort-python", "ort-portable", "ort-broadcast")
 DEFAULT_LAYER_PATHS = ("torch", "ort-native", "ort-python", "ort-portable")
-MODEL_PATHS = ("dense-ort", "l1-eager", "l1-session", "l1-unfused", "l1-python", "l1-portable")
+MODEL_PATHS = ("dense-ort", "dense-session", "l1-eager", "l1-session", "l1-unfused", "l1-python", "l1-portable")
 MODELS = ("pointnet", "pointnet2", "voxelcnn")
-# PointNet++ does not export today (its export is still being worked on, see the ONNX results): opt in.
-DEFAULT_MODELS = ("pointnet", "voxelcnn")
-SESSION_PATH = {"ort-native": "native", "ort-python": "python", "l1-session": None, "l1-unfused": "native",
+DEFAULT_MODELS = MODELS
+SESSION_PATH = {"ort-native": "native", "ort-python": "python", "l1-session": None, "dense-session": None,
+                "l1-unfused": "native",
                 "l1-python": "python"}
 BATCH, POINTS, PARTS, CATEGORIES = 8, 1024, 50, 16
 
@@ -298,6 +301,9 @@ def _model_interleaved_child(spec: dict) -> dict:
             run()
         for _ in range(spec["repeat"]):
             for p, run in runs.items():
+                # onnxruntime's pool threads spin for a while after a run (the plain dense session's by
+                # default) and would take the cores from the next path's run: let them park first.
+                time.sleep(0.02)
                 t0 = time.perf_counter()
                 run()
                 times[p].append(time.perf_counter() - t0)
@@ -344,6 +350,26 @@ def _prepare_model(name: str, ratio: float, tmp: str, cache: dict) -> dict:
     except Exception as e:  # noqa: BLE001
         out["l1"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}", "ref": ref}
     return out
+
+
+def _prepare_dense_traced(name: str, tmp: str, cache: dict) -> dict:
+    """The dense model traced by l1fx (its helpers as graph nodes, as in a converted model), exported once."""
+    key = f"{name}:traced"
+    if key not in cache:
+        from l1fx.export import export_onnx
+        from l1fx.passes.trace import trace_model
+
+        dense = _build(name, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = trace_model(dense, _inputs(2)).graph_module or dense
+            f = os.path.join(tmp, f"{name}_dense_traced.onnx")
+            try:
+                export_onnx(traced.eval(), _inputs(2), f)
+                cache[key] = {"file": f}
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                cache[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    return cache[key]
 
 
 # ---------------------------------------------------------------- driver
@@ -424,7 +450,8 @@ def run_models(args, rows_out: list) -> None:
                     print(f"{label:<18} {line}")
                     rows_out.append((label, "interleaved", "", line, "", "", "", "", ""))
                 for path in args.model_paths:
-                    info = files["dense"] if path == "dense-ort" else files["l1"]
+                    info = {"dense-ort": lambda: files["dense"], "dense-session": lambda: _prepare_dense_traced(
+                        name, tmp, cache)}.get(path, lambda: files["l1"])()
                     if "error" in info and path != "l1-eager":
                         print(f"{label:<18} {path:<12} not exported: {info['error']}")
                         rows_out.append((label, path, "failed", f"export: {info['error']}", "", "", "", "", ""))
@@ -432,7 +459,7 @@ def run_models(args, rows_out: list) -> None:
                     spec = {"kind": "model", "path": path, "repeat": args.model_repeat,
                             "file": info.get("file", ""), "name": name, "ratio": ratio, "ref": files["l1"]["ref"],
                             "model": files["model"]}
-                    if path == "dense-ort":  # compare the dense file against the dense model's own output
+                    if path.startswith("dense-"):  # compare the dense file against the dense model's own output
                         spec["ref"] = os.path.join(tmp, f"{name}_dense_ref.pt")
                         if not os.path.exists(spec["ref"]):
                             import torch
