@@ -52,6 +52,17 @@ def _integer_factors(node: onnx.NodeProto, constants: dict) -> list[int] | None:
     return [int(s) for s in spatial]
 
 
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every name read by a node of ``graph`` or of its subgraphs, and its outputs."""
+    read = {o.name for o in graph.output}
+    for n in graph.node:
+        read.update(n.input)
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                read |= _names_read(g)
+    return read
+
+
 def _int64(name: str, values) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
 
@@ -64,7 +75,7 @@ def nearest_upsample_as_expand(model: onnx.ModelProto, opset: int) -> int:
         return 0
     graph = model.graph
     constants = _constants(graph)
-    nodes, done = [], 0
+    nodes, done, scales = [], 0, set()
     for node in graph.node:
         factors = _integer_factors(node, constants) if node.op_type == "Resize" and not node.domain else None
         if factors is None:
@@ -72,6 +83,7 @@ def nearest_upsample_as_expand(model: onnx.ModelProto, opset: int) -> int:
             kept.CopyFrom(node)
             nodes.append(kept)
             continue
+        scales.add(node.input[2])
         x, y = node.input[0], node.output[0]
         tag = f"{y}_repeat"  # output names are unique in a graph
         k = len(factors)
@@ -90,4 +102,9 @@ def nearest_upsample_as_expand(model: onnx.ModelProto, opset: int) -> int:
     if done:
         del graph.node[:]
         graph.node.extend(nodes)
+        # The rewritten nodes' scales, where nothing else reads them (onnxruntime warns about unused
+        # initializers).
+        read = _names_read(graph)
+        for t in [t for t in graph.initializer if t.name in scales and t.name not in read]:
+            graph.initializer.remove(t)
     return done
