@@ -1,4 +1,4 @@
-// onnxruntime custom-op library for the l1fx ONNX domain: l1fx.L1Linear and l1fx.L1Conv
+// onnxruntime custom-op library for the l1fx ONNX domain: l1fx.L1Linear, l1fx.L1Conv, l1fx.L1ConvTranspose
 // (and l1fx.L1FusedConv, which only l1fx.ort_session's in-memory graphs use), and for
 // l1fx.points.FarthestPointSample (l1fx/onnx_pointops.py)
 // (schemas in l1fx/onnx_ops.py) computed by the l1fx CPU kernels (l1_cpu.cpp) in place,
@@ -328,6 +328,106 @@ struct FusedConvOp : Ort::CustomOpBase<FusedConvOp, FusedConvKernel, true> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+// ---------------------------------------------------------------- L1ConvTranspose
+// Y[N, M, *out] = B - sum |X - W| over the real (input, tap) pairs of each output, by the cpu backend's
+// transposed-convolution kernel (l1_conv_transpose.cpp, compiled into this library in its own namespace
+// by kernels/ort_build.py): the same per-output sums in the same order as under PyTorch. The kernel
+// wants the filters as [G, K, C/G, M/G padded to 16] and writes [N, *out, G, M/G padded]; this op
+// rearranges both (as kernels/cpu_transpose.py does) around the call.
+struct ConvTransposeKernel {
+  ConvAttrs attrs;
+  std::vector<int64_t> output_padding;
+  int nthreads;
+
+  ConvTransposeKernel(const OrtKernelInfo* info, int n)
+      : attrs(info), output_padding(ints_attr(info, "output_padding", {})), nthreads(n) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded("L1ConvTranspose", [&] {
+      Ort::KernelContext ctx(context);
+      Inputs in = read_inputs(ctx);
+      const size_t nd = in.xs.size() >= 2 ? in.xs.size() - 2 : 0;
+      const int64_t G = attrs.group;
+      if (nd < 1 || nd > 3 || in.ws.size() != nd + 2 || G < 1 || in.xs[1] != in.ws[0] || in.ws[0] % G != 0 ||
+          in.bs.size() != 1 || in.bs[0] != in.ws[1] * G)
+        throw std::invalid_argument("X " + shape_str(in.xs) + ", W " + shape_str(in.ws) + ", B " + shape_str(in.bs) +
+                                    " do not fit X[N, C, *S], W[C, M/group, *k], B[M] with group " +
+                                    std::to_string(G) + " and 1 to 3 spatial axes");
+      auto per_axis = [&](const std::vector<int64_t>& v, int64_t fallback, size_t n) {
+        if (v.empty()) return std::vector<int64_t>(n, fallback);
+        if (v.size() != n) throw std::invalid_argument("strides/pads/output_padding/dilations do not have one "
+                                                        "entry per spatial axis");
+        return v;
+      };
+      const std::vector<int64_t> st = per_axis(attrs.strides, 1, nd), dl = per_axis(attrs.dilations, 1, nd);
+      const std::vector<int64_t> op = per_axis(output_padding, 0, nd);
+      if (!attrs.pads.empty() && attrs.pads.size() != 2 * nd)
+        throw std::invalid_argument("pads do not have two entries per spatial axis");
+      const std::vector<int64_t> pd = attrs.pads.empty() ? std::vector<int64_t>(nd, 0)
+                                                         : std::vector<int64_t>(attrs.pads.begin(),
+                                                                                attrs.pads.begin() + nd);
+      const int64_t N = in.xs[0], C = in.xs[1], Cg = C / G, Mg = in.ws[1], M = Mg * G;
+      const int64_t Mp = (Mg + 15) / 16 * 16;
+      int64_t geom[18];
+      std::vector<int64_t> ys = {N, M};
+      int64_t taps = 1, positions = 1;
+      const size_t lead = 3 - nd;
+      for (size_t i = 0; i < 3; ++i) {
+        const bool pad_axis = i < lead;
+        const size_t a = i - lead;
+        const int64_t inn = pad_axis ? 1 : in.xs[2 + a], ker = pad_axis ? 1 : in.ws[2 + a];
+        const int64_t s = pad_axis ? 1 : st[a], d = pad_axis ? 1 : dl[a], p = pad_axis ? 0 : pd[a];
+        const int64_t o = pad_axis ? 0 : op[a];
+        if (s < 1 || d < 1 || p < 0 || o < 0)
+          throw std::invalid_argument("strides and dilations must be >= 1, pads and output_padding >= 0");
+        const int64_t out = (inn - 1) * s - 2 * p + d * (ker - 1) + o + 1;
+        if (out < 1) throw std::invalid_argument("the output of X " + shape_str(in.xs) + " and W " +
+                                                 shape_str(in.ws) + " would be empty");
+        geom[i] = inn; geom[3 + i] = ker; geom[6 + i] = s; geom[9 + i] = p; geom[12 + i] = d; geom[15 + i] = out;
+        if (!pad_axis) ys.push_back(out);
+        taps *= ker;
+        positions *= out;
+      }
+      Ort::UnownedValue y = ctx.GetOutput(0, ys);
+      if (numel(ys) == 0) return;
+      // W[c, mg, kk] -> wt[g][kk][ci][mj], lanes mj >= Mg zero.
+      const float* w = in.w.GetTensorData<float>();
+      std::vector<float> wt(static_cast<size_t>(G * taps * Cg * Mp), 0.0f);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t ci = 0; ci < Cg; ++ci)
+          for (int64_t mj = 0; mj < Mg; ++mj)
+            for (int64_t kk = 0; kk < taps; ++kk)
+              wt[((g * taps + kk) * Cg + ci) * Mp + mj] = w[((g * Cg + ci) * Mg + mj) * taps + kk];
+      std::vector<float> ycl(static_cast<size_t>(N * positions * G * Mp));
+      int rc = l1fx_convt_src::l1fx_convt_forward(in.x.GetTensorData<float>(), wt.data(), in.b.GetTensorData<float>(),
+                                                  ycl.data(), N, C, M, G, geom, kernel_threads(nthreads));
+      if (rc != 0) throw std::runtime_error("l1fx_convt_forward failed with code " + std::to_string(rc));
+      // ycl[n][o][g][mj] -> Y[n][g * Mg + mj][o]
+      float* out = y.GetTensorMutableData<float>();
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t o = 0; o < positions; ++o) {
+          const float* row = ycl.data() + (n * positions + o) * G * Mp;
+          for (int64_t g = 0; g < G; ++g)
+            for (int64_t mj = 0; mj < Mg; ++mj) out[(n * M + g * Mg + mj) * positions + o] = row[g * Mp + mj];
+        }
+    });
+  }
+};
+
+struct ConvTransposeOp : Ort::CustomOpBase<ConvTransposeOp, ConvTransposeKernel, true> {
+  int nthreads;
+  explicit ConvTransposeOp(int n) : nthreads(n) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded("L1ConvTranspose", [&] { *kernel = new ConvTransposeKernel(info, nthreads); });
+  }
+  const char* GetName() const { return "L1ConvTranspose"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 // ---------------------------------------------------------------- l1fx.points.FarthestPointSample
 // idx[B, npoint] (int64) = farthest point sampling of XYZ[B, N, C] (float) from START[B] (int64), as
 // l1fx.onnx_pointops.fps_reference computes it (its model-local function body is one ONNX Loop, whose
@@ -455,6 +555,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, new l1fx_ort::LinearOp(nthreads))) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, new l1fx_ort::ConvOp(nthreads))) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, new l1fx_ort::FusedConvOp(nthreads))) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, new l1fx_ort::ConvTransposeOp(nthreads))) return st;
   if (OrtStatus* st = api->AddCustomOpDomain(options, domain)) return st;
   OrtCustomOpDomain* points = nullptr;  // l1fx.onnx_pointops.DOMAIN
   if (OrtStatus* st = api->CreateCustomOpDomain("l1fx.points", &points)) return st;
