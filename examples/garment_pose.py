@@ -347,7 +347,7 @@ def stage_one(args, seed: int, train, test) -> dict:
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     else:
         opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    wrapper = TrainingWrapper(model, opt, total, dlc=DLC(scale_gradients=False, hold=0.0, drops=()))
+    wrapper = TrainingWrapper(model, opt, total, mgs=None, dlc=DLC(scale_gradients=False, hold=0.0, drops=()))
     weights = args.loss_weights
     # the reference: every test point at its category's mean training NOCS coordinate
     means = {c: torch.from_numpy(np.concatenate([t.nocs for t in train if t.category == c])).mean(0)
