@@ -102,9 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nocs-bins", type=int, default=0,
                    help="K > 0: stage one classifies each NOCS axis into K bins (cross-entropy, weight 1), as the "
                         "authors do; 0 (default): regression (MSE, weight 10)")
-    p.add_argument("--nocs-readout", default="argmax", choices=NOCS_READOUTS,
-                   help="with --nocs-bins: NOCS from the bins by the most likely bin's centre (default) or the softmax "
-                        "expectation")
+    p.add_argument("--nocs-readout", default="expectation", choices=NOCS_READOUTS,
+                   help="with --nocs-bins: NOCS from the bins by the softmax expectation of the bin centres (default) "
+                        "or the most likely bin's centre (argmax, the authors' read-out)")
     p.add_argument("--nocs-mse-weight", type=float,
                    help="weight of the NOCS MSE (default 10 for regression; 0 with --nocs-bins, where it is a "
                         "regression term on the read-out, with a gradient only for --nocs-readout expectation)")
