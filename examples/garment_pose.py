@@ -5,7 +5,7 @@ Convolution in ℓp-norm Space", NeurIPS 2024, Table 4: GarmentNets vs
 ℓ1-GarmentNets) on generated hanging garments (:mod:`l1fx.garments`, no download):
 
 * ``garmentnets``: the inner-product pipeline (:class:`l1fx.models.GarmentNets`: PointNet++
-  NOCS regression, features scattered into a NOCS grid, 3D U-Net with ConvTranspose3d
+  NOCS regression, or per-axis NOCS bins with ``--nocs-bins K``, features scattered into a NOCS grid, 3D U-Net with ConvTranspose3d
   predicting the winding-number and warp fields);
 * ``l1-garmentnets``: the same network converted to ℓ1 (``l1fx.convert``, ratio 1,
   ``init="data"`` on the first training batch), trained with MGS + DLC
