@@ -5,7 +5,7 @@ Convolution in ℓp-norm Space", NeurIPS 2024, Table 4: GarmentNets vs
 ℓ1-GarmentNets) on generated hanging garments (:mod:`l1fx.garments`, no download):
 
 * ``garmentnets``: the inner-product pipeline (:class:`l1fx.models.GarmentNets`: PointNet++
-  NOCS regression, features scattered into a NOCS grid, 3D U-Net with ConvTranspose3d
+  NOCS regression, or per-axis NOCS bins with ``--nocs-bins K``, features scattered into a NOCS grid, 3D U-Net with ConvTranspose3d
   predicting the winding-number and warp fields);
 * ``l1-garmentnets``: the same network converted to ℓ1 (``l1fx.convert``, ratio 1,
   ``init="data"`` on the first training batch), trained with MGS + DLC
@@ -55,12 +55,12 @@ from l1fx._cli import init_type
 from l1fx.garments import GARMENT_CATEGORIES, YAW_JITTER, collate, generate_garments
 from l1fx.metrics import chamfer_distance, nocs_error, sample_surface
 from l1fx.models import GarmentNets, extract_mesh, warp_points
-from l1fx.models_garment import garment_losses
+from l1fx.models_garment import NOCS_READOUTS, garment_losses, nocs_cross_entropy, nocs_from_logits
 from l1fx.report import compare
 from l1fx.train import DLC, MGS, TrainingWrapper
 
 VARIANTS = ("garmentnets", "l1-garmentnets")
-LOSS_WEIGHTS = {"nocs": 10.0, "winding": 20.0, "warp": 10.0}
+LOSS_WEIGHTS = {"nocs": 10.0, "winding": 20.0, "warp": 10.0, "nocs_ce": 1.0}  # nocs_ce: with --nocs-bins
 SURFACE_SAMPLES = 2000
 
 # "smoke": the test suite's end-to-end run; "quick": < 2 min on 2 cores; "full": the RESULTS.md study.
@@ -99,6 +99,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=0.2, help="DLC eta")
     p.add_argument("--init", default="data", type=init_type,
                    help="initial ℓ1 weights, l1fx.convert(init=...): 'data' (default), 'dense' or a factor")
+    p.add_argument("--nocs-bins", type=int, default=0,
+                   help="K > 0: stage one classifies each NOCS axis into K bins (cross-entropy, weight 1), as the "
+                        "authors do; 0 (default): regression (MSE, weight 10)")
+    p.add_argument("--nocs-readout", default="expectation", choices=NOCS_READOUTS,
+                   help="with --nocs-bins: NOCS from the bins by the softmax expectation of the bin centres (default) "
+                        "or the most likely bin's centre (argmax, the authors' read-out)")
+    p.add_argument("--nocs-mse-weight", type=float,
+                   help="weight of the NOCS MSE (default 10 for regression; 0 with --nocs-bins, where it is a "
+                        "regression term on the read-out, with a gradient only for --nocs-readout expectation)")
+    p.add_argument("--stage-one", action="store_true",
+                   help="probe: train stage one alone (the dense PointNet++ NOCS predictor, its loss only) and report "
+                        "its test NOCS error per category (both read-outs with bins) against the category-mean predictor")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default="out/garment_pose", help="directory for results, plots, generated data")
     p.add_argument("--data", help="directory caching the generated garments (default: --out), to share one "
@@ -123,6 +135,18 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{key} must be at least 1")
     if not (args.yaw_jitter >= 0 and math.isfinite(args.yaw_jitter)):
         p.error("--yaw-jitter must be a finite angle >= 0 (radians)")
+    if args.nocs_bins < 0 or args.nocs_bins == 1:
+        p.error("--nocs-bins must be 0 (regression) or at least 2")
+    if args.nocs_mse_weight is None:
+        args.nocs_mse_weight = 0.0 if args.nocs_bins else LOSS_WEIGHTS["nocs"]
+    if args.nocs_mse_weight < 0 or not math.isfinite(args.nocs_mse_weight):
+        p.error("--nocs-mse-weight must be finite and >= 0")
+    if not args.nocs_bins and args.nocs_mse_weight == 0:
+        p.error("--nocs-mse-weight 0 without --nocs-bins leaves stage one without a loss")
+    if args.stage_one and args.variants != ["garmentnets"] and args.variants:
+        p.error("--stage-one probes the dense stage one only: use it with --variants garmentnets")
+    args.model_kwargs = dict(args.model_kwargs, nocs_bins=args.nocs_bins, nocs_readout=args.nocs_readout)
+    args.loss_weights = dict(LOSS_WEIGHTS, nocs=args.nocs_mse_weight)
     return args
 
 
@@ -196,7 +220,7 @@ def _per_category(rows) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, test, batch: int) -> tuple[dict, float]:
+def evaluate(model, test, batch: int, weights: dict = LOSS_WEIGHTS) -> tuple[dict, float]:
     """``({category: mean scores}, mean weighted test loss)``."""
     model.eval()
     rng = np.random.default_rng(0)  # the same surface samples for every model
@@ -205,15 +229,15 @@ def evaluate(model, test, batch: int) -> tuple[dict, float]:
         idx = list(range(start, min(start + batch, len(test))))
         pts, nocs, winding, warp, _ = collate(test, idx)
         out = model(pts)
-        losses.append(_weighted(garment_losses(out, nocs, winding, warp)).item() * len(idx))
+        losses.append(_weighted(garment_losses(out, nocs, winding, warp), weights).item() * len(idx))
         for j, i in enumerate(idx):
             rows.append((test[i].category, score_garment(test[i], out[0][j], out[1][j, 0].numpy(), out[2][j], rng)))
     model.train()
     return _per_category(rows), sum(losses) / len(test)
 
 
-def _weighted(parts: dict) -> torch.Tensor:
-    return sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
+def _weighted(parts: dict, weights: dict = LOSS_WEIGHTS) -> torch.Tensor:
+    return sum(weights[k] * v for k, v in parts.items() if weights[k])
 
 
 def overall(per_cat: dict, key: str) -> float:
@@ -252,11 +276,11 @@ def train_one(args, variant: str, seed: int, train, test) -> dict:
         for b in range(per_epoch):
             pts, nocs, winding, warp, _ = collate(train, order[b * args.batch:(b + 1) * args.batch])
             opt.zero_grad(set_to_none=True)
-            loss = _weighted(garment_losses(model(pts), nocs, winding, warp))
+            loss = _weighted(garment_losses(model(pts), nocs, winding, warp), args.loss_weights)
             loss.backward()
             wrapper.step()
             running.append(loss.item())
-        per_cat, test_loss = evaluate(model, test, args.batch)
+        per_cat, test_loss = evaluate(model, test, args.batch, args.loss_weights)
         history["epoch"].append(epoch)
         history["train_loss"].append(statistics.mean(running))
         history["test_loss"].append(test_loss)
@@ -280,6 +304,78 @@ def energy(args, garment) -> dict:
     c = compare(dense, l1fx.convert(dense, ratio=1.0), (collate([garment])[0],))
     return {"dense_uJ": c.original.total["energy_pJ"] / 1e6, "l1_uJ": c.converted.total["energy_pJ"] / 1e6,
             "ratio": c.ratio["energy_pJ"], "dense_mul": c.original.total["mul"], "l1_add": c.converted.total["add"]}
+
+
+# ---------------------------------------------------------------- stage-one probe
+def _nocs_errors_cm(test, nocs_by_readout: dict) -> dict:
+    """``{readout: {category: mean NOCS error in cm}}`` of predicted NOCS ``[T, 3, N]`` per read-out."""
+    out = {}
+    for name, pred in nocs_by_readout.items():
+        rows = [(g.category, {"nocs_cm": 100.0 * g.side * float(
+            nocs_error(pred[i][None], torch.from_numpy(g.nocs.T)[None].to(pred.dtype))[0])})
+                for i, g in enumerate(test)]
+        out[name] = {c: s["nocs_cm"] for c, s in _per_category(rows).items()}
+    return out
+
+
+@torch.no_grad()
+def _stage_one_eval(model, test, batch: int) -> dict:
+    model.eval()
+    preds: dict = {}
+    for start in range(0, len(test), batch):
+        pts = collate(test, range(start, min(start + batch, len(test))))[0]
+        _, nocs, logits = model.canonicalize(pts)
+        if logits is None:
+            preds.setdefault("regression", []).append(nocs)
+        else:
+            for readout in NOCS_READOUTS:
+                preds.setdefault(readout, []).append(nocs_from_logits(logits, readout))
+    model.train()
+    return _nocs_errors_cm(test, {k: torch.cat(v) for k, v in preds.items()})
+
+
+def stage_one(args, seed: int, train, test) -> dict:
+    """The probe of ``--stage-one``: the dense PointNet++ of stage one trained alone on its NOCS loss (the same
+    weights, optimizer, schedule and batch order as in a full run, the U-Net left out), test NOCS error per epoch."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = GarmentNets(grid=args.grid, **args.model_kwargs)
+    params = [p for n, p in model.named_parameters() if not n.startswith("unet.")]
+    per_epoch = len(train) // args.batch
+    total = args.epochs * per_epoch
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    else:
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    wrapper = TrainingWrapper(model, opt, total, mgs=None, dlc=DLC(scale_gradients=False, hold=0.0, drops=()))
+    weights = args.loss_weights
+    # the reference: every test point at its category's mean training NOCS coordinate
+    means = {c: torch.from_numpy(np.concatenate([t.nocs for t in train if t.category == c])).mean(0)
+             for c in {t.category for t in train}}
+    mean_pred = torch.stack([means[t.category][:, None].expand(3, t.nocs.shape[0]) for t in test]).double()
+    reference = _nocs_errors_cm(test, {"category mean": mean_pred})["category mean"]
+    history = []
+    t0 = time.process_time()
+    for epoch in range(1, args.epochs + 1):
+        order = torch.randperm(len(train), generator=g).tolist()
+        running = []
+        for b in range(per_epoch):
+            pts, nocs = collate(train, order[b * args.batch:(b + 1) * args.batch])[:2]
+            opt.zero_grad(set_to_none=True)
+            _, p_nocs, logits = model.canonicalize(pts)
+            loss = weights["nocs"] * torch.nn.functional.mse_loss(p_nocs, nocs) if weights["nocs"] else 0.0
+            if logits is not None:
+                loss = loss + weights["nocs_ce"] * nocs_cross_entropy(logits, nocs)
+            loss.backward()
+            wrapper.step()
+            running.append(loss.item())
+        errors = _stage_one_eval(model, test, args.batch)
+        history.append({"epoch": epoch, "train_loss": statistics.mean(running),
+                        **{k: statistics.mean(v.values()) for k, v in errors.items()}})
+        print(f"  stage one s{seed} epoch {epoch}: train loss {history[-1]['train_loss']:.4f}, test NOCS error "
+              + ", ".join(f"{k} {statistics.mean(v.values()):.2f} cm" for k, v in errors.items()), flush=True)
+    return {"seed": seed, "steps": total, "cpu_seconds": time.process_time() - t0, "nocs_bins": args.nocs_bins,
+            "per_category": errors, "category_mean": reference, "history": history}
 
 
 # ---------------------------------------------------------------- reporting
@@ -363,7 +459,7 @@ def plot_garments(models: dict, test, out: Path) -> Path:
         axes[row, 0].set_title(f"{GARMENT_CATEGORIES[g.category]}: true (red: seen)", fontsize=8)
         for col, (name, model) in enumerate(models.items(), 1):
             model.eval()
-            p_nocs, p_winding, p_warp = model(collate(test, [i])[0])
+            _, p_winding, p_warp = model(collate(test, [i])[0])[:3]
             mesh = extract_mesh(p_winding[0, 0].numpy())
             if mesh is None:
                 pts = g.points
@@ -429,6 +525,24 @@ def _run(args, argv) -> list[dict]:
           f"grasps / {args.test} test per category, yaw jitter {args.yaw_jitter:g} rad, {args.points} observed "
           f"points, grid {args.grid}^3; {args.epochs} epochs, batch {args.batch}, "
           f"{args.optimizer} lr {args.lr}, ℓ1 init {args.init}", flush=True)
+    if args.stage_one:
+        command = "python examples/garment_pose.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        runs = [stage_one(args, s, train, test) for s in range(args.first_seed, args.first_seed + args.seeds)]
+        cats = list(runs[0]["category_mean"])
+        lines = ["| Stage one | " + " | ".join(cats) + " | Mean |", "|---|" + "---|" * (len(cats) + 1)]
+        for name in runs[0]["per_category"]:
+            cells = [_mean_std([r["per_category"][name][c] for r in runs]) for c in cats]
+            cells.append(_mean_std([statistics.mean(r["per_category"][name].values()) for r in runs]))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        ref = runs[0]["category_mean"]
+        lines.append("| *category mean* | " + " | ".join(f"{ref[c]:.2f}" for c in cats)
+                     + f" | {statistics.mean(ref.values()):.2f} |")
+        table = "\n".join(lines)
+        print(f"\nTest NOCS error (cm), {runs[0]['steps']} steps, CPU "
+              + ", ".join(f"{r['cpu_seconds']:.0f} s" for r in runs) + f":\n{table}", flush=True)
+        (out / "stage_one.json").write_text(json.dumps({"command": command, "runs": runs}, indent=1))
+        (out / "stage_one.md").write_text(f"Command: `{command.strip()}`\n\n{table}\n")
+        return runs
     energies = energy(args, train[0])
     print(f"energy per garment: dense {energies['dense_uJ']:.2f} µJ, ℓ1 {energies['l1_uJ']:.2f} µJ "
           f"(ratio {energies['ratio']:.3f})", flush=True)

@@ -5,9 +5,13 @@ conv_implicit_wnf.py``), at CPU size:
 
 1. **Canonicalisation**: a PointNet++ (SSG set abstraction + feature propagation,
    :mod:`l1fx.models`' building blocks) on the observed points ``[B, 3, N]``
-   (world, metres) gives every point a feature and its NOCS coordinate. The authors
-   classify each NOCS axis into 64 bins; here the NOCS coordinate is regressed (a
-   sigmoid per axis), which needs no bin count for a 16-32^3 grid.
+   (world, metres) gives every point a feature and its NOCS coordinate: regressed (a
+   sigmoid per axis, the default ``nocs_bins=0``), or, as the authors do, classified per
+   axis into ``nocs_bins`` bins (``3 * nocs_bins`` logits a point, cross-entropy against the
+   bin of the true coordinate, :func:`garment_losses`) and read out as the softmax
+   expectation of the bin centres (``nocs_readout="expectation"``, the default: lower test
+   NOCS error in every stage-one probe, examples/RESULTS.md) or the centre of the most likely
+   bin (``"argmax"``, the authors' read-out).
 2. **Feature scattering** (:func:`scatter_to_grid`): the per-point features, the
    points' world xyz and an occupancy channel are averaged into the voxels of a
    ``G^3`` grid over the NOCS cube, at the *predicted* NOCS coordinates (detached:
@@ -20,7 +24,8 @@ conv_implicit_wnf.py``), at CPU size:
 :func:`extract_mesh` runs marching cubes (scikit-image) on a winding-number field at
 level 1/2 for the canonical mesh, and :func:`warp_points` moves its vertices to the
 world through the warp field (trilinear), as GarmentNets does. ``forward(points)``
-returns ``(nocs [B, 3, N], winding [B, 1, G, G, G], warp [B, 3, G, G, G])``.
+returns ``(nocs [B, 3, N], winding [B, 1, G, G, G], warp [B, 3, G, G, G])``, and with
+``nocs_bins=K`` a fourth output, the NOCS logits ``[B, 3, K, N]``.
 The layers are ordinary ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose3d`` and ``nn.Linear``,
 so ``l1fx.convert`` treats the pipeline as any user model.
 """
@@ -34,7 +39,29 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GarmentNets", "scatter_to_grid", "extract_mesh", "warp_points", "garment_losses"]
+__all__ = ["GarmentNets", "scatter_to_grid", "extract_mesh", "warp_points", "garment_losses", "nocs_from_logits",
+           "nocs_bin_targets", "nocs_cross_entropy", "NOCS_READOUTS"]
+
+NOCS_READOUTS = ("argmax", "expectation")
+
+
+def nocs_bin_targets(nocs: Tensor, bins: int) -> Tensor:
+    """The bin of each NOCS coordinate (``[..]`` in [0, 1] -> ``[..]`` int64 in ``0 .. bins-1``): bin ``k`` covers
+    ``[k/K, (k+1)/K)``, 1 itself falls into the last bin."""
+    return (nocs.detach() * bins).floor().long().clamp_(0, bins - 1)
+
+
+def nocs_from_logits(logits: Tensor, readout: str = "argmax") -> Tensor:
+    """NOCS coordinates ``[B, 3, N]`` from per-axis bin logits ``[B, 3, K, N]``: the centre ``(k + 1/2) / K`` of the
+    most likely bin (``"argmax"``, not differentiable) or the expectation of the bin centres under the softmax
+    (``"expectation"``, differentiable; between two likely bins it lands between them)."""
+    k = logits.shape[2]
+    if readout == "argmax":
+        return (logits.argmax(2).to(logits.dtype) + 0.5) / k
+    if readout == "expectation":
+        centres = (torch.arange(k, dtype=logits.dtype, device=logits.device) + 0.5) / k
+        return (logits.softmax(2) * centres[:, None]).sum(2)
+    raise ValueError(f"unknown NOCS read-out {readout!r}; choose from {', '.join(NOCS_READOUTS)}")
 
 
 @torch.fx.wrap
@@ -84,7 +111,8 @@ class GarmentNets(nn.Module):
                  nsample: Sequence[int] = (16, 16),
                  sa_mlps: Sequence[Sequence[int]] = ((32, 32, 64), (64, 64, 128)),
                  fp_mlps: Sequence[Sequence[int]] = ((128, 64), (64, 64)), features: int = 32,
-                 unet: Sequence[int] = (16, 32, 64)):
+                 unet: Sequence[int] = (16, 32, 64), nocs_bins: int = 0,
+                 nocs_readout: str = "expectation"):
         super().__init__()
         from .models import FeaturePropagation, SetAbstraction, _mlp
 
@@ -94,7 +122,11 @@ class GarmentNets(nn.Module):
                              f"got {len(radius)}, {len(nsample)}, {len(sa_mlps)}, {len(fp_mlps)}")
         if grid % 2 ** (len(unet) - 1):
             raise ValueError(f"GarmentNets grid {grid} must be divisible by 2^{len(unet) - 1} (the U-Net's poolings)")
-        self.grid = grid
+        if nocs_bins < 0 or nocs_bins == 1:
+            raise ValueError(f"GarmentNets nocs_bins must be 0 (regression) or at least 2, got {nocs_bins}")
+        if nocs_readout not in NOCS_READOUTS:
+            raise ValueError(f"unknown NOCS read-out {nocs_readout!r}; choose from {', '.join(NOCS_READOUTS)}")
+        self.grid, self.nocs_bins, self.nocs_readout = grid, nocs_bins, nocs_readout
         widths = [3] + [m[-1] for m in sa_mlps]
         self.sa = nn.ModuleList(SetAbstraction(npoint[i], radius[i], nsample[i], widths[i], sa_mlps[i])
                                 for i in range(levels))
@@ -105,25 +137,47 @@ class GarmentNets(nn.Module):
             below = fp_mlps[k][-1]
         self.fp = nn.ModuleList(fps)
         self.point_head = _mlp("1d", [below, features])
-        self.nocs_head = nn.Conv1d(features, 3, 1)
+        self.nocs_head = nn.Conv1d(features, 3 * nocs_bins if nocs_bins else 3, 1)
         self.unet = UNet3D(features + 3 + 1, 4, unet)  # features, world xyz, occupancy -> winding, warp
 
-    def forward(self, points: Tensor):
+    def canonicalize(self, points: Tensor):
+        """Stage one alone: ``(features [B, F, N], nocs [B, 3, N], logits [B, 3, K, N] or None)``."""
         from .models import encode_decode  # here, not at module level: the import would be circular
 
         # the raw xyz are the finest skip: NOCS regression needs the fine position
         x = self.point_head(encode_decode(self.sa, self.fp, points.transpose(1, 2).contiguous(), points))
-        nocs = torch.sigmoid(self.nocs_head(x))
+        head = self.nocs_head(x)
+        if not self.nocs_bins:
+            return x, torch.sigmoid(head), None
+        logits = head.reshape(head.shape[0], 3, self.nocs_bins, head.shape[-1])
+        return x, nocs_from_logits(logits, self.nocs_readout), logits
+
+    def forward(self, points: Tensor):
+        x, nocs, logits = self.canonicalize(points)
         volume = scatter_to_grid(torch.cat([x, points], 1), nocs, self.grid)
         out = self.unet(volume)
-        return nocs, out[:, :1], out[:, 1:]
+        if logits is None:
+            return nocs, out[:, :1], out[:, 1:]
+        return nocs, out[:, :1], out[:, 1:], logits
 
 
 def garment_losses(outputs, nocs: Tensor, winding: Tensor, warp: Tensor) -> dict:
-    """The three mean squared errors (NOCS, winding number, warp field in metres) of a forward pass."""
-    p_nocs, p_winding, p_warp = outputs
-    return {"nocs": F.mse_loss(p_nocs, nocs), "winding": F.mse_loss(p_winding, winding),
-            "warp": F.mse_loss(p_warp, warp)}
+    """The three mean squared errors (NOCS, winding number, warp field in metres) of a forward pass, and for a
+    binned model (four outputs) ``"nocs_ce"``, the cross-entropy of the NOCS bin logits against the bins of the
+    true coordinates, averaged over points and axes (``"nocs"`` is then the MSE of the read-out, which with the
+    argmax read-out carries no gradient)."""
+    p_nocs, p_winding, p_warp = outputs[:3]
+    parts = {"nocs": F.mse_loss(p_nocs, nocs), "winding": F.mse_loss(p_winding, winding),
+             "warp": F.mse_loss(p_warp, warp)}
+    if len(outputs) == 4:
+        parts["nocs_ce"] = nocs_cross_entropy(outputs[3], nocs)
+    return parts
+
+
+def nocs_cross_entropy(logits: Tensor, nocs: Tensor) -> Tensor:
+    """Cross-entropy of NOCS bin logits ``[B, 3, K, N]`` against the bins of the true ``nocs [B, 3, N]``, averaged
+    over points and axes."""
+    return F.cross_entropy(logits.transpose(1, 2), nocs_bin_targets(nocs, logits.shape[2]))
 
 
 def extract_mesh(winding: np.ndarray, level: float = 0.5) -> Optional[tuple[np.ndarray, np.ndarray]]:

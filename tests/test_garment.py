@@ -14,7 +14,7 @@ from l1fx.garments import (canonical_mesh, collate, garment_fields, generate_gar
                            make_garment, render_partial, winding_number)
 from l1fx.metrics import chamfer_distance, mesh_chamfer_distance, nearest_distances, nocs_error, sample_surface
 from l1fx.models import GarmentNets, extract_mesh, scatter_to_grid, warp_points
-from l1fx.models_garment import garment_losses
+from l1fx.models_garment import garment_losses, nocs_bin_targets, nocs_cross_entropy, nocs_from_logits
 from l1fx.nn import L1Module
 from l1fx.report import compare
 from l1fx.train import TrainingWrapper
@@ -235,6 +235,54 @@ def test_pipeline_traces_converts_without_inner_products_and_trains():
         GarmentNets(grid=6, unet=(4, 8, 16))
 
 
+def test_nocs_bins_targets_and_read_outs():
+    nocs = torch.tensor([[[0.0, 0.124, 0.125, 0.999, 1.0]]]).expand(1, 3, 5)
+    assert nocs_bin_targets(nocs, 8)[0, 0].tolist() == [0, 0, 1, 7, 7]  # bin k covers [k/K, (k+1)/K); 1 -> last
+    logits = torch.full((1, 3, 4, 2), -1e4)
+    logits[0, :, 2, 0] = 0.0  # point 0: all mass on bin 2
+    logits[0, :, 1, 1] = logits[0, :, 3, 1] = 0.0  # point 1: half on bin 1, half on bin 3
+    logits[0, :, 3, 1] += 1e-3  # ... bin 3 slightly ahead for the argmax
+    argmax, expectation = nocs_from_logits(logits, "argmax"), nocs_from_logits(logits, "expectation")
+    torch.testing.assert_close(argmax[0, :, 0], torch.full((3,), 2.5 / 4))  # the bin's centre
+    torch.testing.assert_close(argmax[0, :, 1], torch.full((3,), 3.5 / 4))
+    torch.testing.assert_close(expectation[0, :, 0], torch.full((3,), 2.5 / 4))
+    torch.testing.assert_close(expectation[0, :, 1], torch.full((3,), 2.5 / 4), atol=1e-3, rtol=0)  # between
+    with pytest.raises(ValueError, match="read-out"):
+        nocs_from_logits(logits, "mean")
+    with pytest.raises(ValueError, match="nocs_bins"):
+        GarmentNets(grid=8, nocs_bins=1, **SMALL)
+    # cross-entropy of confident right logits is ~0, of uniform logits log K
+    right = torch.full((1, 3, 8, 5), -50.0).scatter(2, nocs_bin_targets(nocs, 8)[:, :, None], 50.0)
+    assert nocs_cross_entropy(right, nocs).item() < 1e-6
+    assert nocs_cross_entropy(torch.zeros(1, 3, 8, 5), nocs).item() == pytest.approx(math.log(8))
+
+
+@pytest.mark.parametrize("readout", ["argmax", "expectation"])
+def test_binned_pipeline_traces_converts_without_inner_products_and_trains(readout):
+    torch.manual_seed(0)
+    garments = generate_garments(1, ("skirt", "shirt"), seed=0, num_points=64, grid=8)
+    pts, nocs, winding, warp, _ = collate(garments)
+    model = GarmentNets(grid=8, nocs_bins=16, nocs_readout=readout, **SMALL).eval()
+    out = model(pts)
+    assert [o.shape for o in out] == [(2, 3, 64), (2, 1, 8, 8, 8), (2, 3, 8, 8, 8), (2, 3, 16, 64)]
+    torch.testing.assert_close(out[0], nocs_from_logits(out[3], readout))
+    for got, want in zip(torch.fx.symbolic_trace(model)(pts), out):
+        torch.testing.assert_close(got, want)
+    l1 = l1fx.convert(model.train(), ratio=1.0, init="data", example_inputs=(pts,))
+    dense_layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose3d)
+    assert not [n for n, m in l1.named_modules() if isinstance(m, dense_layers) and not isinstance(m, L1Module)]
+    assert all(r.status == "converted" for r in l1fx.summary(l1).rows)
+    assert compare(model, l1, (pts[:1],)).converted.total["mul"] == 0  # no multiply left on any weight
+    parts = garment_losses(l1(pts), nocs, winding, warp)
+    assert set(parts) == {"nocs", "winding", "warp", "nocs_ce"}
+    assert parts["nocs"].requires_grad == (readout == "expectation")  # the argmax read-out has no gradient
+    wrapper = TrainingWrapper(l1, torch.optim.SGD(l1.parameters(), lr=0.01, momentum=0.9), total_steps=2)
+    head = dict(l1.named_parameters())["nocs_head.weight"]
+    (parts["nocs_ce"] + parts["winding"] + parts["warp"]).backward()
+    assert head.grad is not None and head.grad.abs().sum() > 0  # the cross-entropy reaches the NOCS head
+    wrapper.step()
+
+
 # ---------------------------------------------------------------- the example
 def load_example():
     return example_loader.load_example("garment_pose.py", "garment_pose_example")
@@ -293,3 +341,21 @@ def test_example_tables_report_mean_and_std_over_seeds():
         example.parse_args(["--quick", "--smoke"])
     with pytest.raises(SystemExit):
         example.parse_args(["--variants", "l1-foo"])
+
+
+def test_stage_one_probe_with_bins_reports_both_read_outs(tmp_path):
+    example = load_example()
+    runs = example.main(["--smoke", "--stage-one", "--variants", "garmentnets", "--nocs-bins", "8", "--out",
+                         str(tmp_path), "--no-plots"])
+    (run,) = runs
+    assert set(run["per_category"]) == {"argmax", "expectation"} and run["steps"] >= 1
+    for errors in (*run["per_category"].values(), run["category_mean"]):
+        assert set(errors) == {"skirt", "shirt"} and all(0 < e < 200 for e in errors.values())
+    assert "| *category mean* |" in (tmp_path / "stage_one.md").read_text()
+    with pytest.raises(SystemExit):
+        example.parse_args(["--stage-one", "--variants", "l1-garmentnets"])
+    with pytest.raises(SystemExit):
+        example.parse_args(["--nocs-bins", "1"])
+    args = example.parse_args(["--nocs-bins", "64"])
+    assert args.loss_weights["nocs"] == 0 and args.loss_weights["nocs_ce"] == 1  # bins: cross-entropy only
+    assert example.parse_args([]).loss_weights["nocs"] == 10 and example.parse_args([]).model_kwargs["nocs_bins"] == 0
