@@ -1,9 +1,11 @@
 """Print the lr grid (validation mIoU per seed, mean) and the test runs of out/ps19 as markdown."""
 import json, pathlib, statistics as st, collections, sys
 root = pathlib.Path(__file__).resolve().parent
+if root.name == "summary":
+    root = root.parent
 runs = collections.defaultdict(dict)
 for f in sorted(root.glob("*/results.json")):
-    if f.parent.name == "summary":
+    if f.parent.name == "summary" or f.parent.name.startswith(("grid_", "test_")):  # merged copies
         continue
     data = json.loads(f.read_text())
     for r in (data["results"] if isinstance(data, dict) else data):

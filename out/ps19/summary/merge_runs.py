@@ -1,9 +1,11 @@
 """Collect every run of out/ps19 into summary/runs.json (final scores and times; as out/ps18/summary/runs.json)."""
 import json, pathlib, sys
 root = pathlib.Path(__file__).resolve().parent
+if root.name == "summary":
+    root = root.parent
 runs = []
 for f in sorted(root.glob("*/results.json")):
-    if f.parent.name == "summary":
+    if f.parent.name == "summary" or f.parent.name.startswith(("grid_", "test_")):  # merged copies
         continue
     data = json.loads(f.read_text())
     for r in (data["results"] if isinstance(data, dict) else data):
