@@ -53,8 +53,7 @@ MODEL_PATHS = ("dense-ort", "dense-session", "l1-eager", "l1-session", "l1-unfus
 MODELS = ("pointnet", "pointnet2", "voxelcnn")
 DEFAULT_MODELS = MODELS
 SESSION_PATH = {"ort-native": "native", "ort-python": "python", "l1-session": None, "dense-session": None,
-                "l1-unfused": "native",
-                "l1-python": "python"}
+                "l1-unfused": "native", "l1-python": "python"}
 BATCH, POINTS, PARTS, CATEGORIES = 8, 1024, 50, 16
 
 
@@ -450,8 +449,12 @@ def run_models(args, rows_out: list) -> None:
                     print(f"{label:<18} {line}")
                     rows_out.append((label, "interleaved", "", line, "", "", "", "", ""))
                 for path in args.model_paths:
-                    info = {"dense-ort": lambda: files["dense"], "dense-session": lambda: _prepare_dense_traced(
-                        name, tmp, cache)}.get(path, lambda: files["l1"])()
+                    if path == "dense-ort":
+                        info = files["dense"]
+                    elif path == "dense-session":
+                        info = _prepare_dense_traced(name, tmp, cache)
+                    else:
+                        info = files["l1"]
                     if "error" in info and path != "l1-eager":
                         print(f"{label:<18} {path:<12} not exported: {info['error']}")
                         rows_out.append((label, path, "failed", f"export: {info['error']}", "", "", "", "", ""))
