@@ -353,7 +353,7 @@ struct ConvTransposeKernel {
         throw std::invalid_argument("X " + shape_str(in.xs) + ", W " + shape_str(in.ws) + ", B " + shape_str(in.bs) +
                                     " do not fit X[N, C, *S], W[C, M/group, *k], B[M] with group " +
                                     std::to_string(G) + " and 1 to 3 spatial axes");
-      auto per_axis = [&](const std::vector<int64_t>& v, int64_t fallback, size_t n) {
+      auto per_axis = [](const std::vector<int64_t>& v, int64_t fallback, size_t n) {
         if (v.empty()) return std::vector<int64_t>(n, fallback);
         if (v.size() != n) throw std::invalid_argument("strides/pads/output_padding/dilations do not have one "
                                                         "entry per spatial axis");
@@ -367,7 +367,7 @@ struct ConvTransposeKernel {
                                                          : std::vector<int64_t>(attrs.pads.begin(),
                                                                                 attrs.pads.begin() + nd);
       const int64_t N = in.xs[0], C = in.xs[1], Cg = C / G, Mg = in.ws[1], M = Mg * G;
-      const int64_t Mp = (Mg + 15) / 16 * 16;
+      const int64_t Mp = l1fx_convt_src::padded(Mg);  // the kernel's lanes
       int64_t geom[18];
       std::vector<int64_t> ys = {N, M};
       int64_t taps = 1, positions = 1;
