@@ -23,17 +23,19 @@ _ATTR_DEFAULTS = {"mode": b"nearest", "coordinate_transformation_mode": b"half_p
                   "nearest_mode": b"round_prefer_floor", "antialias": 0, "exclude_outside": 0}
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    out = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The graph's constant tensors by name (initializers and ``Constant`` nodes), not yet converted: only the
+    scales of a ``Resize`` are read."""
+    out = {i.name: i for i in graph.initializer}
     for n in graph.node:
         if n.op_type == "Constant" and len(n.output) == 1:
             for a in n.attribute:
                 if a.name == "value":
-                    out[n.output[0]] = numpy_helper.to_array(a.t)
+                    out[n.output[0]] = a.t
     return out
 
 
-def _integer_factors(node: onnx.NodeProto, constants: dict) -> list[int] | None:
+def _integer_factors(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> list[int] | None:
     """The per-axis integer factors of a Resize that is a plain nearest repeat, else None."""
     attrs = dict(_ATTR_DEFAULTS)
     attrs.update({a.name: helper.get_attribute_value(a) for a in node.attribute})
@@ -43,7 +45,7 @@ def _integer_factors(node: onnx.NodeProto, constants: dict) -> list[int] | None:
     ins = list(node.input) + [""] * (4 - len(node.input))
     if ins[1] or ins[3] or not ins[2] or ins[2] not in constants:  # roi, sizes: not the plain scale form
         return None
-    scales = constants[ins[2]].astype(np.float64).ravel()
+    scales = numpy_helper.to_array(constants[ins[2]]).astype(np.float64).ravel()
     if scales.size < 3 or scales[0] != 1 or scales[1] != 1:
         return None
     spatial = scales[2:]
